@@ -1,0 +1,236 @@
+"""The daemon's engine: state directory, volumes, jobs, control server.
+
+Lives inside the nbdkit process.  ``Engine.__init__`` runs in the plugin's
+``config_complete`` (before nbdkit forks: no threads); ``start`` runs in
+``after_fork`` and starts the asyncio thread that serves the control socket
+and runs background jobs; ``stop`` runs in ``cleanup``.
+"""
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import threading
+import time
+
+from . import units
+from . import volume as vf
+from .errors import AlreadyExists, Busy, LuncloneError, NotFound
+from .iopath import Volume
+from .metadata import Metadata, VolumeRecord
+
+log = logging.getLogger("lunclone.engine")
+
+LOCK_NAME = "lock"
+VOLUME_DIR = "volumes"
+
+
+class StateDirLock:
+    """An exclusive flock on the state directory, held for the daemon's life."""
+
+    def __init__(self, state_dir: str):
+        self.path = os.path.join(state_dir, LOCK_NAME)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip()
+            os.close(self.fd)
+            raise Busy(f"state directory {state_dir} is in use by another lunclone "
+                       f"daemon (pid {holder or 'unknown'}); stop it first or use "
+                       "another --state-dir") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+class Engine:
+    def __init__(self, state_dir: str, run_dir: str, nbd_socket: str | None = None,
+                 control_group: str | None = None):
+        self.state_dir = os.path.abspath(state_dir)
+        self.run_dir = os.path.abspath(run_dir)
+        self.nbd_socket = nbd_socket or os.path.join(self.run_dir, "nbd.sock")
+        self.control_socket = os.path.join(self.run_dir, "control.sock")
+        self.control_group = control_group
+        os.makedirs(os.path.join(self.state_dir, VOLUME_DIR), exist_ok=True)
+        self.lock = StateDirLock(self.state_dir)
+        self.md = Metadata(self.state_dir)
+        self.records: dict[str, VolumeRecord] = {}
+        self.volumes: dict[str, Volume] = {}
+        self.broken: dict[str, str] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server = None
+        self.started = time.time()
+        for rec in self.md.volumes():
+            self._load_volume(rec)
+
+    # -- volumes ---------------------------------------------------------
+    def volume_path(self, name: str) -> str:
+        return os.path.join(self.state_dir, VOLUME_DIR, f"{name}.img")
+
+    def _load_volume(self, rec: VolumeRecord) -> None:
+        """Open a volume's file; a damaged one is refused, the rest served."""
+        self.records[rec.name] = rec
+        path = self.volume_path(rec.name)
+        try:
+            st = os.stat(path)
+            if st.st_size != rec.size:
+                raise LuncloneError(f"file {path} is {st.st_size} bytes, expected {rec.size}")
+            self.volumes[rec.name] = Volume(rec.name, path, rec.size, rec.extent_size)
+        except (OSError, LuncloneError) as e:
+            msg = e.message if isinstance(e, LuncloneError) else f"{path}: {e.strerror}"
+            log.error("volume %s not served: %s", rec.name, msg)
+            self.broken[rec.name] = msg
+
+    def get_volume(self, name: str) -> Volume:
+        vol = self.volumes.get(name)
+        if vol is None:
+            if name in self.broken:
+                raise NotFound(f"volume {name!r} is not served: {self.broken[name]}")
+            raise NotFound(f"no volume named {name!r}; see 'lunclone list'")
+        return vol
+
+    def create_volume(self, name: str, size, extent_size=None) -> dict:
+        units.check_name(name)
+        size = units.check_volume_size(units.parse_size(size))
+        extent = units.check_extent_size(
+            units.parse_size(extent_size) if extent_size else units.DEFAULT_EXTENT)
+        if name in self.records:
+            raise AlreadyExists(f"a volume named {name!r} exists already")
+        path = self.volume_path(name)
+        if os.path.exists(path):
+            raise AlreadyExists(f"{path} exists but is not a known volume; move it away")
+        try:
+            vf.create_sparse(path, size)
+        except OSError as e:
+            raise vf.no_space_guard(e) from e
+        rec = VolumeRecord(name, size, extent, created=time.time())
+        try:
+            with self.md.transaction() as tx:
+                tx.put_volume(rec)
+        except BaseException:
+            os.unlink(path)
+            raise
+        self._load_volume(rec)
+        log.info("created volume %s (%d bytes, extent %d)", name, size, extent)
+        return self.describe(name)
+
+    def delete_volume(self, name: str, force: bool = False) -> dict:
+        units.check_name(name)
+        if name not in self.records:
+            raise NotFound(f"no volume named {name!r}; see 'lunclone list'")
+        vol = self.volumes.get(name)
+        if vol is not None and vol.connections:
+            raise Busy(f"volume {name!r} has {vol.connections} open connection(s); "
+                       "detach or disconnect its clients first")
+        with self.md.transaction() as tx:
+            tx.delete_volume(name)
+        del self.records[name]
+        self.broken.pop(name, None)
+        if vol is not None:
+            del self.volumes[name]
+            vol.deleted = True
+            vol.close()
+        try:
+            os.unlink(self.volume_path(name))
+        except FileNotFoundError:
+            pass
+        log.info("deleted volume %s", name)
+        return {"deleted": name}
+
+    # -- views -----------------------------------------------------------
+    def export_uri(self, name: str) -> str:
+        return f"nbd+unix:///{name}?socket={self.nbd_socket}"
+
+    def describe(self, name: str) -> dict:
+        rec = self.records.get(name)
+        if rec is None:
+            raise NotFound(f"no volume named {name!r}; see 'lunclone list'")
+        vol = self.volumes.get(name)
+        return {
+            "name": rec.name,
+            "size": rec.size,
+            "extent_size": rec.extent_size,
+            "export": self.export_uri(rec.name),
+            "allocated": _allocated(vol.path) if vol else None,
+            "connections": vol.connections if vol else 0,
+            "error": self.broken.get(name),
+            "source": rec.source,
+            "clones": [],
+            "restore": None,
+        }
+
+    def list_volumes(self) -> list[dict]:
+        return [self.describe(n) for n in sorted(self.records)]
+
+    def export_names(self) -> list[str]:
+        return sorted(self.volumes)
+
+    # -- connections (called from nbdkit threads) ------------------------
+    def open_export(self, name: str, readonly: bool) -> Volume:
+        vol = self.get_volume(name)
+        vol.connections += 1
+        return vol
+
+    def close_export(self, vol: Volume) -> None:
+        vol.connections -= 1
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> None:
+        """Start the asyncio thread (control server, jobs); after nbdkit forks."""
+        from .control import ControlServer
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+            try:
+                self._server = ControlServer(self, self.control_socket, self.control_group)
+                self.loop.run_until_complete(self._server.start())
+            except BaseException as e:
+                errors.append(e)
+                ready.set()
+                return
+            ready.set()
+            self.loop.run_forever()
+            self.loop.run_until_complete(self._server.close())
+            self.loop.close()
+
+        self._thread = threading.Thread(target=run, name="lunclone-loop", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if errors:
+            raise errors[0]
+        log.info("engine started: state %s, run %s", self.state_dir, self.run_dir)
+
+    def stop(self) -> None:
+        """Commit everything, stop the loop, remove both sockets."""
+        if self.loop is not None and self._thread is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+        for vol in self.volumes.values():
+            try:
+                os.fdatasync(vol.fd)
+            except OSError as e:
+                log.error("flush of %s failed at shutdown: %s", vol.name, e)
+            vol.close()
+        self.md.close()
+        for path in (self.control_socket, self.nbd_socket):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self.lock.release()
+        log.info("engine stopped")
+
+
+def _allocated(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0

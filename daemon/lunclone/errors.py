@@ -1,0 +1,88 @@
+"""Errors that carry data.
+
+    LuncloneError            code "error"          (errno EIO)
+     ├─ InvalidArgument      code "invalid"        (EINVAL)
+     ├─ NotFound             code "not-found"      (ENOENT)
+     ├─ AlreadyExists        code "exists"         (EEXIST)
+     ├─ Busy                 code "busy"           (EBUSY)
+     ├─ ReadOnly             code "read-only"      (EROFS)
+     ├─ NoSpace              code "no-space"       (ENOSPC)
+     ├─ MetadataError        code "metadata"       (EIO)
+     └─ DaemonUnavailable    code "unavailable"    (CLI side only)
+
+The control server replies ``{"error": {"code", "message"}}``; the plugin
+maps an error to the errno a client sees with ``errno_of``.
+"""
+from __future__ import annotations
+
+import errno
+
+
+class LuncloneError(Exception):
+    code = "error"
+    errno = errno.EIO
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_json(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidArgument(LuncloneError):
+    code = "invalid"
+    errno = errno.EINVAL
+
+
+class NotFound(LuncloneError):
+    code = "not-found"
+    errno = errno.ENOENT
+
+
+class AlreadyExists(LuncloneError):
+    code = "exists"
+    errno = errno.EEXIST
+
+
+class Busy(LuncloneError):
+    code = "busy"
+    errno = errno.EBUSY
+
+
+class ReadOnly(LuncloneError):
+    code = "read-only"
+    errno = errno.EROFS
+
+
+class NoSpace(LuncloneError):
+    code = "no-space"
+    errno = errno.ENOSPC
+
+
+class MetadataError(LuncloneError):
+    code = "metadata"
+
+
+class DaemonUnavailable(LuncloneError):
+    code = "unavailable"
+
+
+_BY_CODE = {cls.code: cls for cls in (
+    LuncloneError, InvalidArgument, NotFound, AlreadyExists, Busy, ReadOnly,
+    NoSpace, MetadataError, DaemonUnavailable)}
+
+
+def from_json(obj: dict) -> LuncloneError:
+    """Rebuild the error a control-server reply carries."""
+    cls = _BY_CODE.get(obj.get("code", ""), LuncloneError)
+    return cls(obj.get("message", "unknown error"))
+
+
+def errno_of(exc: BaseException) -> int:
+    """The errno an NBD client should see for ``exc``."""
+    if isinstance(exc, LuncloneError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO

@@ -1,0 +1,133 @@
+"""The I/O path: what a host request does to a volume.
+
+nbdkit's worker threads call these methods synchronously (thread model
+PARALLEL).  The hot path, used while a volume has no clone and no job, is
+a policy check and one system call: ``Volume.policy is None``.
+
+Anything else (delta tracking, mirroring, copy on demand during a
+restore) is a Policy object, installed with ``Volume.set_policy``; the
+restore rules live in ``policy.py``.
+
+Switching policy is safe against writes that already passed the policy
+check: every write is counted in ``_begun``/``_ended`` (two C-level
+counters, atomic under the GIL) and ``set_policy`` waits until every write
+begun before the switch has ended.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Protocol
+
+from . import volume as vf
+
+
+class Policy(Protocol):
+    def pread(self, vol: "Volume", buf, offset: int) -> None: ...
+    def pwrite(self, vol: "Volume", buf, offset: int, fua: bool) -> None: ...
+    def trim(self, vol: "Volume", count: int, offset: int, fua: bool) -> None: ...
+    def zero(self, vol: "Volume", count: int, offset: int, fua: bool) -> None: ...
+    def flush(self, vol: "Volume") -> None: ...
+
+
+def _counter_value(counter: itertools.count) -> int:
+    return counter.__reduce__()[1][0]
+
+
+class Volume:
+    """A served volume: its open file, geometry and current policy."""
+
+    def __init__(self, name: str, path: str, size: int, extent_size: int):
+        self.name = name
+        self.path = path
+        self.size = size
+        self.extent_size = extent_size
+        self.shift = extent_size.bit_length() - 1
+        self.fd = vf.open_rw(path)
+        self.policy: Policy | None = None
+        self.connections = 0
+        self.deleted = False
+        self._begun = itertools.count()
+        self._ended = itertools.count()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- policy switching --------------------------------------------------
+    def set_policy(self, policy: Policy | None) -> None:
+        """Install ``policy`` and wait for writes that began before it."""
+        self.policy = policy
+        self.drain_writes()
+
+    def drain_writes(self, timeout: float = 60.0) -> None:
+        target = _counter_value(self._begun)
+        deadline = time.monotonic() + timeout
+        while _counter_value(self._ended) < target:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"writes to {self.name} did not drain")
+            time.sleep(0.0002)
+
+    # -- host requests -----------------------------------------------------
+    def pread(self, buf, offset: int) -> None:
+        policy = self.policy
+        if policy is None:
+            if os.preadv(self.fd, [buf], offset) != len(buf):
+                vf.read_into(self.fd, buf, offset)
+        else:
+            policy.pread(self, buf, offset)
+
+    def pwrite(self, buf, offset: int, fua: bool) -> None:
+        next(self._begun)
+        try:
+            policy = self.policy
+            if policy is None:
+                if os.pwrite(self.fd, buf, offset) != len(buf):
+                    vf.write_from(self.fd, buf, offset)
+                if fua:
+                    os.fdatasync(self.fd)
+            else:
+                policy.pwrite(self, buf, offset, fua)
+        finally:
+            next(self._ended)
+
+    def trim(self, count: int, offset: int, fua: bool) -> None:
+        next(self._begun)
+        try:
+            policy = self.policy
+            if policy is None:
+                self.punch(offset, count, fua)
+            else:
+                policy.trim(self, count, offset, fua)
+        finally:
+            next(self._ended)
+
+    def zero(self, count: int, offset: int, fua: bool) -> None:
+        next(self._begun)
+        try:
+            policy = self.policy
+            if policy is None:
+                self.punch(offset, count, fua)
+            else:
+                policy.zero(self, count, offset, fua)
+        finally:
+            next(self._ended)
+
+    def flush(self) -> None:
+        policy = self.policy
+        if policy is None:
+            os.fdatasync(self.fd)
+        else:
+            policy.flush(self)
+
+    def extents(self, count: int, offset: int, one: bool) -> list[tuple[int, int, bool]]:
+        return vf.extents(self.fd, offset, count, one)
+
+    # -- raw helpers for policies ----------------------------------------------
+    def punch(self, offset: int, count: int, fua: bool) -> None:
+        """Trim and zero both punch a hole: a hole reads back as zeroes."""
+        vf.punch_hole(self.fd, offset, count)
+        if fua:
+            os.fdatasync(self.fd)

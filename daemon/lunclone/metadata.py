@@ -1,0 +1,244 @@
+"""Persistent metadata: the only door to SQLite.
+
+Tables (schema version ``SCHEMA_VERSION``):
+
+    meta     (key, value)                     schema version, creation time
+    volumes  (name, size, extent_size, source, clone_state, remote)
+             a row with ``source`` set is a clone of that volume
+    jobs     (source, kind, clone, state, protected, ...)   one job per source
+    bitmaps  (owner, kind, page, bits)        pages of a Bitmap; no row = zeroes
+
+Invariants:
+- The database runs in WAL mode with ``synchronous=FULL``: a committed
+  transaction survives power loss.
+- Every change goes through ``transaction()``; a failed commit rolls back
+  and raises MetadataError, and the caller restores its in-memory state.
+- Opening never writes to a database it did not create: a file that is
+  not a lunclone database, or one of another schema version, is refused
+  after a read-only look.
+- One ``threading.Lock`` serialises the connection; callers from nbdkit's
+  threads, the committer thread and the asyncio thread share it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, asdict
+from typing import Iterator
+
+from .bitmap import Bitmap
+from .errors import MetadataError
+
+SCHEMA_VERSION = 1
+DB_NAME = "lunclone.db"
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE volumes (
+    name TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    extent_size INTEGER NOT NULL,
+    source TEXT,
+    clone_state TEXT,
+    remote TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE jobs (
+    source TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    clone TEXT NOT NULL,
+    state TEXT NOT NULL,
+    protected INTEGER NOT NULL DEFAULT 1,
+    total_extents INTEGER NOT NULL DEFAULT 0,
+    copied_bytes INTEGER NOT NULL DEFAULT 0,
+    on_demand INTEGER NOT NULL DEFAULT 0,
+    rate_limit INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    started REAL NOT NULL
+);
+CREATE TABLE bitmaps (
+    owner TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    page INTEGER NOT NULL,
+    bits BLOB NOT NULL,
+    PRIMARY KEY (owner, kind, page)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass
+class VolumeRecord:
+    name: str
+    size: int
+    extent_size: int
+    source: str | None = None
+    clone_state: str | None = None
+    remote: str | None = None
+    created: float = 0.0
+
+
+@dataclass
+class JobRecord:
+    source: str
+    kind: str
+    clone: str
+    state: str
+    protected: bool = True
+    total_extents: int = 0
+    copied_bytes: int = 0
+    on_demand: int = 0
+    rate_limit: int = 0
+    error: str | None = None
+    started: float = 0.0
+
+
+class Transaction:
+    """The writes of one transaction; only valid inside ``transaction()``."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def put_volume(self, rec: VolumeRecord) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO volumes VALUES (:name, :size, :extent_size,"
+            " :source, :clone_state, :remote, :created)", asdict(rec))
+
+    def delete_volume(self, name: str) -> None:
+        self._db.execute("DELETE FROM volumes WHERE name = ?", (name,))
+        self._db.execute("DELETE FROM bitmaps WHERE owner = ?", (name,))
+
+    def put_job(self, rec: JobRecord) -> None:
+        d = asdict(rec)
+        d["protected"] = int(rec.protected)
+        self._db.execute(
+            "INSERT OR REPLACE INTO jobs VALUES (:source, :kind, :clone, :state,"
+            " :protected, :total_extents, :copied_bytes, :on_demand, :rate_limit,"
+            " :error, :started)", d)
+
+    def delete_job(self, source: str) -> None:
+        self._db.execute("DELETE FROM jobs WHERE source = ?", (source,))
+
+    def save_bitmap(self, owner: str, kind: str, bm: Bitmap,
+                    pages: list[int] | None = None) -> None:
+        """Write the given pages of ``bm`` (default: its dirty pages)."""
+        for p in (bm.take_dirty() if pages is None else pages):
+            data = bm.page(p)
+            if data.count(0) == len(data):
+                self._db.execute(
+                    "DELETE FROM bitmaps WHERE owner=? AND kind=? AND page=?",
+                    (owner, kind, p))
+            else:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO bitmaps VALUES (?, ?, ?, ?)",
+                    (owner, kind, p, data))
+
+    def delete_bitmap(self, owner: str, kind: str) -> None:
+        self._db.execute("DELETE FROM bitmaps WHERE owner=? AND kind=?", (owner, kind))
+
+
+class Metadata:
+    def __init__(self, state_dir: str):
+        self.path = os.path.join(state_dir, DB_NAME)
+        self.lock = threading.Lock()
+        if os.path.exists(self.path):
+            _check_existing(self.path)
+            self._db = self._connect()
+        else:
+            self._db = self._connect()
+            self._create()
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None,
+                                 check_same_thread=False, timeout=30)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            return db
+        except sqlite3.Error as e:
+            raise MetadataError(f"cannot open metadata {self.path}: {e}") from e
+
+    def _create(self) -> None:
+        with self.transaction() as tx:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    tx._db.execute(stmt)
+            tx._db.execute("INSERT INTO meta VALUES ('schema_version', ?)",
+                           (str(SCHEMA_VERSION),))
+            tx._db.execute("INSERT INTO meta VALUES ('created', ?)", (str(time.time()),))
+
+    def close(self) -> None:
+        with self.lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """One atomic, durable transaction; MetadataError if it fails."""
+        with self.lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise MetadataError(f"metadata {self.path}: {e}") from e
+            try:
+                yield Transaction(self._db)
+                self._db.execute("COMMIT")
+            except BaseException as e:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise MetadataError(f"metadata commit failed ({self.path}): {e}") from e
+                raise
+
+    # -- reads -----------------------------------------------------------
+    def volumes(self) -> list[VolumeRecord]:
+        with self.lock:
+            rows = self._db.execute(
+                "SELECT name, size, extent_size, source, clone_state, remote, created"
+                " FROM volumes ORDER BY name").fetchall()
+        return [VolumeRecord(*r) for r in rows]
+
+    def jobs(self) -> list[JobRecord]:
+        with self.lock:
+            rows = self._db.execute(
+                "SELECT source, kind, clone, state, protected, total_extents,"
+                " copied_bytes, on_demand, rate_limit, error, started FROM jobs").fetchall()
+        return [JobRecord(*r[:4], bool(r[4]), *r[5:]) for r in rows]
+
+    def load_bitmap(self, owner: str, kind: str, nbits: int) -> Bitmap:
+        bm = Bitmap(nbits)
+        with self.lock:
+            rows = self._db.execute(
+                "SELECT page, bits FROM bitmaps WHERE owner=? AND kind=?",
+                (owner, kind)).fetchall()
+        for page, data in rows:
+            bm.load_page(page, data)
+        return bm
+
+
+def _check_existing(path: str) -> None:
+    """Refuse, read-only, a file that is not our database of our version."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(16)
+        if header != b"SQLite format 3\x00":
+            raise MetadataError(
+                f"{path} is not a lunclone metadata database (bad header); "
+                "restore it from a backup or move it away")
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise MetadataError(f"{path} is corrupt (quick_check failed); "
+                                    "restore it from a backup")
+            row = db.execute(
+                "SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise MetadataError(f"{path} is corrupt or unreadable: {e}; "
+                            "restore it from a backup or move it away") from e
+    if row is None or row[0] != str(SCHEMA_VERSION):
+        raise MetadataError(
+            f"{path} has schema version {row[0] if row else 'none'}, this lunclone "
+            f"knows {SCHEMA_VERSION}; use a matching lunclone")

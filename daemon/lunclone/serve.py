@@ -1,0 +1,102 @@
+"""`lunclone serve`: build nbdkit's command line and exec it.
+
+The daemon is nbdkit itself running our plugin in the foreground; this
+module only finds the plugin file, checks the state directory is free and
+prepares the run directory, so the admin gets one clear line on error.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import sys
+
+import lunclone
+from .errors import Busy, LuncloneError
+
+PLUGIN_NAME = "lunclone_plugin.py"
+
+
+def plugin_path() -> str:
+    """The plugin file: $LUNCLONE_PLUGIN, the source tree, or the installed copy."""
+    env = os.environ.get("LUNCLONE_PLUGIN")
+    pkg = os.path.dirname(os.path.abspath(lunclone.__file__))
+    candidates = ([env] if env else []) + [
+        os.path.join(pkg, "..", "..", "nbd_plugin", PLUGIN_NAME),
+        os.path.join(sys.prefix, "share", "lunclone", "nbd_plugin", PLUGIN_NAME),
+        os.path.join("/usr/share/lunclone/nbd_plugin", PLUGIN_NAME),
+    ]
+    for path in candidates:
+        if os.path.isfile(path):
+            return os.path.normpath(path)
+    raise LuncloneError(f"cannot find {PLUGIN_NAME}; set LUNCLONE_PLUGIN to its path")
+
+
+def check_state_dir_free(state_dir: str) -> None:
+    path = os.path.join(state_dir, "lock")
+    if not os.path.exists(path):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        raise Busy(f"state directory {state_dir} is in use by another lunclone daemon "
+                   f"(pid {holder or 'unknown'}); stop it first or use another --state-dir")
+    finally:
+        os.close(fd)
+
+
+def check_run_dir_free(run_dir: str) -> None:
+    path = os.path.join(run_dir, "control.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        return  # absent or stale: ours to replace
+    finally:
+        sock.close()
+    raise Busy(f"run directory {run_dir} is in use by a running lunclone daemon; "
+               "stop it first or use another --run-dir")
+
+
+def nbdkit_argv(state_dir: str, run_dir: str, tcp: str | None, verbose: bool,
+                group: str | None = None) -> list[str]:
+    nbd_socket = os.path.join(run_dir, "nbd.sock")
+    argv = [shutil.which("nbdkit") or "/usr/sbin/nbdkit", "--foreground"]
+    if tcp:
+        host, _, port = tcp.rpartition(":")
+        argv += ["--ipaddr", host or "0.0.0.0", "--port", port]
+    else:
+        argv += ["--unix", nbd_socket]
+    if verbose:
+        argv.append("--verbose")
+    argv += ["python", plugin_path(), f"state_dir={state_dir}", f"run_dir={run_dir}",
+             f"socket={nbd_socket}"]
+    if group:
+        argv.append(f"control_group={group}")
+    return argv
+
+
+def exec_daemon(state_dir: str, run_dir: str, tcp: str | None = None,
+                verbose: bool = False, group: str | None = None) -> None:
+    state_dir = os.path.abspath(state_dir)
+    run_dir = os.path.abspath(run_dir)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    check_state_dir_free(state_dir)
+    check_run_dir_free(run_dir)
+    for stale in ("nbd.sock", "control.sock"):
+        path = os.path.join(run_dir, stale)
+        if os.path.exists(path):
+            os.unlink(path)
+    argv = nbdkit_argv(state_dir, run_dir, tcp, verbose, group)
+    env = dict(os.environ)
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(lunclone.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
+        raise LuncloneError("nbdkit is not installed; run scripts/setup or "
+                            "apt-get install nbdkit nbdkit-plugin-python")
+    os.execve(argv[0], argv, env)

@@ -1,0 +1,119 @@
+"""Volume files: sparse files on the local filesystem.
+
+Everything here is a thin, synchronous wrapper over a system call; the
+policy (which extents to copy, which maps to update) lives in ``iopath``
+and ``jobs``.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from typing import Iterator
+
+from .errors import NoSpace
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def create_sparse(path: str, size: int) -> None:
+    """Create ``path`` as a sparse file of ``size`` bytes; fail if it exists."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    fsync_dir(os.path.dirname(path))
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_rw(path: str, readonly: bool = False) -> int:
+    return os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+
+
+def read_into(fd: int, buf, offset: int) -> None:
+    """Fill ``buf`` from ``offset``; a short read means the file shrank."""
+    n = os.preadv(fd, [buf], offset)
+    if n != len(buf):
+        _fill_short_read(fd, buf, offset, n)
+
+
+def _fill_short_read(fd: int, buf, offset: int, done: int) -> None:
+    view = memoryview(buf)
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, "short read: volume file is shorter than the volume")
+        done += n
+
+
+def write_from(fd: int, buf, offset: int) -> None:
+    """Write all of ``buf`` at ``offset``."""
+    n = os.pwrite(fd, buf, offset)
+    if n != len(buf):
+        view = memoryview(buf)
+        while n < len(view):
+            n += os.pwrite(fd, view[n:], offset + n)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range; it reads back as zeroes."""
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
+
+
+def data_ranges(fd: int, offset: int, end: int) -> Iterator[tuple[int, int]]:
+    """Yield (start, stop) of the allocated ranges within [offset, end)."""
+    pos = offset
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return
+            raise
+        if start >= end:
+            return
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        yield start, stop
+        pos = stop
+
+
+def extents(fd: int, offset: int, count: int, one: bool) -> list[tuple[int, int, bool]]:
+    """(offset, length, is_hole) runs covering [offset, offset+count)."""
+    end = offset + count
+    runs: list[tuple[int, int, bool]] = []
+    pos = offset
+    for start, stop in data_ranges(fd, offset, end):
+        if start > pos:
+            runs.append((pos, start - pos, True))
+        runs.append((start, stop - start, False))
+        pos = stop
+        if one:
+            return runs[:1]
+    if pos < end:
+        runs.append((pos, end - pos, True))
+    return runs[:1] if one else runs
+
+
+def no_space_guard(exc: OSError) -> OSError:
+    """ENOSPC and EDQUOT become NoSpace for the control server."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"no space left: {exc.strerror}")
+    return exc

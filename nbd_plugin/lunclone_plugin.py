@@ -1,0 +1,165 @@
+"""nbdkit plugin for lunclone: a thin adapter onto lunclone's engine.
+
+    nbdkit python lunclone_plugin.py state_dir=DIR run_dir=DIR [socket=PATH]
+
+Holds no rules: every callback calls the engine in one line.  Engine errors
+become the errno the client sees in ``_fail``.  ``lunclone serve`` puts the
+package on PYTHONPATH, because the embedded interpreter does not see the venv.
+Note: the callback ``open`` shadows the builtin in this file.
+"""
+import logging
+import sys
+
+import nbdkit
+
+API_VERSION = 2
+_config = {}
+_KEYS = ("state_dir", "run_dir", "socket", "log_level", "control_group")
+engine = None
+_HOLE = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+
+
+def _fail(exc):
+    from lunclone.errors import errno_of
+    nbdkit.set_error(errno_of(exc))
+    raise exc
+
+
+def config(key, value):
+    if key not in _KEYS:
+        raise RuntimeError(f"unknown parameter {key!r}; known: {', '.join(_KEYS)}")
+    _config[key] = value
+
+
+def config_complete():
+    global engine
+    for key in ("state_dir", "run_dir"):
+        if key not in _config:
+            raise RuntimeError(f"missing parameter {key}=")
+    logging.basicConfig(stream=sys.stderr, level=_config.get("log_level", "INFO"),
+                        format="lunclone: %(levelname)s %(name)s: %(message)s")
+    from lunclone.engine import Engine
+    try:
+        engine = Engine(_config["state_dir"], _config["run_dir"], _config.get("socket"),
+                        control_group=_config.get("control_group"))
+    except Exception as e:  # one clear line, not a traceback
+        raise RuntimeError(getattr(e, "message", str(e))) from None
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def after_fork():
+    engine.start()
+
+
+def cleanup():
+    if engine is not None:
+        engine.stop()
+
+
+def list_exports(readonly, is_tls):
+    return engine.export_names()
+
+
+def default_export(readonly, is_tls):
+    return ""
+
+
+def open(readonly):
+    try:
+        return engine.open_export(nbdkit.export_name(), readonly)
+    except Exception as e:
+        _fail(e)
+
+
+def close(h):
+    engine.close_export(h)
+
+
+def get_size(h):
+    return h.size
+
+
+def block_size(h):
+    return (1, 4096, 32 * 1024 * 1024)
+
+
+def can_write(h):
+    return True
+
+
+def can_multi_conn(h):
+    return True
+
+
+def can_flush(h):
+    return True
+
+
+def can_trim(h):
+    return True
+
+
+def can_zero(h):
+    return True
+
+
+def can_fast_zero(h):
+    return True
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_extents(h):
+    return True
+
+
+def is_rotational(h):
+    return False
+
+
+def pread(h, buf, offset, flags):
+    try:
+        h.pread(buf, offset)
+    except Exception as e:
+        _fail(e)
+
+
+def pwrite(h, buf, offset, flags):
+    try:
+        h.pwrite(buf, offset, flags & nbdkit.FLAG_FUA)
+    except Exception as e:
+        _fail(e)
+
+
+def flush(h, flags):
+    try:
+        h.flush()
+    except Exception as e:
+        _fail(e)
+
+
+def trim(h, count, offset, flags):
+    try:
+        h.trim(count, offset, flags & nbdkit.FLAG_FUA)
+    except Exception as e:
+        _fail(e)
+
+
+def zero(h, count, offset, flags):
+    try:
+        h.zero(count, offset, flags & nbdkit.FLAG_FUA)
+    except Exception as e:
+        _fail(e)
+
+
+def extents(h, count, offset, flags):
+    try:
+        return [(o, n, _HOLE if hole else 0)
+                for o, n, hole in h.extents(count, offset, flags & nbdkit.FLAG_REQ_ONE)]
+    except Exception as e:
+        _fail(e)

@@ -1,0 +1,33 @@
+import os
+import shutil
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import Daemon, short_tmpdir  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true",
+                     help="run the long modes (crash points, big models)")
+
+
+@pytest.fixture
+def long_mode(request) -> bool:
+    return request.config.getoption("--long")
+
+
+@pytest.fixture
+def workdir():
+    d = short_tmpdir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(workdir):
+    d = Daemon(os.path.join(workdir, "state"), os.path.join(workdir, "run")).start()
+    yield d
+    rc = d.stop()
+    assert rc == 0, f"daemon exit {rc}: {d.log()}"
