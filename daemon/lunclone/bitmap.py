@@ -16,12 +16,15 @@ PAGE_BITS = PAGE_BYTES * 8
 
 
 class Bitmap:
-    __slots__ = ("nbits", "bits", "dirty_pages")
+    """``key`` = (owner, kind) names the map in the metadata, if persisted."""
+    __slots__ = ("nbits", "bits", "dirty_pages", "key")
 
-    def __init__(self, nbits: int, bits: bytearray | None = None):
+    def __init__(self, nbits: int, bits: bytearray | None = None,
+                 key: tuple[str, str] | None = None):
         self.nbits = nbits
         self.bits = bits if bits is not None else bytearray((nbits + 7) // 8)
         self.dirty_pages: set[int] = set()
+        self.key = key
 
     # -- single bits (the hot path) -------------------------------------
     def test(self, i: int) -> bool:
@@ -30,6 +33,10 @@ class Bitmap:
     def set(self, i: int) -> None:
         self.bits[i >> 3] |= 1 << (i & 7)
         self.dirty_pages.add(i // PAGE_BITS)
+
+    def set_committed(self, i: int) -> None:
+        """Set a bit the metadata already holds: no page becomes dirty."""
+        self.bits[i >> 3] |= 1 << (i & 7)
 
     def clear(self, i: int) -> None:
         self.bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
@@ -40,10 +47,10 @@ class Bitmap:
         return int.from_bytes(self.bits, "little").bit_count()
 
     def any(self) -> bool:
-        return any(self.bits)
+        return self.bits.count(0) != len(self.bits)
 
-    def copy(self) -> "Bitmap":
-        return Bitmap(self.nbits, bytearray(self.bits))
+    def copy(self, key: tuple[str, str] | None = None) -> "Bitmap":
+        return Bitmap(self.nbits, bytearray(self.bits), key)
 
     def set_all(self) -> None:
         self.bits[:] = b"\xff" * len(self.bits)
@@ -100,6 +107,22 @@ class Bitmap:
 
     def page(self, p: int) -> bytes:
         return bytes(self.bits[p * PAGE_BYTES:(p + 1) * PAGE_BYTES])
+
+    def page_with(self, p: int, extra: list[int]) -> bytes:
+        """Page ``p`` with the bits ``extra`` (all within page p) set."""
+        data = bytearray(self.bits[p * PAGE_BYTES:(p + 1) * PAGE_BYTES])
+        base = p * PAGE_BITS
+        for i in extra:
+            j = i - base
+            data[j >> 3] |= 1 << (j & 7)
+        return bytes(data)
+
+    def run_from(self, i: int, limit: int) -> int:
+        """How many consecutive set bits start at ``i`` (at most ``limit``)."""
+        n = 0
+        while n < limit and i + n < self.nbits and self.test(i + n):
+            n += 1
+        return n
 
     def load_page(self, p: int, data: bytes) -> None:
         start = p * PAGE_BYTES

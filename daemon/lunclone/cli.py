@@ -119,6 +119,9 @@ def status(name: str | None, run_dir: str, as_json: bool, watch: bool, interval:
         if not watch:
             emit(c.call("status", name=name), as_json, display.status_text)
             return
+        if name and not as_json:
+            display.follow_restore(c, name, forever=True, interval=interval)
+            return
         while True:
             obj = c.call("status", name=name)
             if as_json:
@@ -126,6 +129,120 @@ def status(name: str | None, run_dir: str, as_json: bool, watch: bool, interval:
             else:
                 click.echo("\x1b[2J\x1b[H" + display.status_text(obj))
             time.sleep(interval)
+
+
+@main.group()
+def clone() -> None:
+    """Full-copy clones of a volume."""
+
+
+@clone.command("create")
+@click.argument("source")
+@click.argument("name")
+@click.option("--remote", metavar="NBD-URI", help="Keep the clone behind this NBD export.")
+@run_dir_option
+@json_option
+@handle_errors
+def clone_create(source: str, name: str, remote: str | None, run_dir: str, as_json: bool) -> None:
+    """Create clone NAME of SOURCE; it synchronizes in the background."""
+    info = call(run_dir, "clone_create", source=source, name=name, remote=remote)
+    emit(info, as_json, lambda v: f"clone {name} of {source} created, synchronizing: {v['export']}")
+
+
+def _clone_command(cmd: str, verb: str, doc: str):
+    @click.argument("name")
+    @run_dir_option
+    @json_option
+    @handle_errors
+    def command(name: str, run_dir: str, as_json: bool) -> None:
+        info = call(run_dir, cmd, name=name)
+        emit(info, as_json, lambda v: f"clone {name}: {verb}")
+    command.__doc__ = doc
+    return command
+
+
+clone.command("fracture")(_clone_command(
+    "clone_fracture", "fractured", "Make a synchronized clone a point-in-time copy."))
+clone.command("sync")(_clone_command(
+    "clone_sync", "synchronizing", "Re-synchronize a fractured clone incrementally."))
+
+
+@clone.command("delete")
+@click.argument("name")
+@run_dir_option
+@handle_errors
+def clone_delete(name: str, run_dir: str) -> None:
+    """Delete a clone and its file."""
+    call(run_dir, "clone_delete", name=name)
+    click.echo(f"deleted clone {name}")
+
+
+class RestoreGroup(click.Group):
+    """`restore SOURCE --from CLONE` beside `restore pause|resume|rate SOURCE`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["start", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=RestoreGroup)
+def restore() -> None:
+    """Instant restore: lunclone restore SOURCE --from CLONE [--unprotected] [--wait]."""
+
+
+@restore.command("start", hidden=True)
+@click.argument("source")
+@click.option("--from", "clone_name", required=True, metavar="CLONE", help="The clone to restore from.")
+@click.option("--unprotected", is_flag=True,
+              help="Mirror host writes to the clone; it ends synchronized.")
+@click.option("--wait", is_flag=True, help="Show progress until the restore is done.")
+@run_dir_option
+@json_option
+@handle_errors
+def restore_start(source: str, clone_name: str, unprotected: bool, wait: bool,
+                  run_dir: str, as_json: bool) -> None:
+    """Start an instant restore of SOURCE from CLONE."""
+    with Client(run_dir) as c:
+        t0 = time.monotonic()
+        info = c.call("restore", source=source, clone_name=clone_name,
+                      protected=not unprotected)
+        took = time.monotonic() - t0
+        if as_json and not wait:
+            emit(info, True, str)
+            return
+        click.echo(f"restore of {source} from {clone_name} started in {took * 1000:.0f} ms: "
+                   f"{source} shows the clone's data now", err=as_json)
+        if wait:
+            info = display.follow_restore(c, source)
+            if as_json:
+                emit(info, True, str)
+
+
+def _restore_command(cmd: str, doc: str):
+    @click.argument("source")
+    @run_dir_option
+    @handle_errors
+    def command(source: str, run_dir: str) -> None:
+        info = call(run_dir, cmd, source=source)
+        click.echo(display.restore_line(info["restore"]))
+    command.__doc__ = doc
+    return command
+
+
+restore.command("pause")(_restore_command("restore_pause", "Pause the restore of SOURCE."))
+restore.command("resume")(_restore_command("restore_resume", "Resume the restore of SOURCE."))
+
+
+@restore.command("rate")
+@click.argument("source")
+@click.argument("limit")
+@run_dir_option
+@handle_errors
+def restore_rate(source: str, limit: str, run_dir: str) -> None:
+    """Limit the restore's copy rate to LIMIT bytes/s (0 = unlimited; 50M works)."""
+    info = call(run_dir, "restore_rate", source=source, limit=limit)
+    click.echo(display.restore_line(info["restore"]))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,14 @@ class ControlServer:
             "delete": engine.delete_volume,
             "list": engine.list_volumes,
             "status": self._status,
+            "clone_create": engine.lifecycle.create_clone,
+            "clone_fracture": engine.lifecycle.fracture,
+            "clone_sync": engine.lifecycle.sync,
+            "clone_delete": engine.lifecycle.delete_clone,
+            "restore": engine.lifecycle.start_restore,
+            "restore_pause": engine.lifecycle.pause,
+            "restore_resume": engine.lifecycle.resume,
+            "restore_rate": engine.lifecycle.set_rate,
         }
 
     def register(self, name: str, fn: Callable[..., Any]) -> None:

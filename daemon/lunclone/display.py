@@ -52,3 +52,55 @@ def restore_line(r: dict) -> str:
             f"({done}/{r['total_extents']} extents, {human_size(r['copied_bytes'])}), "
             f"{human_size(r['rate_bytes_per_s'] or 0)}/s, ETA {eta}, "
             f"{r['protected_extents']} protected")
+
+
+def bar(done: int, total: int, width: int = 30) -> str:
+    frac = done / total if total else 1.0
+    fill = int(frac * width)
+    return "[" + "#" * fill + "-" * (width - fill) + f"] {frac * 100:5.1f}%"
+
+
+def progress_line(v: dict) -> str:
+    """One line of progress for a volume: its restore, else its syncing clones."""
+    r = v.get("restore")
+    if r and r["state"] != "done":
+        done = r["total_extents"] - r["pending_extents"]
+        return f"{v['name']} restore {bar(done, r['total_extents'])} " + restore_line(r)
+    syncing = [c for c in v.get("clones", []) if c["state"] == "synchronizing"]
+    parts = []
+    for c in syncing:
+        s = c.get("sync", {})
+        eta = f"{s['eta_s']:.0f}s" if s.get("eta_s") is not None else "-"
+        parts.append(f"clone {c['name']} sync: {c['delta_extents']} extents left, "
+                     f"{human_size(s.get('copied_bytes', 0))} copied, "
+                     f"{human_size(s.get('rate_bytes_per_s', 0))}/s, ETA {eta}")
+    if parts:
+        return "; ".join(parts)
+    if r:
+        return f"{v['name']} " + restore_line(r)
+    return f"{v['name']}: idle"
+
+
+def follow_restore(client, name: str, forever: bool = False, interval: float = 0.5) -> dict:
+    """Draw progress (bar, rate, ETA) until the volume's jobs are done."""
+    import sys
+    import time
+    tty = sys.stderr.isatty()
+    last_print = 0.0
+    while True:
+        v = client.call("status", name=name)
+        line = progress_line(v)
+        busy = (v.get("restore") or {}).get("state") in ("running", "paused") or any(
+            c["state"] == "synchronizing" for c in v.get("clones", []))
+        now = time.monotonic()
+        if tty:
+            sys.stderr.write("\r\x1b[K" + line)
+            sys.stderr.flush()
+        elif now - last_print >= 2.0 or not busy:
+            sys.stderr.write(line + "\n")
+            last_print = now
+        if not busy and not forever:
+            if tty:
+                sys.stderr.write("\n")
+            return v
+        time.sleep(interval)

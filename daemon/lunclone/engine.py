@@ -16,8 +16,10 @@ import time
 
 from . import units
 from . import volume as vf
+from .commit import Committer
 from .errors import AlreadyExists, Busy, LuncloneError, NotFound
 from .iopath import Volume
+from .lifecycle import Lifecycle
 from .metadata import Metadata, VolumeRecord
 
 log = logging.getLogger("lunclone.engine")
@@ -65,8 +67,12 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._server = None
         self.started = time.time()
+        self.maps_lock = threading.RLock()
+        self.committer = Committer(self.md, self.maps_lock)
+        self.lifecycle = Lifecycle(self)
         for rec in self.md.volumes():
             self._load_volume(rec)
+        self.lifecycle.load()
 
     # -- volumes ---------------------------------------------------------
     def volume_path(self, name: str) -> str:
@@ -121,26 +127,42 @@ class Engine:
 
     def delete_volume(self, name: str, force: bool = False) -> dict:
         units.check_name(name)
-        if name not in self.records:
+        rec = self.records.get(name)
+        if rec is None:
             raise NotFound(f"no volume named {name!r}; see 'lunclone list'")
+        if rec.source is not None and rec.source in self.lifecycle.families:
+            return self.lifecycle.delete_clone(name)
         vol = self.volumes.get(name)
         if vol is not None and vol.connections:
             raise Busy(f"volume {name!r} has {vol.connections} open connection(s); "
                        "detach or disconnect its clients first")
+        fam = self.lifecycle.families.get(name)
+        if fam is not None:
+            if fam.restore is not None:
+                raise Busy(f"volume {name!r} is being restored; wait for the restore to finish")
+            if not force:
+                raise Busy(f"volume {name!r} has clones ({', '.join(sorted(fam.clones))}); "
+                           "delete them first or use --force")
+            for clone in list(fam.clones):
+                self.lifecycle.delete_clone(clone)
         with self.md.transaction() as tx:
             tx.delete_volume(name)
-        del self.records[name]
+        self.forget_volume(name)
+        log.info("deleted volume %s", name)
+        return {"deleted": name}
+
+    def forget_volume(self, name: str) -> None:
+        """Drop a deleted volume from memory and remove its file."""
+        self.records.pop(name, None)
         self.broken.pop(name, None)
+        vol = self.volumes.pop(name, None)
         if vol is not None:
-            del self.volumes[name]
             vol.deleted = True
             vol.close()
         try:
             os.unlink(self.volume_path(name))
         except FileNotFoundError:
             pass
-        log.info("deleted volume %s", name)
-        return {"deleted": name}
 
     # -- views -----------------------------------------------------------
     def export_uri(self, name: str) -> str:
@@ -160,8 +182,9 @@ class Engine:
             "connections": vol.connections if vol else 0,
             "error": self.broken.get(name),
             "source": rec.source,
-            "clones": [],
-            "restore": None,
+            "clone_state": rec.clone_state,
+            "clones": self.lifecycle.describe_clones(name),
+            "restore": self.lifecycle.describe_restore(name),
         }
 
     def list_volumes(self) -> list[dict]:
@@ -173,11 +196,13 @@ class Engine:
     # -- connections (called from nbdkit threads) ------------------------
     def open_export(self, name: str, readonly: bool) -> Volume:
         vol = self.get_volume(name)
-        vol.connections += 1
+        with self.maps_lock:
+            vol.connections += 1
         return vol
 
     def close_export(self, vol: Volume) -> None:
-        vol.connections -= 1
+        with self.maps_lock:
+            vol.connections -= 1
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -196,11 +221,14 @@ class Engine:
                 errors.append(e)
                 ready.set()
                 return
+            self.lifecycle.start_jobs()
             ready.set()
             self.loop.run_forever()
             self.loop.run_until_complete(self._server.close())
+            self.loop.run_until_complete(self.lifecycle.close())
             self.loop.close()
 
+        self.committer.start()
         self._thread = threading.Thread(target=run, name="lunclone-loop", daemon=True)
         self._thread.start()
         ready.wait()
@@ -212,7 +240,11 @@ class Engine:
         """Commit everything, stop the loop, remove both sockets."""
         if self.loop is not None and self._thread is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=30)
+        try:
+            self.committer.stop()
+        except Exception:
+            log.exception("final metadata commit failed")
         for vol in self.volumes.values():
             try:
                 os.fdatasync(vol.fd)

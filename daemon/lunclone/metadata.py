@@ -125,15 +125,18 @@ class Transaction:
                     pages: list[int] | None = None) -> None:
         """Write the given pages of ``bm`` (default: its dirty pages)."""
         for p in (bm.take_dirty() if pages is None else pages):
-            data = bm.page(p)
-            if data.count(0) == len(data):
-                self._db.execute(
-                    "DELETE FROM bitmaps WHERE owner=? AND kind=? AND page=?",
-                    (owner, kind, p))
-            else:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO bitmaps VALUES (?, ?, ?, ?)",
-                    (owner, kind, p, data))
+            self.save_page(owner, kind, p, bm.page(p))
+
+    def save_page(self, owner: str, kind: str, page: int, data: bytes) -> None:
+        """Store one page; an all-zero page is stored as no row."""
+        if data.count(0) == len(data):
+            self._db.execute(
+                "DELETE FROM bitmaps WHERE owner=? AND kind=? AND page=?",
+                (owner, kind, page))
+        else:
+            self._db.execute(
+                "INSERT OR REPLACE INTO bitmaps VALUES (?, ?, ?, ?)",
+                (owner, kind, page, data))
 
     def delete_bitmap(self, owner: str, kind: str) -> None:
         self._db.execute("DELETE FROM bitmaps WHERE owner=? AND kind=?", (owner, kind))
@@ -207,7 +210,7 @@ class Metadata:
         return [JobRecord(*r[:4], bool(r[4]), *r[5:]) for r in rows]
 
     def load_bitmap(self, owner: str, kind: str, nbits: int) -> Bitmap:
-        bm = Bitmap(nbits)
+        bm = Bitmap(nbits, key=(owner, kind))
         with self.lock:
             rows = self._db.execute(
                 "SELECT page, bits FROM bitmaps WHERE owner=? AND kind=?",

@@ -117,3 +117,31 @@ def no_space_guard(exc: OSError) -> OSError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"no space left: {exc.strerror}")
     return exc
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
+    """Make dst[offset:offset+length] equal src's: copy data, punch holes.
+
+    Returns the bytes of data copied (holes cost nothing).
+    """
+    end = offset + length
+    pos = offset
+    copied = 0
+    for start, stop in data_ranges(src_fd, offset, end):
+        if start > pos:
+            punch_hole(dst_fd, pos, start - pos)
+        copied += _copy_data(src_fd, dst_fd, start, stop - start)
+        pos = stop
+    if pos < end:
+        punch_hole(dst_fd, pos, end - pos)
+    return copied
+
+
+def _copy_data(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
+    done = 0
+    while done < length:
+        n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, "copy_file_range: unexpected end of source")
+        done += n
+    return done

@@ -1,0 +1,187 @@
+"""Group commit of map changes: crash-consistency rules 1, 2 and 4.
+
+Invariants (DESIGN.md, "Crash consistency rules"):
+
+- A bit set in an in-memory map is committed.  A request that needs a bit
+  set calls ``request`` (holding ``lock``) and, if the bit is not set yet,
+  waits on the returned Batch; the bit becomes visible in memory only once
+  its commit is durable, so a second writer to the same extent waits for
+  the same commit instead of passing an uncommitted bit (dm-era's bug).
+- A bit may be cleared in memory at once ("lazily"); the clear reaches the
+  metadata with the next commit.  Whoever clears a bit after copying data
+  into a volume calls ``copied_into(fd)`` in the same critical section, and
+  every commit fdatasyncs those volumes *before* writing the pages, so a
+  cleared bit never claims data that is not durable (rule 2).
+- Every commit runs under ``commit_lock``, so pages never go to the
+  database out of order; the writing itself happens without ``lock``.
+- Requests gather while a commit is in progress and share the next one;
+  only the waiters of a finished batch are woken (rule 4).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from typing import Iterator
+
+from .bitmap import PAGE_BITS, Bitmap
+from .errors import MetadataError
+from .metadata import Metadata, Transaction
+
+log = logging.getLogger("lunclone.commit")
+
+LAZY_INTERVAL = 1.0
+
+
+class Batch:
+    """The bits one commit sets; waiters block on ``wait``."""
+
+    __slots__ = ("bits", "event", "error")
+
+    def __init__(self) -> None:
+        self.bits: list[tuple[Bitmap, int]] = []
+        self.event = threading.Event()
+        self.error: BaseException | None = None
+
+    def wait(self) -> None:
+        self.event.wait()
+        if self.error is not None:
+            raise MetadataError(f"metadata commit failed: {self.error}")
+
+
+class Committer:
+    def __init__(self, md: Metadata, lock: threading.RLock):
+        self.md = md
+        self.lock = lock
+        self.commit_lock = threading.Lock()
+        self.maps: set[Bitmap] = set()
+        self._open = Batch()
+        self._requested: dict[tuple[int, int], Batch] = {}
+        self._sync_fds: set[int] = set()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.commits = 0
+
+    # -- called with ``lock`` held ------------------------------------------
+    def register(self, bm: Bitmap) -> None:
+        self.maps.add(bm)
+
+    def unregister(self, bm: Bitmap) -> None:
+        self.maps.discard(bm)
+
+    def request(self, bm: Bitmap, i: int) -> Batch | None:
+        """Ask for bit ``i`` of ``bm`` to be set; None if it is already durable."""
+        if bm.test(i):
+            return None
+        key = (id(bm), i)
+        batch = self._requested.get(key)
+        if batch is None:
+            batch = self._open
+            batch.bits.append((bm, i))
+            self._requested[key] = batch
+            self._wake.set()
+        return batch
+
+    def has_requests(self, bm: Bitmap) -> bool:
+        """Are bits of ``bm`` requested but not committed yet?"""
+        return any(k[0] == id(bm) for k in self._requested)
+
+    def copied_into(self, fd: int) -> None:
+        """Data was copied into ``fd``: fdatasync it before the next commit."""
+        self._sync_fds.add(fd)
+
+    # -- the committer thread ---------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lunclone-commit", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+        self.commit_now()
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait(LAZY_INTERVAL)
+            self._wake.clear()
+            try:
+                self.commit_now()
+            except Exception:
+                log.exception("metadata commit failed")
+
+    def commit_now(self) -> None:
+        """Commit the open batch and every lazily changed page."""
+        with self.commit_lock:
+            with self.lock:
+                batch, self._open = self._open, Batch()
+                pages, fds = self._compose(batch), self._sync_fds
+                self._sync_fds = set()
+            if not pages and not fds and not batch.bits:
+                batch.event.set()
+                return
+            try:
+                for fd in fds:
+                    os.fdatasync(fd)
+                with self.md.transaction() as tx:
+                    for (owner, kind, p), data in pages.items():
+                        tx.save_page(owner, kind, p, data)
+            except BaseException as e:
+                self._failed(batch, pages, fds, e)
+                raise
+            with self.lock:
+                for bm, i in batch.bits:
+                    bm.set_committed(i)
+                    self._requested.pop((id(bm), i), None)
+            self.commits += 1
+            batch.event.set()
+
+    def _compose(self, batch: Batch) -> dict[tuple[str, str, int], bytes]:
+        """Snapshot the pages to write: dirty pages plus the batch's bits."""
+        extra: dict[tuple[Bitmap, int], list[int]] = {}
+        for bm, i in batch.bits:
+            extra.setdefault((bm, i // PAGE_BITS), []).append(i)
+        pages: dict[tuple[str, str, int], bytes] = {}
+        for bm in list(self.maps):
+            for p in bm.take_dirty():
+                extra.setdefault((bm, p), [])
+        for (bm, p), bits in extra.items():
+            if bm.key is None or bm not in self.maps:
+                continue
+            pages[(*bm.key, p)] = bm.page_with(p, bits)
+        return pages
+
+    def _failed(self, batch: Batch, pages, fds, exc: BaseException) -> None:
+        """Nothing was committed: keep the pages dirty, fail the waiters."""
+        with self.lock:
+            self._sync_fds |= fds
+            for bm in self.maps:
+                for (owner, kind, p) in pages:
+                    if bm.key == (owner, kind):
+                        bm.dirty_pages.add(p)
+            for bm, i in batch.bits:
+                self._requested.pop((id(bm), i), None)
+        batch.error = exc
+        batch.event.set()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """A direct transaction (admin operations), ordered with group commits.
+
+        Holds ``commit_lock`` and ``lock`` throughout; volumes with copied
+        data are fdatasync'ed first, so pages it saves obey rule 2 too.
+        """
+        with self.commit_lock, self.lock:
+            fds, self._sync_fds = self._sync_fds, set()
+            try:
+                for fd in fds:
+                    os.fdatasync(fd)
+            except BaseException:
+                self._sync_fds |= fds
+                raise
+            with self.md.transaction() as tx:
+                yield tx
+

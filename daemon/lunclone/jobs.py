@@ -1,0 +1,200 @@
+"""Background copy jobs on the asyncio loop: synchronize and restore.
+
+Each job walks its map in order from a cursor, takes a run of up to
+``RUN_EXTENTS`` consecutive extents (``Family.take_run`` decides which), has
+a worker thread copy it (copy_file_range releases the GIL, so host requests
+go on meanwhile), then clears the bits (``Family.finish_run``).  Extents it
+had to skip (a host write in progress, a copy on demand in flight) are
+picked up on the next pass.  A job ends through ``lifecycle`` in one
+metadata transaction.
+
+Throttle, pause and resume apply to every job; a failing copy is retried
+``MAX_RETRIES`` times with backoff, then the job pauses with the error in
+``status`` and goes on after ``resume``.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from typing import Callable
+
+from .bitmap import Bitmap
+from .policy import PAUSED, RUNNING, SYNCHRONIZING, Clone, Family, Progress, Restore
+
+log = logging.getLogger("lunclone.jobs")
+
+RUN_EXTENTS = 64
+MAX_RUN_BYTES = 8 << 20
+MAX_RETRIES = 3
+IDLE_WAIT = 0.005
+
+
+class Throttle:
+    """Sleep so that bytes copied since the limit was set stay under it."""
+
+    def __init__(self) -> None:
+        self.limit = 0
+        self._t0 = time.monotonic()
+        self._bytes = 0
+
+    def set(self, limit: int) -> None:
+        self.limit = max(0, int(limit))
+        self._t0 = time.monotonic()
+        self._bytes = 0
+
+    async def account(self, n: int) -> None:
+        if not self.limit:
+            return
+        self._bytes += n
+        ahead = self._bytes / self.limit - (time.monotonic() - self._t0)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
+class CopyJob:
+    """One pass-based copy loop over a map; subclasses say what and where."""
+
+    kind = "copy"
+
+    def __init__(self, family: Family, pool: concurrent.futures.Executor):
+        self.family = family
+        self.pool = pool
+        self.throttle = Throttle()
+        self.failures = 0
+        self.task: asyncio.Task | None = None
+        self.run_extents = max(1, min(RUN_EXTENTS, MAX_RUN_BYTES >> family.shift))
+
+    # subclass hooks -------------------------------------------------------
+    def active(self) -> bool: ...
+    def paused(self) -> bool: ...
+    def bitmap(self) -> Bitmap: ...
+    def skip(self) -> Bitmap | None: return None
+    def fds(self) -> tuple[int, int]: ...
+    def progress(self) -> Progress: ...
+    def finish(self) -> bool: ...
+    def failed(self, message: str) -> None: ...
+
+    async def run(self) -> None:
+        fam = self.family
+        loop = asyncio.get_running_loop()
+        cursor = 0
+        while self.active():
+            if self.paused():
+                await asyncio.sleep(0.05)
+                continue
+            with fam.lock:
+                run = fam.take_run(self.bitmap(), cursor, self.run_extents, self.skip())
+                empty = run is None and not self.bitmap().any()
+            if run is None:
+                if empty and self.finish():
+                    return
+                cursor = 0
+                await asyncio.sleep(IDLE_WAIT)
+                continue
+            first, n = run
+            src, dst = self.fds()
+            try:
+                copied = await loop.run_in_executor(
+                    self.pool, fam._copy_extents, src, dst, first, n)
+            except OSError as e:
+                with fam.lock:
+                    fam.finish_run(self.bitmap(), first, n, dst, ok=False)
+                await self._retry_or_pause(e)
+                continue
+            with fam.lock:
+                fam.finish_run(self.bitmap(), first, n, dst, ok=self.active())
+                self.progress().add(copied)
+            self.failures = 0
+            cursor = first + n
+            await self.throttle.account(copied)
+            await asyncio.sleep(0)
+
+    async def _retry_or_pause(self, e: OSError) -> None:
+        self.failures += 1
+        msg = f"copy failed: {e.strerror or e}"
+        log.error("%s job on %s: %s (attempt %d)", self.kind, self.family.source.name,
+                  msg, self.failures)
+        if self.failures >= MAX_RETRIES:
+            self.failures = 0
+            self.failed(msg)
+        else:
+            await asyncio.sleep(0.1 * 4 ** self.failures)
+
+
+class SyncJob(CopyJob):
+    """source -> clone for the extents in the clone's delta map."""
+
+    kind = "sync"
+
+    def __init__(self, family: Family, clone: Clone, pool, finish: Callable[[Clone], bool]):
+        super().__init__(family, pool)
+        self.clone = clone
+        self._finish = finish
+
+    def active(self) -> bool:
+        return self.clone.state == SYNCHRONIZING and self.clone.name in self.family.clones
+
+    def paused(self) -> bool:
+        return False
+
+    def bitmap(self) -> Bitmap:
+        return self.clone.delta
+
+    def fds(self) -> tuple[int, int]:
+        return self.family.source.fd, self.clone.volume.fd
+
+    def progress(self) -> Progress:
+        return self.clone.sync
+
+    def finish(self) -> bool:
+        return self._finish(self.clone)
+
+    def failed(self, message: str) -> None:
+        self.clone.error = message
+
+
+class RestoreJob(CopyJob):
+    """clone -> source for the restore-pending extents not protected."""
+
+    kind = "restore"
+
+    def __init__(self, family: Family, restore: Restore, pool,
+                 finish: Callable[[Family], bool], pause: Callable[[Family, str | None], None]):
+        super().__init__(family, pool)
+        self.restore = restore
+        self._finish = finish
+        self._pause = pause
+        self.throttle.set(restore.rate_limit)
+
+    def active(self) -> bool:
+        return self.family.restore is self.restore
+
+    def paused(self) -> bool:
+        return self.restore.state == PAUSED
+
+    def bitmap(self) -> Bitmap:
+        return self.restore.pending
+
+    def skip(self) -> Bitmap:
+        return self.restore.protected
+
+    def fds(self) -> tuple[int, int]:
+        return self.restore.clone.volume.fd, self.family.source.fd
+
+    def progress(self) -> Progress:
+        return self.restore.progress
+
+    def finish(self) -> bool:
+        return self._finish(self.family)
+
+    def failed(self, message: str) -> None:
+        self._pause(self.family, message)
+
+
+def is_running(job: CopyJob | None) -> bool:
+    return job is not None and job.task is not None and not job.task.done()
+
+
+__all__ = ["SyncJob", "RestoreJob", "Throttle", "is_running", "RUNNING"]

@@ -1,0 +1,483 @@
+"""Admin operations on clones and restores, each one metadata transaction.
+
+Runs on the asyncio thread (control server) and at start-up.  Every state
+change of the diagram in DESIGN.md happens here; what a state means for a
+host request is in ``policy``.
+
+Ordering rules for a change:
+- A change that makes host writes follow new rules first installs the new
+  state under the lock, then waits for writes that decided under the old
+  rules (``Volume.drain_writes`` or ``Family.writers``), and only then
+  scans or copies maps.
+- The in-memory state and the metadata change together inside
+  ``Committer.transaction()`` (which holds the lock); on failure the
+  in-memory state is put back.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from . import units
+from . import volume as vf
+from .bitmap import Bitmap
+from .errors import AlreadyExists, Busy, InvalidArgument, NotFound
+from .iopath import Volume
+from .jobs import RestoreJob, SyncJob, is_running
+from .metadata import JobRecord, VolumeRecord
+from .policy import (DONE, FRACTURED, MIRRORED, PAUSED, RESTORING, RUNNING, SYNCHRONIZED,
+                     SYNCHRONIZING, Clone, CloneExport, Family, Restore)
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+log = logging.getLogger("lunclone.lifecycle")
+
+MAX_CLONES = 8
+DRAIN_TIMEOUT = 60.0
+
+
+class Lifecycle:
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.committer = engine.committer
+        self.lock = engine.maps_lock
+        self.families: dict[str, Family] = {}
+        self.jobs: dict[str, object] = {}
+        self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lunclone-copy")
+
+    # -- loading ---------------------------------------------------------
+    def load(self) -> None:
+        """Rebuild families, maps and jobs from the metadata (start-up)."""
+        eng = self.engine
+        for rec in eng.records.values():
+            if rec.source is None or rec.name not in eng.volumes:
+                continue
+            src = eng.volumes.get(rec.source)
+            if src is None:
+                eng.broken[rec.name] = f"its source {rec.source!r} is not served"
+                continue
+            fam = self._family(src)
+            delta = eng.md.load_bitmap(rec.name, "delta", fam.nextents)
+            clone = Clone(rec.name, eng.volumes[rec.name], rec.clone_state, delta)
+            self.committer.register(delta)
+            fam.clones[rec.name] = clone
+            clone.volume.set_policy(CloneExport(fam, clone))
+        for job in eng.md.jobs():
+            fam = self.families.get(job.source)
+            if job.kind != "restore" or job.state == DONE or fam is None:
+                continue
+            clone = fam.clones.get(job.clone)
+            if clone is None:
+                continue
+            pending = eng.md.load_bitmap(job.source, "pending", fam.nextents)
+            protected = eng.md.load_bitmap(job.source, "protected", fam.nextents)
+            r = Restore(clone, job.protected, pending, protected, job.total_extents)
+            r.state, r.rate_limit, r.on_demand, r.error = job.state, job.rate_limit, job.on_demand, job.error
+            r.progress.copied_bytes = job.copied_bytes
+            r.ready.set()
+            self.committer.register(pending)
+            self.committer.register(protected)
+            fam.restore = r
+            log.info("resuming restore of %s from %s: %d extents pending",
+                     job.source, clone.name, pending.count())
+
+    def start_jobs(self) -> None:
+        """On the loop: resume every unfinished job."""
+        for fam in self.families.values():
+            for clone in fam.clones.values():
+                if clone.state == SYNCHRONIZING:
+                    self._start_sync(fam, clone)
+            if fam.restore is not None:
+                self._start_restore_job(fam)
+
+    def _family(self, src: Volume) -> Family:
+        fam = self.families.get(src.name)
+        if fam is None:
+            fam = Family(src, self.committer, self.lock, on_mirror_failed=self._mirror_failed)
+            self.families[src.name] = fam
+            src.set_policy(fam)
+        return fam
+
+    # -- clones ------------------------------------------------------------
+    def create_clone(self, source: str, name: str, remote: str | None = None) -> dict:
+        eng = self.engine
+        units.check_name(name)
+        if remote:
+            raise InvalidArgument("remote clones are not supported yet")
+        src = eng.get_volume(source)
+        src_rec = eng.records[source]
+        if src_rec.source is not None:
+            raise InvalidArgument(f"{source!r} is a clone; clone its source {src_rec.source!r}")
+        if name in eng.records:
+            raise AlreadyExists(f"a volume named {name!r} exists already")
+        fam = self.families.get(source)
+        if fam is not None and fam.restore is not None:
+            raise Busy(f"{source} is being restored; create the clone after the restore")
+        if fam is not None and len(fam.clones) >= MAX_CLONES:
+            raise Busy(f"{source} has {MAX_CLONES} clones already, the most a volume may have; "
+                       "delete one first")
+        path = eng.volume_path(name)
+        if os.path.exists(path):
+            raise AlreadyExists(f"{path} exists but is not a known volume; move it away")
+        try:
+            vf.create_sparse(path, src.size)
+        except OSError as e:
+            raise vf.no_space_guard(e) from e
+        try:
+            self._add_clone(src, name, path)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return eng.describe(name)
+
+    def _add_clone(self, src: Volume, name: str, path: str) -> None:
+        eng = self.engine
+        vol = Volume(name, path, src.size, src.extent_size)
+        fam = self._family(src)
+        delta = Bitmap(fam.nextents, key=(name, "delta"))
+        clone = Clone(name, vol, SYNCHRONIZING, delta)
+        with self.lock:
+            fam.clones[name] = clone  # from now on host writes mirror to it
+        src.drain_writes()
+        allocated = Bitmap(fam.nextents)
+        for start, stop in vf.data_ranges(src.fd, 0, src.size):
+            for i in range(start >> fam.shift, ((stop - 1) >> fam.shift) + 1):
+                allocated.set(i)
+        rec = VolumeRecord(name, src.size, src.extent_size, source=src.name,
+                           clone_state=SYNCHRONIZING, created=time.time())
+        try:
+            with self.committer.transaction() as tx:
+                delta.union(allocated)
+                tx.put_volume(rec)
+                tx.save_bitmap(name, "delta", delta)
+                self.committer.register(delta)
+        except BaseException:
+            with self.lock:
+                del fam.clones[name]
+            vol.close()
+            raise
+        eng.records[name] = rec
+        eng.volumes[name] = vol
+        vol.set_policy(CloneExport(fam, clone))
+        log.info("clone %s of %s created: %d extents to copy", name, src.name, delta.count())
+        self._start_sync(fam, clone)
+
+    def find_clone(self, name: str) -> tuple[Family, Clone]:
+        units.check_name(name)
+        rec = self.engine.records.get(name)
+        if rec is None:
+            raise NotFound(f"no clone named {name!r}; see 'lunclone list'")
+        fam = self.families.get(rec.source or "")
+        if fam is None or name not in fam.clones:
+            raise NotFound(f"{name!r} is not a clone; see 'lunclone status {name}'")
+        return fam, fam.clones[name]
+
+    def _set_state(self, fam: Family, clone: Clone, state: str, tx) -> None:
+        """Inside a transaction: change a clone's state in memory and metadata."""
+        clone.state = state
+        rec = self.engine.records[clone.name]
+        rec.clone_state = state
+        tx.put_volume(rec)
+
+    def fracture(self, name: str) -> dict:
+        fam, clone = self.find_clone(name)
+        if clone.state == FRACTURED:
+            return self.engine.describe(name)
+        if clone.state != SYNCHRONIZED:
+            raise Busy(f"clone {name} is {clone.state}; it can be fractured once synchronized "
+                       f"(see 'lunclone status {fam.source.name}')")
+        with self.committer.transaction() as tx:
+            self._set_state(fam, clone, FRACTURED, tx)
+        fam.source.drain_writes()
+        log.info("clone %s fractured", name)
+        return self.engine.describe(name)
+
+    def sync(self, name: str) -> dict:
+        fam, clone = self.find_clone(name)
+        if clone.state in MIRRORED:
+            return self.engine.describe(name)
+        if clone.state != FRACTURED:
+            raise Busy(f"clone {name} is {clone.state}; wait for the restore to finish")
+        with self.committer.transaction() as tx:
+            self._set_state(fam, clone, SYNCHRONIZING, tx)
+        clone.volume.drain_writes()  # writes to the clone's own export, now refused
+        clone.error = None
+        clone.sync = type(clone.sync)()
+        self._start_sync(fam, clone)
+        return self.engine.describe(name)
+
+    def delete_clone(self, name: str) -> dict:
+        fam, clone = self.find_clone(name)
+        if fam.restore is not None and fam.restore.clone is clone:
+            raise Busy(f"clone {name} is the source of a running restore of "
+                       f"{fam.source.name}; wait for it to finish")
+        if clone.volume.connections:
+            raise Busy(f"clone {name} has {clone.volume.connections} open connection(s); "
+                       "disconnect them first")
+        with self.committer.transaction() as tx:
+            del fam.clones[name]
+            tx.delete_volume(name)
+            self.committer.unregister(clone.delta)
+        fam.source.drain_writes()
+        self.engine.forget_volume(name)
+        if not fam.clones and fam.restore is None:
+            fam.source.set_policy(None)
+            del self.families[fam.source.name]
+        log.info("clone %s deleted", name)
+        return {"deleted": name}
+
+    def finish_sync(self, clone: Clone) -> bool:
+        """The sync job found the delta map empty: synchronized, if still so."""
+        fam, _ = self.find_clone(clone.name)
+        with self.committer.transaction() as tx:
+            if (clone.state != SYNCHRONIZING or clone.delta.any()
+                    or self.committer.has_requests(clone.delta)
+                    or any(True for _ in fam.inflight)):
+                return False
+            self._set_state(fam, clone, SYNCHRONIZED, tx)
+            tx.save_bitmap(clone.name, "delta", clone.delta)
+        log.info("clone %s synchronized (%d bytes copied)", clone.name, clone.sync.copied_bytes)
+        return True
+
+    def _mirror_failed(self, clone: Clone) -> None:
+        """A mirror write failed (nbdkit thread): resynchronize that clone."""
+        fam, _ = self.find_clone(clone.name)
+        loop = self.engine.loop
+        if loop is None:
+            return
+
+        def resync() -> None:
+            if clone.state == SYNCHRONIZED:
+                with self.committer.transaction() as tx:
+                    self._set_state(fam, clone, SYNCHRONIZING, tx)
+            self._start_sync(fam, clone)
+        loop.call_soon_threadsafe(resync)
+
+    def _start_sync(self, fam: Family, clone: Clone) -> None:
+        key = f"sync:{clone.name}"
+        if is_running(self.jobs.get(key)):
+            return
+        job = SyncJob(fam, clone, self.pool, self.finish_sync)
+        job.task = asyncio.get_running_loop().create_task(self._run_job(job, key))
+        self.jobs[key] = job
+
+    async def _run_job(self, job, key: str) -> None:
+        try:
+            await job.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("%s job failed", key)
+            job.failed(f"internal error: {e!r}")
+
+    # -- restore ------------------------------------------------------------
+    def start_restore(self, source: str, clone_name: str, protected: bool = True) -> dict:
+        units.check_name(source)
+        self.engine.get_volume(source)
+        fam, clone = self.find_clone(clone_name)
+        if fam.source.name != source:
+            raise InvalidArgument(f"{clone_name} is a clone of {fam.source.name}, not of {source}")
+        if fam.restore is not None:
+            raise Busy(f"{source} is already being restored from {fam.restore.clone.name}; "
+                       f"see 'lunclone status {source}'")
+        if clone.state != FRACTURED:
+            raise Busy(f"clone {clone_name} is {clone.state}; only a fractured clone (a "
+                       f"point-in-time copy) can be restored: 'lunclone clone fracture {clone_name}'")
+        r = self._gate_restore(fam, clone, protected)
+        try:
+            self._commit_restore_start(fam, r)
+        except BaseException:
+            with self.lock:
+                fam.restore = None
+                clone.state = FRACTURED
+            raise
+        finally:
+            r.ready.set()
+        log.info("restore of %s from %s started: %d extents to copy (%s)", source,
+                 clone_name, r.total_extents, "protected" if protected else "unprotected")
+        self._start_restore_job(fam)
+        return self.engine.describe(source)
+
+    def _gate_restore(self, fam: Family, clone: Clone, protected: bool) -> Restore:
+        """Install the restore with its gate closed, then let old writes end."""
+        n = fam.nextents
+        r = Restore(clone, protected, Bitmap(n, key=(fam.source.name, "pending")),
+                    Bitmap(n, key=(fam.source.name, "protected")), 0)
+        with self.lock:
+            fam.restore = r
+            clone.state = RESTORING
+        try:
+            clone.volume.drain_writes()
+            deadline = time.monotonic() + DRAIN_TIMEOUT
+            while fam.writers:
+                if time.monotonic() > deadline:
+                    raise Busy(f"host writes to {fam.source.name} did not finish; try again")
+                time.sleep(0.0005)
+        except BaseException:
+            with self.lock:
+                fam.restore = None
+                clone.state = FRACTURED
+            r.ready.set()
+            raise
+        return r
+
+    def _commit_restore_start(self, fam: Family, r: Restore) -> None:
+        clone = r.clone
+        with self.committer.transaction() as tx:
+            r.pending.assign(clone.delta)
+            r.total_extents = r.pending.count()
+            self._set_state(fam, clone, RESTORING, tx)
+            for other in fam.clones.values():
+                if other is clone:
+                    continue
+                if other.state in MIRRORED:
+                    self._set_state(fam, other, FRACTURED, tx)
+                other.delta.union(r.pending)
+                tx.save_bitmap(other.name, "delta", other.delta)
+            tx.delete_bitmap(fam.source.name, "pending")
+            tx.delete_bitmap(fam.source.name, "protected")
+            tx.save_bitmap(fam.source.name, "pending", r.pending)
+            tx.put_job(self._job_record(fam, r))
+            self.committer.register(r.pending)
+            self.committer.register(r.protected)
+
+    def _job_record(self, fam: Family, r: Restore) -> JobRecord:
+        return JobRecord(fam.source.name, "restore", r.clone.name, r.state, r.protected_mode,
+                         r.total_extents, r.progress.copied_bytes, r.on_demand, r.rate_limit,
+                         r.error, time.time())
+
+    def _start_restore_job(self, fam: Family) -> None:
+        key = f"restore:{fam.source.name}"
+        job = RestoreJob(fam, fam.restore, self.pool, self.finish_restore, self.pause_with_error)
+        job.task = asyncio.get_running_loop().create_task(self._run_job(job, key))
+        self.jobs[key] = job
+
+    def finish_restore(self, fam: Family) -> bool:
+        """Pending is empty: in one transaction the clone's delta map becomes
+        the protected restore map, and the clone goes back to fractured."""
+        r = fam.restore
+        with self.committer.transaction() as tx:
+            if (r is None or r.pending.any() or fam.inflight
+                    or self.committer.has_requests(r.protected)):
+                return False
+            clone = r.clone
+            if r.protected_mode:
+                clone.delta.assign(r.protected)
+                self._set_state(fam, clone, FRACTURED, tx)
+            else:
+                clone.delta.clear_all()
+                self._set_state(fam, clone, SYNCHRONIZED, tx)
+            tx.save_bitmap(clone.name, "delta", clone.delta)
+            tx.delete_bitmap(fam.source.name, "pending")
+            tx.delete_bitmap(fam.source.name, "protected")
+            r.state = DONE
+            tx.put_job(self._job_record(fam, r))
+            self.committer.unregister(r.pending)
+            self.committer.unregister(r.protected)
+            fam.restore = None
+            fam.last_restore = r
+        log.info("restore of %s from %s done: %d bytes copied, %d on demand, %d protected",
+                 fam.source.name, clone.name, r.progress.copied_bytes, r.on_demand,
+                 r.protected.count())
+        return True
+
+    def _restore_of(self, source: str) -> tuple[Family, Restore]:
+        units.check_name(source)
+        self.engine.get_volume(source)
+        fam = self.families.get(source)
+        if fam is None or fam.restore is None:
+            raise NotFound(f"no restore of {source} is in progress")
+        return fam, fam.restore
+
+    def _persist_job(self, fam: Family, r: Restore) -> None:
+        with self.committer.transaction() as tx:
+            tx.put_job(self._job_record(fam, r))
+
+    def pause(self, source: str) -> dict:
+        fam, r = self._restore_of(source)
+        r.state = PAUSED
+        self._persist_job(fam, r)
+        return self.engine.describe(source)
+
+    def pause_with_error(self, fam: Family, message: str | None) -> None:
+        r = fam.restore
+        if r is None:
+            return
+        r.state, r.error = PAUSED, message
+        self._persist_job(fam, r)
+        log.error("restore of %s paused: %s; 'lunclone restore resume %s' goes on",
+                  fam.source.name, message, fam.source.name)
+
+    def resume(self, source: str) -> dict:
+        fam, r = self._restore_of(source)
+        r.state, r.error = RUNNING, None
+        self._persist_job(fam, r)
+        if not is_running(self.jobs.get(f"restore:{source}")):
+            self._start_restore_job(fam)
+        return self.engine.describe(source)
+
+    def set_rate(self, source: str, limit) -> dict:
+        fam, r = self._restore_of(source)
+        limit = units.parse_size(limit)
+        if limit < 0:
+            raise InvalidArgument("rate must be 0 (unlimited) or a positive number of bytes/s")
+        r.rate_limit = limit
+        job = self.jobs.get(f"restore:{source}")
+        if job is not None:
+            job.throttle.set(limit)
+        self._persist_job(fam, r)
+        return self.engine.describe(source)
+
+    # -- views ----------------------------------------------------------------
+    def describe_clones(self, name: str) -> list[dict]:
+        fam = self.families.get(name)
+        if fam is None:
+            return []
+        out = []
+        with self.lock:
+            for c in fam.clones.values():
+                d = {"name": c.name, "state": c.state, "delta_extents": c.delta.count(),
+                     "error": c.error}
+                if c.state == SYNCHRONIZING:
+                    d["sync"] = _progress(c.sync, d["delta_extents"], fam.source.extent_size)
+                out.append(d)
+        return out
+
+    def describe_restore(self, name: str) -> dict | None:
+        fam = self.families.get(name)
+        if fam is None:
+            return None
+        r = fam.restore or fam.last_restore
+        if r is None:
+            return None
+        with self.lock:
+            pending = r.pending.count() if r.state != DONE else 0
+            d = {"from": r.clone.name, "state": r.state, "protected": r.protected_mode,
+                 "total_extents": r.total_extents, "pending_extents": pending,
+                 "protected_extents": r.protected.count(), "on_demand_extents": r.on_demand,
+                 "rate_limit_bytes_per_s": r.rate_limit, "error": r.error}
+        d.update(_progress(r.progress, pending, fam.source.extent_size))
+        return d
+
+    async def close(self) -> None:
+        for job in self.jobs.values():
+            if job.task is not None:
+                job.task.cancel()
+        for job in self.jobs.values():
+            if job.task is not None:
+                try:
+                    await job.task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self.pool.shutdown(wait=True)
+
+
+def _progress(p, remaining_extents: int, extent_size: int) -> dict:
+    rate = p.rate()
+    return {"copied_bytes": p.copied_bytes, "rate_bytes_per_s": round(rate),
+            "eta_s": round(remaining_extents * extent_size / rate, 1) if rate > 0 else None}

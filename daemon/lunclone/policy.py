@@ -1,0 +1,390 @@
+"""The rules, in one place: host requests on a volume that has clones or a
+restore, and the steps the background jobs take on the same maps.
+
+A ``Family`` is a source volume and its clones.  It is the Policy of the
+source's Volume; each clone's Volume gets a ``CloneExport`` policy.  All
+their maps are guarded by one lock (``Family.lock``, the engine's), and map
+bits follow ``commit.Committer``: set = committed, cleared lazily.
+
+Maps (DESIGN.md vocabulary):
+    clone.delta        per clone: extent may differ between source and clone
+    inflight           copy-on-demand map: extent -> Event, a copy in flight
+    writers            extent -> count of host writes between decision and end
+    restore.pending    restore-pending map: extents still to copy clone->source
+    restore.protected  protected restore map: extents the host wrote
+
+Host write / trim / zero on the source, per extent touched:
+    in flight                        -> wait for the copy, then decide again
+    restore pending, not protected,
+      partial (or a read)            -> copy on demand clone->source first
+      covering the whole extent      -> no copy
+    restoring clone                  -> protected bit committed, then write
+                                        (unprotected restore: also mirrored)
+    fractured clone                  -> delta bit committed, then write
+    synchronizing clone              -> bit clear on every extent: mirror;
+                                        else delta bits committed, no mirror
+    synchronized clone               -> mirror the write
+Host read on the source: wait for in-flight copies, copy pending extents on
+demand, then read the source.
+Host write on a clone: allowed only while fractured; sets its delta bit.
+
+Background copies (jobs.py drives them, these methods decide):
+    take_run     picks consecutive extents not in flight, not being written,
+                 not protected; marks them in flight
+    finish_run   clears their bits *after* the copy returned, records the
+                 destination for fdatasync before the next commit (rule 2)
+A job never clears a bit while a host write to that extent is in progress,
+and a host write never starts on an extent in flight: that is claim 1.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Callable
+
+from . import volume as vf
+from .bitmap import Bitmap, extent_range
+from .commit import Batch, Committer
+from .errors import Busy, ReadOnly
+from .iopath import Volume
+
+log = logging.getLogger("lunclone.policy")
+
+SYNCHRONIZING = "synchronizing"
+SYNCHRONIZED = "synchronized"
+FRACTURED = "fractured"
+RESTORING = "restoring"
+RUNNING, PAUSED, DONE = "running", "paused", "done"
+MIRRORED = (SYNCHRONIZED, SYNCHRONIZING)
+
+
+class Progress:
+    """Bytes copied by a job and the rate over the last seconds."""
+
+    def __init__(self, copied_bytes: int = 0):
+        self.copied_bytes = copied_bytes
+        self.started = time.monotonic()
+        self._window: list[tuple[float, int]] = [(self.started, copied_bytes)]
+
+    def add(self, n: int) -> None:
+        self.copied_bytes += n
+        now = time.monotonic()
+        self._window.append((now, self.copied_bytes))
+        while len(self._window) > 2 and now - self._window[1][0] > 5.0:
+            self._window.pop(0)
+
+    def rate(self) -> float:
+        t0, b0 = self._window[0]
+        t1, b1 = time.monotonic(), self.copied_bytes
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+class Clone:
+    def __init__(self, name: str, volume: Volume, state: str, delta: Bitmap):
+        self.name = name
+        self.volume = volume
+        self.state = state
+        self.delta = delta
+        self.sync = Progress()
+        self.error: str | None = None
+
+
+class Restore:
+    def __init__(self, clone: Clone, protected_mode: bool, pending: Bitmap,
+                 protected: Bitmap, total_extents: int):
+        self.clone = clone
+        self.protected_mode = protected_mode
+        self.pending = pending
+        self.protected = protected
+        self.total_extents = total_extents
+        self.state = RUNNING
+        self.progress = Progress()
+        self.on_demand = 0
+        self.rate_limit = 0
+        self.error: str | None = None
+        self.ready = threading.Event()  # set once the start is committed
+
+
+class Family:
+    """The policy of a source volume with clones (see the module docstring)."""
+
+    def __init__(self, source: Volume, committer: Committer, lock: threading.RLock,
+                 on_mirror_failed: Callable[[Clone], None] | None = None):
+        self.source = source
+        self.committer = committer
+        self.lock = lock
+        self.shift = source.shift
+        self.nextents = (source.size + source.extent_size - 1) >> source.shift
+        self.clones: dict[str, Clone] = {}
+        self.restore: Restore | None = None
+        self.last_restore: Restore | None = None
+        self.inflight: dict[int, threading.Event] = {}
+        self.writers: dict[int, int] = {}
+        self.writer_done: dict[int, threading.Event] = {}
+        self.on_mirror_failed = on_mirror_failed
+
+    # -- host requests on the source -----------------------------------------
+    def pread(self, vol: Volume, buf, offset: int) -> None:
+        if self.restore is not None:
+            self._prepare(offset, len(buf), write=False)
+        vf.read_into(vol.fd, buf, offset)
+
+    def pwrite(self, vol: Volume, buf, offset: int, fua: bool) -> None:
+        self._write(offset, len(buf), fua, lambda fd: vf.write_from(fd, buf, offset))
+
+    def trim(self, vol: Volume, count: int, offset: int, fua: bool) -> None:
+        self._write(offset, count, fua, lambda fd: vf.punch_hole(fd, offset, count))
+
+    zero = trim
+
+    def flush(self, vol: Volume) -> None:
+        os.fdatasync(self.source.fd)
+        for fd in self._mirror_fds():
+            os.fdatasync(fd)
+
+    def _write(self, offset: int, length: int, fua: bool, do: Callable[[int], None]) -> None:
+        exts, mirrors = self._prepare(offset, length, write=True)
+        try:
+            do(self.source.fd)
+            for clone in mirrors:
+                self._mirror(clone, exts, do)
+            if fua:
+                self.flush(self.source)
+        finally:
+            self._end_write(exts)
+
+    def _mirror(self, clone: Clone, exts: range, do: Callable[[int], None]) -> None:
+        """Write to a mirror; if that fails, record the difference instead."""
+        try:
+            do(clone.volume.fd)
+        except OSError as e:
+            log.error("mirror write to clone %s failed: %s; it will be resynchronized",
+                      clone.name, e)
+            with self.lock:
+                batches = [self.committer.request(clone.delta, i) for i in exts]
+            _wait(batches)
+            clone.error = f"mirror write failed: {e.strerror}"
+            if self.on_mirror_failed:
+                self.on_mirror_failed(clone)
+
+    def _mirror_fds(self) -> list[int]:
+        fds = [c.volume.fd for c in self.clones.values() if c.state in MIRRORED]
+        r = self.restore
+        if r is not None and not r.protected_mode:
+            fds.append(r.clone.volume.fd)
+        return fds
+
+    def _prepare(self, offset: int, length: int, write: bool) -> tuple[range, list[Clone]]:
+        """Wait and copy until the extents are ready; for a write, register it
+        and wait for the commit of its bits.  Returns (extents, mirrors)."""
+        exts = extent_range(offset, length, self.shift)
+        while True:
+            with self.lock:
+                wait_for = self._blocker(exts, write)
+                if wait_for is None:
+                    todo = self._copies_needed(exts, offset, length, write)
+                    if not todo:
+                        if not write:
+                            return exts, []
+                        for i in exts:
+                            self.writers[i] = self.writers.get(i, 0) + 1
+                        batches, mirrors = self._write_bits(exts)
+                        break
+                    for i in todo:
+                        self.inflight[i] = threading.Event()
+            if wait_for is not None:
+                wait_for.wait()
+            else:
+                self.copy_on_demand(todo)
+        try:
+            _wait(batches)
+        except BaseException:
+            self._end_write(exts)
+            raise
+        return exts, mirrors
+
+    def _blocker(self, exts: range, write: bool) -> threading.Event | None:
+        """What this request must wait for first, if anything.
+
+        A read must also wait for a whole-extent write into a pending extent
+        (it copies nothing, so the source holds neither old nor new data
+        until that write lands)."""
+        r = self.restore
+        if r is not None and not r.ready.is_set():
+            return r.ready
+        for i in exts:
+            ev = self.inflight.get(i)
+            if ev is not None:
+                return ev
+            if (not write and r is not None and self.writers.get(i)
+                    and r.pending.test(i) and not r.protected.test(i)):
+                return self.writer_done.setdefault(i, threading.Event())
+        return None
+
+    def _copies_needed(self, exts: range, offset: int, length: int, write: bool) -> list[int]:
+        r = self.restore
+        if r is None:
+            return []
+        end = offset + length
+        shift = self.shift
+        todo = []
+        for i in exts:
+            if not r.pending.test(i) or r.protected.test(i) or self.writers.get(i):
+                continue
+            whole = offset <= i << shift and min((i + 1) << shift, self.source.size) <= end
+            if not (write and whole):
+                todo.append(i)
+        return todo
+
+    def _write_bits(self, exts: range) -> tuple[list[Batch | None], list[Clone]]:
+        """The map bits this write needs committed first, and its mirrors."""
+        batches: list[Batch | None] = []
+        mirrors: list[Clone] = []
+        req = self.committer.request
+        r = self.restore
+        for clone in self.clones.values():
+            st = clone.state
+            if st == SYNCHRONIZED:
+                mirrors.append(clone)
+            elif st == FRACTURED:
+                batches += [req(clone.delta, i) for i in exts]
+            elif st == SYNCHRONIZING:
+                if any(clone.delta.test(i) for i in exts):
+                    batches += [req(clone.delta, i) for i in exts]
+                else:
+                    mirrors.append(clone)
+            elif st == RESTORING and r is not None and r.clone is clone:
+                batches += [req(r.protected, i) for i in exts]
+                if not r.protected_mode:
+                    mirrors.append(clone)
+        return batches, mirrors
+
+    def _end_write(self, exts: range) -> None:
+        with self.lock:
+            for i in exts:
+                n = self.writers[i] - 1
+                if n:
+                    self.writers[i] = n
+                else:
+                    del self.writers[i]
+                    ev = self.writer_done.pop(i, None)
+                    if ev is not None:
+                        ev.set()
+
+    # -- copies ------------------------------------------------------------------
+    def copy_on_demand(self, todo: list[int]) -> None:
+        """Copy extents (already marked in flight) clone->source for a host request."""
+        r = self.restore
+        try:
+            copied = 0
+            for i in todo:
+                copied += self._copy_extents(r.clone.volume.fd, self.source.fd, i, 1)
+        except BaseException as e:
+            self._release(todo)
+            log.error("copy on demand from %s failed: %s", r.clone.name, e)
+            raise
+        with self.lock:
+            for i in todo:
+                r.pending.clear(i)
+            r.on_demand += len(todo)
+            r.progress.add(copied)
+            self.committer.copied_into(self.source.fd)
+            self._release_locked(todo)
+
+    def _copy_extents(self, src_fd: int, dst_fd: int, first: int, count: int) -> int:
+        offset = first << self.shift
+        length = min(count << self.shift, self.source.size - offset)
+        vf.copy_range(src_fd, dst_fd, offset, length)
+        return length
+
+    def _release(self, exts) -> None:
+        with self.lock:
+            self._release_locked(exts)
+
+    def _release_locked(self, exts) -> None:
+        for i in exts:
+            ev = self.inflight.pop(i, None)
+            if ev is not None:
+                ev.set()
+
+    def take_run(self, bm: Bitmap, start: int, limit: int,
+                 skip: Bitmap | None = None) -> tuple[int, int] | None:
+        """Under lock: the first run of copyable extents at or after ``start``
+        set in ``bm``; marks it in flight.  Extents in ``skip`` (protected)
+        are cleared from ``bm`` on the way: they need no copy."""
+        for i in bm.iter_set(start):
+            if skip is not None and skip.test(i):
+                bm.clear(i)
+                continue
+            if i in self.inflight or self.writers.get(i):
+                continue
+            n = 1
+            while (n < limit and i + n < self.nextents and bm.test(i + n)
+                   and i + n not in self.inflight and not self.writers.get(i + n)
+                   and (skip is None or not skip.test(i + n))):
+                n += 1
+            for j in range(i, i + n):
+                self.inflight[j] = threading.Event()
+            return i, n
+        return None
+
+    def finish_run(self, bm: Bitmap, first: int, n: int, dst_fd: int, ok: bool) -> None:
+        """Under lock: the copy of a run returned; clear its bits (rule 2)."""
+        if ok:
+            for i in range(first, first + n):
+                bm.clear(i)
+            self.committer.copied_into(dst_fd)
+        self._release_locked(range(first, first + n))
+
+
+class CloneExport:
+    """The policy of a clone's own export: writable only while fractured."""
+
+    def __init__(self, family: Family, clone: Clone):
+        self.family = family
+        self.clone = clone
+
+    def pread(self, vol: Volume, buf, offset: int) -> None:
+        vf.read_into(vol.fd, buf, offset)
+
+    def _writable(self, offset: int, length: int) -> range:
+        clone = self.clone
+        with self.family.lock:
+            if clone.state != FRACTURED:
+                raise ReadOnly(f"clone {clone.name} is {clone.state}: its export is "
+                               "read-only until it is fractured")
+            exts = extent_range(offset, length, self.family.shift)
+            batches = [self.family.committer.request(clone.delta, i) for i in exts]
+        _wait(batches)
+        return exts
+
+    def pwrite(self, vol: Volume, buf, offset: int, fua: bool) -> None:
+        self._writable(offset, len(buf))
+        vf.write_from(vol.fd, buf, offset)
+        if fua:
+            os.fdatasync(vol.fd)
+
+    def trim(self, vol: Volume, count: int, offset: int, fua: bool) -> None:
+        self._writable(offset, count)
+        vol.punch(offset, count, fua)
+
+    zero = trim
+
+    def flush(self, vol: Volume) -> None:
+        os.fdatasync(vol.fd)
+
+
+def _wait(batches: list[Batch | None]) -> None:
+    seen: set[int] = set()
+    for b in batches:
+        if b is not None and id(b) not in seen:
+            seen.add(id(b))
+            b.wait()
+
+
+def check_not_restoring(family: Family | None, what: str) -> None:
+    if family is not None and family.restore is not None:
+        raise Busy(f"{what}: a restore of {family.source.name} from "
+                   f"{family.restore.clone.name} is in progress")
