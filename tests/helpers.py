@@ -1,6 +1,7 @@
 """Test helpers: a real lunclone daemon (nbdkit + plugin) and real clients."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -66,6 +67,9 @@ class Daemon:
     def stop(self, timeout: float = 15.0) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
+        # nbdkit 1.32 waits for connected clients before it exits: close the
+        # handles a failed test or a reference cycle left behind.
+        gc.collect()
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
@@ -111,3 +115,49 @@ def which_or_skip(pytest, *tools: str) -> None:
     for t in tools:
         if shutil.which(t) is None and not os.path.exists(t):
             pytest.skip(f"{t} is not installed (run scripts/setup)")
+
+
+def read_bitmap(state_dir: str, owner: str, kind: str) -> set[int]:
+    """The set bits of a persisted map, read from the real database (read-only)."""
+    import sqlite3
+    db = sqlite3.connect(f"file:{os.path.join(state_dir, 'lunclone.db')}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT page, bits FROM bitmaps WHERE owner=? AND kind=?",
+                          (owner, kind)).fetchall()
+    finally:
+        db.close()
+    out = set()
+    for page, data in rows:
+        base = page * len(data) * 8
+        for j, b in enumerate(data):
+            if b:
+                for k in range(8):
+                    if b >> k & 1:
+                        out.add(base + j * 8 + k)
+    return out
+
+
+def wait_for(pred, timeout: float = 60.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def clone_state(daemon: Daemon, source: str, clone: str) -> dict:
+    for c in daemon.json("status", source)["clones"]:
+        if c["name"] == clone:
+            return c
+    raise AssertionError(f"no clone {clone}")
+
+
+def wait_clone_state(daemon: Daemon, source: str, clone: str, state: str, timeout=120):
+    return wait_for(lambda: clone_state(daemon, source, clone)["state"] == state,
+                    timeout, what=f"{clone} {state}")
+
+
+def differing_extents(a: bytes, b: bytes, extent: int) -> set[int]:
+    return {i // extent for i in range(0, len(a), extent) if a[i:i + extent] != b[i:i + extent]}

@@ -197,16 +197,17 @@ def restore() -> None:
 @click.option("--unprotected", is_flag=True,
               help="Mirror host writes to the clone; it ends synchronized.")
 @click.option("--wait", is_flag=True, help="Show progress until the restore is done.")
+@click.option("--rate", metavar="LIMIT", help="Copy at most LIMIT bytes/s (e.g. 100M).")
 @run_dir_option
 @json_option
 @handle_errors
 def restore_start(source: str, clone_name: str, unprotected: bool, wait: bool,
-                  run_dir: str, as_json: bool) -> None:
+                  rate: str | None, run_dir: str, as_json: bool) -> None:
     """Start an instant restore of SOURCE from CLONE."""
     with Client(run_dir) as c:
         t0 = time.monotonic()
         info = c.call("restore", source=source, clone_name=clone_name,
-                      protected=not unprotected)
+                      protected=not unprotected, rate_limit=rate)
         took = time.monotonic() - t0
         if as_json and not wait:
             emit(info, True, str)

@@ -132,14 +132,14 @@ class Engine:
             raise NotFound(f"no volume named {name!r}; see 'lunclone list'")
         if rec.source is not None and rec.source in self.lifecycle.families:
             return self.lifecycle.delete_clone(name)
+        fam = self.lifecycle.families.get(name)
+        if fam is not None and fam.restore is not None:
+            raise Busy(f"volume {name!r} is being restored; wait for the restore to finish")
         vol = self.volumes.get(name)
         if vol is not None and vol.connections:
             raise Busy(f"volume {name!r} has {vol.connections} open connection(s); "
                        "detach or disconnect its clients first")
-        fam = self.lifecycle.families.get(name)
         if fam is not None:
-            if fam.restore is not None:
-                raise Busy(f"volume {name!r} is being restored; wait for the restore to finish")
             if not force:
                 raise Busy(f"volume {name!r} has clones ({', '.join(sorted(fam.clones))}); "
                            "delete them first or use --force")

@@ -85,7 +85,7 @@ class CopyJob:
                 await asyncio.sleep(0.05)
                 continue
             with fam.lock:
-                run = fam.take_run(self.bitmap(), cursor, self.run_extents, self.skip())
+                run = fam.take_run(self.bitmap(), cursor, self._run_limit(), self.skip())
                 empty = run is None and not self.bitmap().any()
             if run is None:
                 if empty and self.finish():
@@ -110,6 +110,12 @@ class CopyJob:
             cursor = first + n
             await self.throttle.account(copied)
             await asyncio.sleep(0)
+
+    def _run_limit(self) -> int:
+        """Extents per copy: smaller under a rate limit, so the rate stays smooth."""
+        if self.throttle.limit:
+            return max(1, min(self.run_extents, (self.throttle.limit // 10) >> self.family.shift))
+        return self.run_extents
 
     async def _retry_or_pause(self, e: OSError) -> None:
         self.failures += 1

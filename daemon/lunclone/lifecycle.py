@@ -276,8 +276,10 @@ class Lifecycle:
             job.failed(f"internal error: {e!r}")
 
     # -- restore ------------------------------------------------------------
-    def start_restore(self, source: str, clone_name: str, protected: bool = True) -> dict:
+    def start_restore(self, source: str, clone_name: str, protected: bool = True,
+                      rate_limit=0) -> dict:
         units.check_name(source)
+        rate_limit = units.parse_size(rate_limit or 0)
         self.engine.get_volume(source)
         fam, clone = self.find_clone(clone_name)
         if fam.source.name != source:
@@ -289,6 +291,7 @@ class Lifecycle:
             raise Busy(f"clone {clone_name} is {clone.state}; only a fractured clone (a "
                        f"point-in-time copy) can be restored: 'lunclone clone fracture {clone_name}'")
         r = self._gate_restore(fam, clone, protected)
+        r.rate_limit = rate_limit
         try:
             self._commit_restore_start(fam, r)
         except BaseException:

@@ -76,9 +76,11 @@ class Progress:
             self._window.pop(0)
 
     def rate(self) -> float:
+        """Bytes/s over the last ~5 s (at least 1 s, so a first burst does not
+        read as a huge rate)."""
         t0, b0 = self._window[0]
         t1, b1 = time.monotonic(), self.copied_bytes
-        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+        return (b1 - b0) / max(t1 - t0, 1.0)
 
 
 class Clone:
