@@ -39,7 +39,7 @@ def prepare(daemon, rng, size=SIZE):
     wait_clone_state(daemon, "src", "c1", "synchronized")
     daemon.cli("clone", "fracture", "c1")
     for _ in range(60):  # damage: differences to restore
-        off = rng.randrange(0, size - EXT) & ~4095
+        off = rng.randrange(0, size - 3 * EXT) & ~4095
         if rng.random() < 0.7:
             src.pwrite(rng.randbytes(rng.choice([4096, EXT, 3 * EXT])), off)
         else:
@@ -236,3 +236,23 @@ def test_other_clones_get_restored_extents(daemon):
     daemon.cli("clone", "sync", "c2")
     wait_clone_state(daemon, "src", "c2", "synchronized")
     assert whole(daemon.connect("c2"), SIZE) == clone_data
+
+
+def test_fio_verify_during_restore(daemon):
+    import shutil
+    from fio import run_fio
+    if shutil.which("fio") is None:
+        pytest.skip("fio is not installed (run scripts/setup)")
+    rng = random.Random(21)
+    clone_data, src = prepare(daemon, rng)
+    daemon.cli("restore", "src", "--from", "c1", "--rate", "512K")
+    res = run_fio(daemon.uri("src"), rw="randwrite", bs="4k", size="8M", iodepth=16,
+                  verify="crc32c", extra=["--offset=4M"])
+    job = res["jobs"][0]
+    assert job["error"] == 0 and job["read"]["total_ios"] > 0
+    assert restore_status(daemon, "src")["state"] == "running"
+    daemon.cli("restore", "rate", "src", "0")
+    wait_restore_done(daemon, "src")
+    got = whole(src, SIZE)
+    # Outside fio's range the clone's data is back.
+    assert got[:4 * MiB] == clone_data[:4 * MiB] and got[12 * MiB:] == clone_data[12 * MiB:]

@@ -217,11 +217,12 @@ class Engine:
             try:
                 self._server = ControlServer(self, self.control_socket, self.control_group)
                 self.loop.run_until_complete(self._server.start())
+                self.lifecycle.start_jobs()
             except BaseException as e:
+                log.exception("engine start failed")
                 errors.append(e)
                 ready.set()
                 return
-            self.lifecycle.start_jobs()
             ready.set()
             self.loop.run_forever()
             self.loop.run_until_complete(self._server.close())

@@ -69,10 +69,13 @@ class Lifecycle:
             clone.volume.set_policy(CloneExport(fam, clone))
         for job in eng.md.jobs():
             fam = self.families.get(job.source)
-            if job.kind != "restore" or job.state == DONE or fam is None:
+            if job.kind != "restore" or fam is None:
                 continue
             clone = fam.clones.get(job.clone)
             if clone is None:
+                continue
+            if job.state == DONE:
+                fam.last_restore = self._done_restore(clone, job, fam.nextents)
                 continue
             pending = eng.md.load_bitmap(job.source, "pending", fam.nextents)
             protected = eng.md.load_bitmap(job.source, "protected", fam.nextents)
@@ -85,6 +88,15 @@ class Lifecycle:
             fam.restore = r
             log.info("resuming restore of %s from %s: %d extents pending",
                      job.source, clone.name, pending.count())
+
+    @staticmethod
+    def _done_restore(clone: Clone, job: JobRecord, nextents: int) -> Restore:
+        """A finished restore, for status: its protected map was the clone's
+        delta map at completion."""
+        r = Restore(clone, job.protected, Bitmap(nextents), clone.delta.copy(), job.total_extents)
+        r.state, r.on_demand = DONE, job.on_demand
+        r.progress.copied_bytes = job.copied_bytes
+        return r
 
     def start_jobs(self) -> None:
         """On the loop: resume every unfinished job."""
@@ -263,7 +275,7 @@ class Lifecycle:
         if is_running(self.jobs.get(key)):
             return
         job = SyncJob(fam, clone, self.pool, self.finish_sync)
-        job.task = asyncio.get_running_loop().create_task(self._run_job(job, key))
+        job.task = self.engine.loop.create_task(self._run_job(job, key))
         self.jobs[key] = job
 
     async def _run_job(self, job, key: str) -> None:
@@ -357,7 +369,7 @@ class Lifecycle:
     def _start_restore_job(self, fam: Family) -> None:
         key = f"restore:{fam.source.name}"
         job = RestoreJob(fam, fam.restore, self.pool, self.finish_restore, self.pause_with_error)
-        job.task = asyncio.get_running_loop().create_task(self._run_job(job, key))
+        job.task = self.engine.loop.create_task(self._run_job(job, key))
         self.jobs[key] = job
 
     def finish_restore(self, fam: Family) -> bool:

@@ -1,0 +1,166 @@
+"""SIGKILL of the daemon at random points of a restore while a writer issues
+flushed writes; after each restart the restore resumes, and at the end every
+byte is what a restore without the crash gives, with every flushed write kept.
+
+``--long`` tries hundreds of points and prints the count of points tried and
+of mismatches."""
+import random
+import threading
+import time
+
+import nbd
+
+from helpers import read_bitmap, wait_for
+from test_clones import whole
+from test_restore import EXT, SIZE, prepare, restore_status
+
+BLOCK = 4096
+
+
+class Model:
+    """Expected content; blocks an interrupted request may or may not have
+    changed have an alternative."""
+
+    def __init__(self, data: bytes):
+        self.data = bytearray(data)
+        self.alts: dict[int, bytearray] = {}
+        self.lock = threading.Lock()
+
+    def apply(self, off: int, new: bytes, certain: bool) -> None:
+        with self.lock:
+            end = off + len(new)
+            for b in range(off // BLOCK, (end - 1) // BLOCK + 1):
+                b0 = b * BLOCK
+                lo, hi = max(off, b0), min(end, b0 + BLOCK)
+                if certain:
+                    alt = self.alts.get(b)
+                    if alt is not None:
+                        alt[lo - b0:hi - b0] = new[lo - off:hi - off]
+                        if alt == self.data[b0:b0 + BLOCK][:0] + alt and lo == b0 and hi == b0 + BLOCK:
+                            del self.alts[b]
+                elif b not in self.alts:
+                    self.alts[b] = bytearray(self.data[b0:b0 + BLOCK])
+            self.data[off:end] = new
+
+    def mismatches(self, got: bytes, off: int = 0) -> list[int]:
+        bad = []
+        with self.lock:
+            for b in range(off // BLOCK, (off + len(got)) // BLOCK):
+                b0 = b * BLOCK
+                blk = got[b0 - off:b0 - off + BLOCK]
+                if blk != self.data[b0:b0 + BLOCK] and blk != self.alts.get(b):
+                    bad.append(b0)
+        return bad
+
+
+class FlushedWriter(threading.Thread):
+    def __init__(self, daemon, model: Model, seed: int):
+        super().__init__(daemon=True)
+        self.d, self.model = daemon, model
+        self.rng = random.Random(seed)
+        self.stop = threading.Event()
+        self.up = threading.Event()
+        self.up.set()
+        self.touched: set[int] = set()
+        self.uncertain: set[int] = set()
+        self.ops = self.read_errors = 0
+        self.error: BaseException | None = None
+
+    def run(self):
+        h = None
+        while not self.stop.is_set():
+            try:
+                if h is None:
+                    self.up.wait()
+                    h = self.d.connect("src")
+                self.one(h)
+            except nbd.Error:
+                h = None
+                time.sleep(0.02)
+            except BaseException as e:
+                self.error = e
+                return
+
+    def one(self, h):
+        rng = self.rng
+        kind = rng.choice(["partial", "whole", "trim", "read"])
+        if kind == "read":
+            off = rng.randrange(0, SIZE // BLOCK - 16) * BLOCK
+            got = h.pread(16 * BLOCK, off)
+            bad = self.model.mismatches(got, off)
+            assert not bad, f"read at {off}: blocks {bad[:4]} differ from the model"
+            return
+        if kind == "whole":
+            off, ln = rng.randrange(0, SIZE // EXT) * EXT, EXT
+        else:
+            off, ln = rng.randrange(0, SIZE // 512 - 64) * 512, rng.choice([512, 4096, 20_000])
+        new = bytes(ln) if kind == "trim" else rng.randbytes(ln)
+        exts = set(range(off // EXT, (off + ln - 1) // EXT + 1))
+        try:
+            (h.trim(ln, off) if kind == "trim" else h.pwrite(new, off))
+            h.flush()
+        except nbd.Error:
+            self.model.apply(off, new, certain=False)
+            self.uncertain |= exts
+            raise
+        self.model.apply(off, new, certain=True)
+        self.touched |= exts
+        self.ops += 1
+
+
+def run_crash_points(daemon, points: int, seed: int) -> tuple[int, int]:
+    rng = random.Random(seed)
+    tried = mismatches = 0
+    cycle = 0
+    while tried < points:
+        cycle += 1
+        clone_data, src = prepare_cycle(daemon, rng, cycle)
+        model = Model(clone_data)
+        daemon.cli("restore", "src", "--from", "c1", "--rate", "384K")
+        w = FlushedWriter(daemon, model, seed * 100 + cycle)
+        w.start()
+        while tried < points:
+            time.sleep(rng.uniform(0.02, 0.5))
+            w.up.clear()
+            daemon.kill()
+            tried += 1
+            daemon.start()
+            w.up.set()
+            if (restore_status(daemon, "src") or {}).get("state") == "done":
+                break
+        time.sleep(0.2)
+        w.stop.set()
+        w.join(30)
+        if w.error:
+            raise w.error
+        daemon.cli("restore", "rate", "src", "0", check=False)
+        wait_for(lambda: restore_status(daemon, "src")["state"] == "done", 120,
+                 what="restore done")
+        bad = model.mismatches(whole(daemon.connect("src"), SIZE))
+        mismatches += len(bad)
+        assert whole(daemon.connect("c1"), SIZE) == clone_data, "the clone changed"
+        delta = read_bitmap(daemon.state_dir, "c1", "delta")
+        assert w.touched <= delta <= w.touched | w.uncertain, "delta != protected map"
+        assert not bad, f"cycle {cycle}: {len(bad)} blocks differ, first at {bad[:5]}"
+        print(f"cycle {cycle}: {tried} points so far, writer {w.ops} flushed ops")
+    return tried, mismatches
+
+
+def prepare_cycle(daemon, rng, cycle):
+    if cycle == 1:
+        return prepare(daemon, rng)
+    daemon.cli("clone", "sync", "c1")
+    wait_for(lambda: daemon.json("status", "src")["clones"][0]["state"] == "synchronized", 120)
+    daemon.cli("clone", "fracture", "c1")
+    src = daemon.connect("src")
+    for _ in range(40):
+        src.pwrite(rng.randbytes(EXT), rng.randrange(0, SIZE // EXT) * EXT)
+    src.flush()
+    return whole(daemon.connect("c1"), SIZE), src
+
+
+def test_sigkill_during_restore(daemon, long_mode):
+    points = 300 if long_mode else 20
+    tried, mismatches = run_crash_points(daemon, points, seed=1)
+    print(f"crash points tried: {tried}, mismatches: {mismatches}")
+    assert tried >= points and mismatches == 0
