@@ -36,7 +36,7 @@ class Model:
                     alt = self.alts.get(b)
                     if alt is not None:
                         alt[lo - b0:hi - b0] = new[lo - off:hi - off]
-                        if alt == self.data[b0:b0 + BLOCK][:0] + alt and lo == b0 and hi == b0 + BLOCK:
+                        if lo == b0 and hi == b0 + BLOCK:  # fully rewritten
                             del self.alts[b]
                 elif b not in self.alts:
                     self.alts[b] = bytearray(self.data[b0:b0 + BLOCK])

@@ -17,7 +17,11 @@ Host write / trim / zero on the source, per extent touched:
     in flight                        -> wait for the copy, then decide again
     restore pending, not protected,
       partial (or a read)            -> copy on demand clone->source first
-      covering the whole extent      -> no copy
+      covering the whole extent      -> no copy; write, fdatasync, then
+                                        commit the protected bit (the bit
+                                        stops the copy, so it follows the
+                                        data, like rule 2); requests on that
+                                        extent wait for this write to end
     restoring clone                  -> protected bit committed, then write
                                         (unprotected restore: also mirrored)
     fractured clone                  -> delta bit committed, then write
@@ -147,15 +151,31 @@ class Family:
             os.fdatasync(fd)
 
     def _write(self, offset: int, length: int, fua: bool, do: Callable[[int], None]) -> None:
-        exts, mirrors = self._prepare(offset, length, write=True)
+        exts, mirrors, late = self._prepare(offset, length, write=True)
         try:
             do(self.source.fd)
             for clone in mirrors:
                 self._mirror(clone, exts, do)
+            if late:
+                self._protect_after_write(late)
             if fua:
                 self.flush(self.source)
         finally:
             self._end_write(exts)
+
+    def _protect_after_write(self, late: list[int]) -> None:
+        """Protect pending extents a write covered whole, now that it landed.
+
+        No copy preceded this write, so until the write is durable the
+        extent holds pre-restore data: the protected bit (which stops the
+        copy) must follow the data, as a pending bit's clear does (rule 2).
+        A crash before the commit re-copies the clone's data over a write
+        that was never acknowledged."""
+        r = self.restore
+        with self.lock:
+            self.committer.copied_into(self.source.fd)
+            batches = [self.committer.request(r.protected, i) for i in late]
+        _wait(batches)
 
     def _mirror(self, clone: Clone, exts: range, do: Callable[[int], None]) -> None:
         """Write to a mirror; if that fails, record the difference instead."""
@@ -178,21 +198,23 @@ class Family:
             fds.append(r.clone.volume.fd)
         return fds
 
-    def _prepare(self, offset: int, length: int, write: bool) -> tuple[range, list[Clone]]:
+    def _prepare(self, offset: int, length: int,
+                 write: bool) -> tuple[range, list[Clone], list[int]]:
         """Wait and copy until the extents are ready; for a write, register it
-        and wait for the commit of its bits.  Returns (extents, mirrors)."""
+        and wait for the commit of its bits.  Returns (extents, mirrors,
+        pending extents to protect once the write has landed)."""
         exts = extent_range(offset, length, self.shift)
         while True:
             with self.lock:
-                wait_for = self._blocker(exts, write)
+                wait_for = self._blocker(exts)
                 if wait_for is None:
                     todo = self._copies_needed(exts, offset, length, write)
                     if not todo:
                         if not write:
-                            return exts, []
+                            return exts, [], []
                         for i in exts:
                             self.writers[i] = self.writers.get(i, 0) + 1
-                        batches, mirrors = self._write_bits(exts)
+                        batches, mirrors, late = self._write_bits(exts)
                         break
                     for i in todo:
                         self.inflight[i] = threading.Event()
@@ -205,14 +227,15 @@ class Family:
         except BaseException:
             self._end_write(exts)
             raise
-        return exts, mirrors
+        return exts, mirrors, late
 
-    def _blocker(self, exts: range, write: bool) -> threading.Event | None:
+    def _blocker(self, exts: range) -> threading.Event | None:
         """What this request must wait for first, if anything.
 
-        A read must also wait for a whole-extent write into a pending extent
-        (it copies nothing, so the source holds neither old nor new data
-        until that write lands)."""
+        Besides copies in flight, a request waits for a whole-extent write
+        into a pending extent: that write copies nothing, so the source holds
+        neither the clone's data nor the new data until it has landed and
+        its protected bit is committed."""
         r = self.restore
         if r is not None and not r.ready.is_set():
             return r.ready
@@ -220,7 +243,7 @@ class Family:
             ev = self.inflight.get(i)
             if ev is not None:
                 return ev
-            if (not write and r is not None and self.writers.get(i)
+            if (r is not None and self.writers.get(i)
                     and r.pending.test(i) and not r.protected.test(i)):
                 return self.writer_done.setdefault(i, threading.Event())
         return None
@@ -233,17 +256,19 @@ class Family:
         shift = self.shift
         todo = []
         for i in exts:
-            if not r.pending.test(i) or r.protected.test(i) or self.writers.get(i):
+            if not r.pending.test(i) or r.protected.test(i):
                 continue
             whole = offset <= i << shift and min((i + 1) << shift, self.source.size) <= end
             if not (write and whole):
                 todo.append(i)
         return todo
 
-    def _write_bits(self, exts: range) -> tuple[list[Batch | None], list[Clone]]:
-        """The map bits this write needs committed first, and its mirrors."""
+    def _write_bits(self, exts: range) -> tuple[list[Batch | None], list[Clone], list[int]]:
+        """The map bits this write needs committed first, its mirrors, and
+        the pending extents it covers whole (protected after the write)."""
         batches: list[Batch | None] = []
         mirrors: list[Clone] = []
+        late: list[int] = []
         req = self.committer.request
         r = self.restore
         for clone in self.clones.values():
@@ -258,10 +283,14 @@ class Family:
                 else:
                     mirrors.append(clone)
             elif st == RESTORING and r is not None and r.clone is clone:
-                batches += [req(r.protected, i) for i in exts]
+                for i in exts:
+                    if r.pending.test(i) and not r.protected.test(i):
+                        late.append(i)
+                    else:
+                        batches.append(req(r.protected, i))
                 if not r.protected_mode:
                     mirrors.append(clone)
-        return batches, mirrors
+        return batches, mirrors, late
 
     def _end_write(self, exts: range) -> None:
         with self.lock:
