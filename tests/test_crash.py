@@ -164,3 +164,63 @@ def test_sigkill_during_restore(daemon, long_mode):
     tried, mismatches = run_crash_points(daemon, points, seed=1)
     print(f"crash points tried: {tried}, mismatches: {mismatches}")
     assert tried >= points and mismatches == 0
+
+
+class SourceWriter(threading.Thread):
+    """Flushed random writes to the source until stopped, across restarts."""
+
+    def __init__(self, daemon, size, seed):
+        super().__init__(daemon=True)
+        self.d, self.size = daemon, size
+        self.rng = random.Random(seed)
+        self.stop = threading.Event()
+        self.up = threading.Event()
+        self.up.set()
+
+    def run(self):
+        h = None
+        while not self.stop.is_set():
+            try:
+                if h is None:
+                    self.up.wait()
+                    h = self.d.connect("src")
+                off = self.rng.randrange(0, self.size // 512 - 200) * 512
+                h.pwrite(self.rng.randbytes(self.rng.choice([512, 4096, 70_000])), off)
+                if self.rng.random() < 0.3:
+                    h.flush()
+            except nbd.Error:
+                h = None
+                time.sleep(0.02)
+
+
+def test_sigkill_during_sync_and_mirroring(daemon, long_mode):
+    """Kill -9 during initial sync, re-sync and mirrored writes: after the
+    restarts the clone converges to the source, byte for byte."""
+    from helpers import wait_clone_state
+    points = 200 if long_mode else 12
+    size = 32 << 20
+    rng = random.Random(2)
+    daemon.cli("create", "src", "--size", str(size))
+    src = daemon.connect("src")
+    src.pwrite(rng.randbytes(size), 0)
+    src.flush()
+    del src
+    daemon.cli("clone", "create", "src", "c1")
+    w = SourceWriter(daemon, size, 9)
+    w.start()
+    for k in range(points):
+        time.sleep(rng.uniform(0.01, 0.3))
+        w.up.clear()
+        daemon.kill()
+        daemon.start()
+        w.up.set()
+        state = daemon.json("status", "src")["clones"][0]["state"]
+        if state == "synchronized" and k % 3 == 0:
+            daemon.cli("clone", "fracture", "c1")
+            time.sleep(0.1)
+            daemon.cli("clone", "sync", "c1")
+    w.stop.set()
+    w.join(30)
+    wait_clone_state(daemon, "src", "c1", "synchronized")
+    assert whole(daemon.connect("src"), size) == whole(daemon.connect("c1"), size)
+    print(f"sync/mirror crash points tried: {points}, mismatches: 0")

@@ -189,7 +189,7 @@ def test_unprotected_restore_mirrors_and_ends_synchronized(daemon):
     daemon.cli("restore", "resume", "src")
     daemon.cli("restore", "rate", "src", "0")
     wait_restore_done(daemon, "src")
-    assert clone_state(daemon, "src", "c1")["state"] == "synchronized"
+    wait_clone_state(daemon, "src", "c1", "synchronized")  # after a short resync
     assert whole(src, SIZE) == whole(daemon.connect("c1"), SIZE)
     assert src.pread(4096, 3 * MiB + 100) == b"N" * 4096
 

@@ -39,6 +39,7 @@ log = logging.getLogger("lunclone.lifecycle")
 
 MAX_CLONES = 8
 DRAIN_TIMEOUT = 60.0
+INTENT_SWEEP_S = 3.0
 
 
 class Lifecycle:
@@ -99,13 +100,28 @@ class Lifecycle:
         return r
 
     def start_jobs(self) -> None:
-        """On the loop: resume every unfinished job."""
+        """On the loop: resume every unfinished job.  A synchronized clone
+        with write-intent bits set may differ where a mirrored write was cut
+        short by a crash: it resynchronizes those extents."""
         for fam in self.families.values():
             for clone in fam.clones.values():
+                if clone.state == SYNCHRONIZED and clone.delta.any():
+                    with self.committer.transaction() as tx:
+                        self._set_state(fam, clone, SYNCHRONIZING, tx)
                 if clone.state == SYNCHRONIZING:
                     self._start_sync(fam, clone)
             if fam.restore is not None:
                 self._start_restore_job(fam)
+        self._sweeper = self.engine.loop.create_task(self._sweep_intents())
+
+    async def _sweep_intents(self) -> None:
+        """Clear idle write-intent bits of synchronized clones, every few seconds."""
+        while True:
+            await asyncio.sleep(INTENT_SWEEP_S)
+            with self.lock:
+                for fam in self.families.values():
+                    for clone in fam.clones.values():
+                        fam.sweep_intents(clone)
 
     def _family(self, src: Volume) -> Family:
         fam = self.families.get(src.name)
@@ -264,9 +280,8 @@ class Lifecycle:
             return
 
         def resync() -> None:
-            if clone.state == SYNCHRONIZED:
-                with self.committer.transaction() as tx:
-                    self._set_state(fam, clone, SYNCHRONIZING, tx)
+            with self.committer.transaction() as tx:
+                self._set_state(fam, clone, SYNCHRONIZING, tx)
             self._start_sync(fam, clone)
         loop.call_soon_threadsafe(resync)
 
@@ -381,12 +396,11 @@ class Lifecycle:
                     or self.committer.has_requests(r.protected)):
                 return False
             clone = r.clone
-            if r.protected_mode:
-                clone.delta.assign(r.protected)
-                self._set_state(fam, clone, FRACTURED, tx)
-            else:
-                clone.delta.clear_all()
-                self._set_state(fam, clone, SYNCHRONIZED, tx)
+            # The protected map is exactly what the host changed; with
+            # --unprotected those writes were mirrored, but a crash may have
+            # cut one short, so the clone resynchronizes them (cheaply).
+            clone.delta.assign(r.protected)
+            self._set_state(fam, clone, FRACTURED if r.protected_mode else SYNCHRONIZING, tx)
             tx.save_bitmap(clone.name, "delta", clone.delta)
             tx.delete_bitmap(fam.source.name, "pending")
             tx.delete_bitmap(fam.source.name, "protected")
@@ -399,6 +413,8 @@ class Lifecycle:
         log.info("restore of %s from %s done: %d bytes copied, %d on demand, %d protected",
                  fam.source.name, clone.name, r.progress.copied_bytes, r.on_demand,
                  r.protected.count())
+        if clone.state == SYNCHRONIZING:
+            self._start_sync(fam, clone)
         return True
 
     def _restore_of(self, source: str) -> tuple[Family, Restore]:
@@ -480,6 +496,8 @@ class Lifecycle:
         return d
 
     async def close(self) -> None:
+        if getattr(self, "_sweeper", None) is not None:
+            self._sweeper.cancel()
         for job in self.jobs.values():
             if job.task is not None:
                 job.task.cancel()

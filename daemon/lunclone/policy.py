@@ -25,9 +25,11 @@ Host write / trim / zero on the source, per extent touched:
     restoring clone                  -> protected bit committed, then write
                                         (unprotected restore: also mirrored)
     fractured clone                  -> delta bit committed, then write
-    synchronizing clone              -> bit clear on every extent: mirror;
-                                        else delta bits committed, no mirror
-    synchronized clone               -> mirror the write
+    synchronizing clone              -> delta bit committed, then write
+    synchronized clone               -> delta bit committed as a write
+                                        intent (md's bitmap), then write to
+                                        both; ``sweep_intents`` clears idle
+                                        bits once both copies are durable
 Host read on the source: wait for in-flight copies, copy pending extents on
 demand, then read the source.
 Host write on a clone: allowed only while fractured; sets its delta bit.
@@ -61,7 +63,7 @@ SYNCHRONIZED = "synchronized"
 FRACTURED = "fractured"
 RESTORING = "restoring"
 RUNNING, PAUSED, DONE = "running", "paused", "done"
-MIRRORED = (SYNCHRONIZED, SYNCHRONIZING)
+MIRRORED = (SYNCHRONIZED, SYNCHRONIZING)  # states that follow the source
 
 
 class Progress:
@@ -95,6 +97,7 @@ class Clone:
         self.delta = delta
         self.sync = Progress()
         self.error: str | None = None
+        self.hot: set[int] = set()  # extents written since the last intent sweep
 
 
 class Restore:
@@ -178,21 +181,38 @@ class Family:
         _wait(batches)
 
     def _mirror(self, clone: Clone, exts: range, do: Callable[[int], None]) -> None:
-        """Write to a mirror; if that fails, record the difference instead."""
+        """Write to a mirror; if that fails, its write-intent bits (set) record
+        the difference and the clone goes back to synchronizing."""
         try:
             do(clone.volume.fd)
         except OSError as e:
             log.error("mirror write to clone %s failed: %s; it will be resynchronized",
                       clone.name, e)
             with self.lock:
-                batches = [self.committer.request(clone.delta, i) for i in exts]
-            _wait(batches)
+                if clone.state == SYNCHRONIZED:
+                    clone.state = SYNCHRONIZING
             clone.error = f"mirror write failed: {e.strerror}"
             if self.on_mirror_failed:
                 self.on_mirror_failed(clone)
 
+    def sweep_intents(self, clone: Clone) -> int:
+        """Under lock: clear write-intent bits of a synchronized clone that no
+        write touched since the last sweep; both volumes are fdatasync'ed
+        before the clear is committed (rule 2)."""
+        if clone.state != SYNCHRONIZED:
+            return 0
+        idle = [i for i in clone.delta.iter_set()
+                if i not in clone.hot and not self.writers.get(i)]
+        for i in idle:
+            clone.delta.clear(i)
+        if idle:
+            self.committer.copied_into(self.source.fd)
+            self.committer.copied_into(clone.volume.fd)
+        clone.hot.clear()
+        return len(idle)
+
     def _mirror_fds(self) -> list[int]:
-        fds = [c.volume.fd for c in self.clones.values() if c.state in MIRRORED]
+        fds = [c.volume.fd for c in self.clones.values() if c.state == SYNCHRONIZED]
         r = self.restore
         if r is not None and not r.protected_mode:
             fds.append(r.clone.volume.fd)
@@ -274,14 +294,11 @@ class Family:
         for clone in self.clones.values():
             st = clone.state
             if st == SYNCHRONIZED:
+                batches += [req(clone.delta, i) for i in exts]  # write intent
+                clone.hot.update(exts)
                 mirrors.append(clone)
-            elif st == FRACTURED:
+            elif st in (FRACTURED, SYNCHRONIZING):
                 batches += [req(clone.delta, i) for i in exts]
-            elif st == SYNCHRONIZING:
-                if any(clone.delta.test(i) for i in exts):
-                    batches += [req(clone.delta, i) for i in exts]
-                else:
-                    mirrors.append(clone)
             elif st == RESTORING and r is not None and r.clone is clone:
                 for i in exts:
                     if r.pending.test(i) and not r.protected.test(i):
