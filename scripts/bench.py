@@ -117,14 +117,241 @@ def bench_io(args) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def fill(path: str, size_mb: int, every: int = 1) -> None:
+    """Write random data into every ``every``-th MiB of a volume file."""
+    with open(path, "r+b") as f:
+        for mb in range(0, size_mb, every):
+            f.seek(mb << 20)
+            f.write(os.urandom(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def wait_state(d: Daemon, source: str, clone: str, state: str, timeout: float = 600) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        for c in d.json("status", source)["clones"]:
+            if c["name"] == clone and c["state"] == state:
+                return time.monotonic() - t0
+        time.sleep(0.02)
+    raise RuntimeError(f"{clone} not {state}")
+
+
+def bench_clone(args) -> None:
+    """Delta tracking and mirroring cost; initial sync against cp --sparse."""
+    work = tempfile.mkdtemp(prefix="lcb", dir="/tmp")
+    d = Daemon(os.path.join(work, "state"), os.path.join(work, "run")).start()
+    servers = []
+    try:
+        d.cli("create", "bench", "--size", args.size)
+        path = d.volume_path("bench")
+        size_mb = int(args.size.rstrip("G")) * 1024
+        fill(path, size_mb)
+        servers.append(NbdkitServer(os.path.join(work, "py.sock"), "python",
+                                    os.path.join(ROOT, "scripts", "passthrough_plugin.py"),
+                                    f"file={path}"))
+        cases = {k: v for k, v in FIO_CASES.items() if k.startswith("4k")}
+        d.cli("clone", "create", "bench", "mirror")
+        wait_state(d, "bench", "mirror", "synchronized")
+        print(f"clone: {args.rounds} rounds, {args.runtime}s per run, volume {args.size}")
+        print("-- synchronized clone (every write mirrored, write intent bits):")
+        res = alternate({"lunclone": d.uri("bench"), "python-pass": servers[0].uri},
+                        cases, args.rounds, args.size, args.runtime, 1 << 30)
+        report(res, "lunclone", ["python-pass"])
+        d.cli("clone", "fracture", "mirror")
+        print("-- fractured clone (delta tracking on):")
+        res = alternate({"lunclone": d.uri("bench"), "python-pass": servers[0].uri},
+                        cases, args.rounds, args.size, args.runtime, 1 << 30)
+        report(res, "lunclone", ["python-pass"])
+        d.cli("clone", "delete", "mirror")
+        bench_initial_sync(d, path, work, args.rounds)
+    finally:
+        for s in servers:
+            s.stop()
+        d.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_initial_sync(d: Daemon, path: str, work: str, rounds: int) -> None:
+    """Initial sync of a half-allocated volume against cp --sparse=always."""
+    d.cli("create", "half", "--size", "2G")
+    half = d.volume_path("half")
+    fill(half, 2048, every=2)
+    sync_s, cp_s = [], []
+    for r in range(rounds):
+        for side in (("lunclone", "cp") if r % 2 == 0 else ("cp", "lunclone")):
+            pretouch(1 << 30)
+            if side == "cp":
+                dst = os.path.join(work, "cp.img")
+                t0 = time.monotonic()
+                subprocess.run(["cp", "--sparse=always", half, dst], check=True)
+                fd = os.open(dst, os.O_RDONLY)
+                os.fdatasync(fd)
+                os.close(fd)
+                cp_s.append(time.monotonic() - t0)
+                os.unlink(dst)
+            else:
+                t0 = time.monotonic()
+                d.cli("clone", "create", "half", "hc")
+                wait_state(d, "half", "hc", "synchronized")
+                sync_s.append(time.monotonic() - t0)
+                d.cli("clone", "delete", "hc")
+    data = 1 << 30
+    ratios = [c / s for s, c in zip(sync_s, cp_s)]
+    print(f"-- initial sync of 2 GiB, 1 GiB allocated ({rounds} rounds):")
+    print(f"   lunclone clone create -> synchronized: median {statistics.median(sync_s):.2f} s "
+          f"({data / statistics.median(sync_s) / 1e6:.0f} MB/s of data)")
+    print(f"   cp --sparse=always + fdatasync:        median {statistics.median(cp_s):.2f} s "
+          f"({data / statistics.median(cp_s) / 1e6:.0f} MB/s)")
+    print(f"   throughput ratio lunclone/cp: median {statistics.median(ratios):.3f}")
+
+
+def damage_and_fracture(d: Daemon, src: str, clone: str, offsets: list[int], n: int = 65536):
+    """Re-sync and fracture ``clone``, then overwrite ``offsets`` of ``src``."""
+    d.cli("clone", "sync", clone)
+    wait_state(d, src, clone, "synchronized")
+    d.cli("clone", "fracture", clone)
+    h = d.connect(src)
+    for off in offsets:
+        h.pwrite(b"\xee" * n, off)
+    h.flush()
+    del h
+
+
+def bench_first_read(args) -> None:
+    """Time from `restore` returning to the first correct read, 1 GiB and 1 TiB."""
+    from lunclone.client import Client
+    print("-- restore start and first read of a restored extent (median of rounds):")
+    print(f"{'volume':8}{'restore call':>16}{'first read':>14}{'plain read':>14}{'ratio':>8}")
+    for size in ("1G", "1T"):
+        work = tempfile.mkdtemp(prefix="lcb", dir="/tmp")
+        d = Daemon(os.path.join(work, "state"), os.path.join(work, "run")).start()
+        try:
+            d.cli("create", "v", "--size", size)
+            total = d.json("status", "v")["size"]
+            offsets = [(total // 64) * k for k in range(64)]
+            h = d.connect("v")
+            for off in offsets:
+                h.pwrite(os.urandom(65536), off)
+            h.flush()
+            d.cli("clone", "create", "v", "c")
+            wait_state(d, "v", "c", "synchronized")
+            expect = d.connect("c").pread(4096, offsets[7])
+            calls, firsts, plains = [], [], []
+            for r in range(args.rounds):
+                damage_and_fracture(d, "v", "c", offsets)
+                t0 = time.perf_counter()
+                h.pread(4096, offsets[9])  # a plain read, no restore
+                plains.append(time.perf_counter() - t0)
+                with Client(d.run_dir) as c:
+                    t0 = time.perf_counter()
+                    c.call("restore", source="v", clone_name="c", rate_limit=1 << 20)
+                    t1 = time.perf_counter()
+                got = h.pread(4096, offsets[7])
+                t2 = time.perf_counter()
+                assert got == expect, "first read after restore is not the clone's data"
+                calls.append(t1 - t0)
+                firsts.append(t2 - t1)
+                d.cli("restore", "rate", "v", "0")
+                while d.json("status", "v")["restore"]["state"] != "done":
+                    time.sleep(0.05)
+            m = statistics.median
+            print(f"{size:8}{m(calls) * 1e3:>13.1f} ms{m(firsts) * 1e3:>11.2f} ms"
+                  f"{m(plains) * 1e3:>11.2f} ms{m(firsts) / m(plains):>8.1f}")
+            del h
+        finally:
+            d.stop()
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def raw_copy_loop(src: str, dst: str, extents: int, extent: int) -> float:
+    """The baseline: copy_file_range extent by extent, then fdatasync."""
+    s = os.open(src, os.O_RDONLY)
+    t = os.open(dst, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(t, extents * extent)
+    t0 = time.monotonic()
+    for i in range(extents):
+        off = i * extent
+        done = 0
+        while done < extent:
+            done += os.copy_file_range(s, t, extent - done, off + done, off + done)
+    os.fdatasync(t)
+    took = time.monotonic() - t0
+    os.close(s)
+    os.close(t)
+    os.unlink(dst)
+    return took
+
+
+def bench_restore(args) -> None:
+    bench_first_read(args)
+    work = tempfile.mkdtemp(prefix="lcb", dir="/tmp")
+    d = Daemon(os.path.join(work, "state"), os.path.join(work, "run")).start()
+    try:
+        size_mb = 1024
+        d.cli("create", "v", "--size", f"{size_mb}M")
+        path = d.volume_path("v")
+        fill(path, size_mb)
+        d.cli("clone", "create", "v", "c")
+        wait_state(d, "v", "c", "synchronized")
+        every_mb = [mb << 20 for mb in range(size_mb)]
+        job_s, raw_s = [], []
+        for r in range(args.rounds):
+            for side in (("job", "raw") if r % 2 == 0 else ("raw", "job")):
+                if side == "raw":
+                    pretouch(1 << 30)
+                    raw_s.append(raw_copy_loop(d.volume_path("c"), os.path.join(work, "raw.img"),
+                                               size_mb * 16, 65536))
+                    continue
+                damage_and_fracture(d, "v", "c", every_mb, n=1 << 20)
+                pretouch(1 << 30)
+                t0 = time.monotonic()
+                d.cli("restore", "v", "--from", "c")
+                while d.json("status", "v")["restore"]["state"] != "done":
+                    time.sleep(0.01)
+                job_s.append(time.monotonic() - t0)
+        m = statistics.median
+        print(f"-- background copy of 1 GiB (every extent differs), {args.rounds} rounds:")
+        print(f"   restore job: median {m(job_s):.2f} s ({1024 / m(job_s):.0f} MiB/s); raw "
+              f"copy_file_range loop: {m(raw_s):.2f} s ({1024 / m(raw_s):.0f} MiB/s); "
+              f"ratio {m([b / a for a, b in zip(job_s, raw_s)]):.3f}")
+        bench_io_during_restore(d, args, every_mb)
+    finally:
+        d.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_io_during_restore(d: Daemon, args, every_mb: list[int]) -> None:
+    case = dict(rw="randrw", bs="4k", iodepth=16)
+    during, idle, took = [], [], []
+    for r in range(args.rounds):
+        for side in (("restore", "idle") if r % 2 == 0 else ("idle", "restore")):
+            damage_and_fracture(d, "v", "c", every_mb, n=1 << 20) if side == "restore" else None
+            pretouch(1 << 30)
+            if side == "idle":
+                idle.append(measure(d.uri("v"), case, "1G", args.runtime))
+                continue
+            d.cli("restore", "v", "--from", "c")
+            t0 = time.monotonic()
+            during.append(measure(d.uri("v"), case, "1G", args.runtime))
+            while d.json("status", "v")["restore"]["state"] != "done":
+                time.sleep(0.01)
+            took.append(time.monotonic() - t0)
+    m = statistics.median
+    print(f"-- fio 4k randrw qd16 for {args.runtime:.0f}s, {args.rounds} rounds:")
+    print(f"   during a restore of 1 GiB: {m(during):.0f} IOPS; no restore: {m(idle):.0f} IOPS; "
+          f"ratio {m([a / b for a, b in zip(during, idle)]):.3f}; "
+          f"restore took {m(took):.1f} s meanwhile")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("suite", choices=["io"])
+    p.add_argument("suite", choices=["io", "clone", "restore"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runtime", type=float, default=5.0)
     p.add_argument("--size", default="1G")
     args = p.parse_args()
-    {"io": bench_io}[args.suite](args)
+    {"io": bench_io, "clone": bench_clone, "restore": bench_restore}[args.suite](args)
 
 
 if __name__ == "__main__":
