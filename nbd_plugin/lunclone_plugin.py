@@ -14,7 +14,7 @@ import nbdkit
 
 API_VERSION = 2
 _config = {}
-_KEYS = ("state_dir", "run_dir", "socket", "log_level", "control_group")
+_KEYS = ("state_dir", "run_dir", "socket", "log_level", "control_group", "tcp", "tls")
 engine = None
 _HOLE = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
 
@@ -41,7 +41,8 @@ def config_complete():
     from lunclone.engine import Engine
     try:
         engine = Engine(_config["state_dir"], _config["run_dir"], _config.get("socket"),
-                        control_group=_config.get("control_group"))
+                        control_group=_config.get("control_group"), tcp=_config.get("tcp"),
+                        tls=_config.get("tls") == "1")
     except Exception as e:  # one clear line, not a traceback
         raise RuntimeError(getattr(e, "message", str(e))) from None
 

@@ -65,12 +65,18 @@ def main(group_run_dir: str | None) -> None:
 @run_dir_option
 @click.option("--tcp", metavar="HOST:PORT", help="Serve NBD over TCP instead of the Unix socket.")
 @click.option("--group", help="Open the control socket to this group (mode 0660).")
+@click.option("--tls-psk", metavar="FILE", help="With --tcp: TLS with these pre-shared keys.")
+@click.option("--tls-certificates", metavar="DIR", help="With --tcp: TLS with these certificates.")
+@click.option("--insecure", is_flag=True, help="With --tcp: allow plain TCP without TLS.")
 @click.option("--verbose", is_flag=True, help="nbdkit debug output.")
 @handle_errors
-def serve(state_dir: str, run_dir: str, tcp: str | None, group: str | None, verbose: bool) -> None:
+def serve(state_dir: str, run_dir: str, tcp: str | None, group: str | None,
+          tls_psk: str | None, tls_certificates: str | None, insecure: bool,
+          verbose: bool) -> None:
     """Run the daemon (nbdkit with the lunclone plugin) in the foreground."""
     from .serve import exec_daemon
-    exec_daemon(state_dir, run_dir, tcp=tcp, verbose=verbose, group=group)
+    exec_daemon(state_dir, run_dir, tcp=tcp, verbose=verbose, group=group, tls_psk=tls_psk,
+                tls_certificates=tls_certificates, insecure=insecure)
 
 
 @main.command()
@@ -112,15 +118,17 @@ def delete(name: str, force: bool, run_dir: str) -> None:
 @json_option
 @click.option("--watch", is_flag=True, help="Refresh every second until interrupted.")
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--until-done", is_flag=True, help="With --watch and NAME: stop when no job runs.")
 @handle_errors
-def status(name: str | None, run_dir: str, as_json: bool, watch: bool, interval: float) -> None:
+def status(name: str | None, run_dir: str, as_json: bool, watch: bool, interval: float,
+           until_done: bool) -> None:
     """Show volumes, clones and jobs (one volume with NAME)."""
     with Client(run_dir) as c:
         if not watch:
             emit(c.call("status", name=name), as_json, display.status_text)
             return
         if name and not as_json:
-            display.follow_restore(c, name, forever=True, interval=interval)
+            display.follow_restore(c, name, forever=not until_done, interval=interval)
             return
         while True:
             obj = c.call("status", name=name)
@@ -244,6 +252,37 @@ def restore_rate(source: str, limit: str, run_dir: str) -> None:
     """Limit the restore's copy rate to LIMIT bytes/s (0 = unlimited; 50M works)."""
     info = call(run_dir, "restore_rate", source=source, limit=limit)
     click.echo(display.restore_line(info["restore"]))
+
+
+@main.command()
+@run_dir_option
+@handle_errors
+def metrics(run_dir: str) -> None:
+    """Print metrics in the Prometheus text format."""
+    click.echo(call(run_dir, "metrics"), nl=False)
+
+
+@main.command("attach")
+@click.argument("name")
+@click.argument("device", required=False)
+@run_dir_option
+@handle_errors
+def attach_cmd(name: str, device: str | None, run_dir: str) -> None:
+    """Attach volume NAME as a block device; prints the device."""
+    from .attach import attach
+    call(run_dir, "status", name=name)  # a clear error for an unknown volume
+    click.echo(attach(run_dir, name, device))
+
+
+@main.command("detach")
+@click.argument("device")
+@run_dir_option
+@handle_errors
+def detach_cmd(device: str, run_dir: str) -> None:
+    """Detach a block device made by 'lunclone attach'."""
+    from .attach import detach
+    detach(run_dir, device)
+    click.echo(f"detached {device}")
 
 
 if __name__ == "__main__":

@@ -38,10 +38,15 @@ class ControlServer:
             "restore_pause": engine.lifecycle.pause,
             "restore_resume": engine.lifecycle.resume,
             "restore_rate": engine.lifecycle.set_rate,
+            "metrics": self._metrics,
         }
 
     def register(self, name: str, fn: Callable[..., Any]) -> None:
         self.commands[name] = fn
+
+    def _metrics(self) -> str:
+        from .metrics import render
+        return render(self.engine)
 
     def _status(self, name: str | None = None):
         if name is None:

@@ -51,12 +51,14 @@ class StateDirLock:
 
 class Engine:
     def __init__(self, state_dir: str, run_dir: str, nbd_socket: str | None = None,
-                 control_group: str | None = None):
+                 control_group: str | None = None, tcp: str | None = None, tls: bool = False):
         self.state_dir = os.path.abspath(state_dir)
         self.run_dir = os.path.abspath(run_dir)
         self.nbd_socket = nbd_socket or os.path.join(self.run_dir, "nbd.sock")
         self.control_socket = os.path.join(self.run_dir, "control.sock")
         self.control_group = control_group
+        self.tcp, self.tls = tcp, tls
+        self.io_flusher = set_io_flusher()
         os.makedirs(os.path.join(self.state_dir, VOLUME_DIR), exist_ok=True)
         self.lock = StateDirLock(self.state_dir)
         self.md = Metadata(self.state_dir)
@@ -166,6 +168,9 @@ class Engine:
 
     # -- views -----------------------------------------------------------
     def export_uri(self, name: str) -> str:
+        if self.tcp:
+            host, _, port = self.tcp.rpartition(":")
+            return f"{'nbds' if self.tls else 'nbd'}://{host or 'localhost'}:{port}/{name}"
         return f"nbd+unix:///{name}?socket={self.nbd_socket}"
 
     def describe(self, name: str) -> dict:
@@ -224,6 +229,7 @@ class Engine:
                 ready.set()
                 return
             ready.set()
+            notify_systemd(b"READY=1\nSTATUS=serving")
             self.loop.run_forever()
             self.loop.run_until_complete(self._server.close())
             self.loop.run_until_complete(self.lifecycle.close())
@@ -260,6 +266,36 @@ class Engine:
                 pass
         self.lock.release()
         log.info("engine stopped")
+
+
+def set_io_flusher() -> bool:
+    """prctl(PR_SET_IO_FLUSHER): memory reclaim must not wait on our own
+    writes when the kernel NBD client on this host is served by us.  Set
+    before nbdkit starts its threads, which inherit it."""
+    import ctypes
+    import ctypes.util
+    PR_SET_IO_FLUSHER = 57
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
+        log.warning("PR_SET_IO_FLUSHER not set: %s", os.strerror(ctypes.get_errno()))
+        return False
+    return True
+
+
+def notify_systemd(message: bytes) -> None:
+    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET."""
+    import socket
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(path)
+            s.sendall(message)
+        except OSError as e:
+            log.warning("sd_notify failed: %s", e)
 
 
 def _allocated(path: str) -> int:

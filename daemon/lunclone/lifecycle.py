@@ -66,7 +66,7 @@ class Lifecycle:
             delta = eng.md.load_bitmap(rec.name, "delta", fam.nextents)
             clone = Clone(rec.name, eng.volumes[rec.name], rec.clone_state, delta)
             self.committer.register(delta)
-            fam.clones[rec.name] = clone
+            fam.add_clone(clone)
             clone.volume.set_policy(CloneExport(fam, clone))
         for job in eng.md.jobs():
             fam = self.families.get(job.source)
@@ -170,7 +170,7 @@ class Lifecycle:
         delta = Bitmap(fam.nextents, key=(name, "delta"))
         clone = Clone(name, vol, SYNCHRONIZING, delta)
         with self.lock:
-            fam.clones[name] = clone  # from now on host writes mirror to it
+            fam.add_clone(clone)  # from now on host writes set its delta bits
         src.drain_writes()
         allocated = Bitmap(fam.nextents)
         for start, stop in vf.data_ranges(src.fd, 0, src.size):
@@ -186,7 +186,7 @@ class Lifecycle:
                 self.committer.register(delta)
         except BaseException:
             with self.lock:
-                del fam.clones[name]
+                fam.remove_clone(name)
             vol.close()
             raise
         eng.records[name] = rec
@@ -234,6 +234,7 @@ class Lifecycle:
         with self.committer.transaction() as tx:
             self._set_state(fam, clone, SYNCHRONIZING, tx)
         clone.volume.drain_writes()  # writes to the clone's own export, now refused
+        fam.drain_fast()  # source writes that passed the fast path before
         clone.error = None
         clone.sync = type(clone.sync)()
         self._start_sync(fam, clone)
@@ -248,7 +249,7 @@ class Lifecycle:
             raise Busy(f"clone {name} has {clone.volume.connections} open connection(s); "
                        "disconnect them first")
         with self.committer.transaction() as tx:
-            del fam.clones[name]
+            fam.remove_clone(name)
             tx.delete_volume(name)
             self.committer.unregister(clone.delta)
         fam.source.drain_writes()
@@ -343,6 +344,7 @@ class Lifecycle:
             clone.state = RESTORING
         try:
             clone.volume.drain_writes()
+            fam.drain_fast()
             deadline = time.monotonic() + DRAIN_TIMEOUT
             while fam.writers:
                 if time.monotonic() > deadline:

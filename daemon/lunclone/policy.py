@@ -44,6 +44,7 @@ and a host write never starts on an extent in flight: that is claim 1.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -54,7 +55,7 @@ from . import volume as vf
 from .bitmap import Bitmap, extent_range
 from .commit import Batch, Committer
 from .errors import Busy, ReadOnly
-from .iopath import Volume
+from .iopath import Volume, _counter_value
 
 log = logging.getLogger("lunclone.policy")
 
@@ -93,11 +94,22 @@ class Clone:
     def __init__(self, name: str, volume: Volume, state: str, delta: Bitmap):
         self.name = name
         self.volume = volume
-        self.state = state
+        self.family: Family | None = None
+        self._state = state
         self.delta = delta
         self.sync = Progress()
         self.error: str | None = None
         self.hot: set[int] = set()  # extents written since the last intent sweep
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+        if self.family is not None:
+            self.family.refresh_fast()
 
 
 class Restore:
@@ -127,20 +139,83 @@ class Family:
         self.shift = source.shift
         self.nextents = (source.size + source.extent_size - 1) >> source.shift
         self.clones: dict[str, Clone] = {}
-        self.restore: Restore | None = None
+        self._restore: Restore | None = None
         self.last_restore: Restore | None = None
+        # The fractured fast path: see ``pwrite``.
+        self.fast_maps: list[bytearray] | None = None
+        self._fast_begun = itertools.count()
+        self._fast_ended = itertools.count()
         self.inflight: dict[int, threading.Event] = {}
         self.writers: dict[int, int] = {}
         self.writer_done: dict[int, threading.Event] = {}
         self.on_mirror_failed = on_mirror_failed
 
+    # -- membership and the fast path ------------------------------------------
+    @property
+    def restore(self) -> Restore | None:
+        return self._restore
+
+    @restore.setter
+    def restore(self, value: Restore | None) -> None:
+        self._restore = value
+        self.refresh_fast()
+
+    def add_clone(self, clone: Clone) -> None:
+        clone.family = self
+        self.clones[clone.name] = clone
+        self.refresh_fast()
+
+    def remove_clone(self, name: str) -> None:
+        clone = self.clones.pop(name)
+        clone.family = None
+        self.refresh_fast()
+
+    def refresh_fast(self) -> None:
+        """The fast path is on while every clone is fractured and nothing is
+        restored: then a write whose delta bits are all committed needs no
+        lock, no map change and no copy (the steady state of rule 4)."""
+        if self._restore is None and all(c.state == FRACTURED for c in self.clones.values()):
+            self.fast_maps = [c.delta.bits for c in self.clones.values()]
+        else:
+            self.fast_maps = None
+
+    def drain_fast(self, timeout: float = 60.0) -> None:
+        """Wait for fast-path writes that began before the fast path was
+        switched off (they passed their check under the old state)."""
+        target = _counter_value(self._fast_begun)
+        deadline = time.monotonic() + timeout
+        while _counter_value(self._fast_ended) < target:
+            if time.monotonic() > deadline:
+                raise Busy(f"writes to {self.source.name} did not finish; try again")
+            time.sleep(0.0002)
+
     # -- host requests on the source -----------------------------------------
     def pread(self, vol: Volume, buf, offset: int) -> None:
-        if self.restore is not None:
+        if self._restore is not None:
             self._prepare(offset, len(buf), write=False)
         vf.read_into(vol.fd, buf, offset)
 
     def pwrite(self, vol: Volume, buf, offset: int, fua: bool) -> None:
+        # Fast path: one extent whose delta bits are committed in every
+        # (fractured) clone.  Counted first, then checked, so that a state
+        # change followed by ``drain_fast`` never misses a write in progress.
+        next(self._fast_begun)
+        try:
+            maps = self.fast_maps
+            if maps is not None:
+                i = offset >> self.shift
+                if (offset + len(buf) - 1) >> self.shift == i:
+                    byte, bit = i >> 3, i & 7
+                    for bits in maps:
+                        if not bits[byte] >> bit & 1:
+                            break
+                    else:
+                        vf.write_from(vol.fd, buf, offset)
+                        if fua:
+                            os.fdatasync(vol.fd)
+                        return
+        finally:
+            next(self._fast_ended)
         self._write(offset, len(buf), fua, lambda fd: vf.write_from(fd, buf, offset))
 
     def trim(self, vol: Volume, count: int, offset: int, fua: bool) -> None:

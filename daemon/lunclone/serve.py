@@ -7,13 +7,14 @@ prepares the run directory, so the admin gets one clear line on error.
 from __future__ import annotations
 
 import fcntl
+import grp
 import os
 import shutil
 import socket
 import sys
 
 import lunclone
-from .errors import Busy, LuncloneError
+from .errors import Busy, InvalidArgument, LuncloneError
 
 PLUGIN_NAME = "lunclone_plugin.py"
 
@@ -61,26 +62,62 @@ def check_run_dir_free(run_dir: str) -> None:
                "stop it first or use another --run-dir")
 
 
+def tls_args(tcp: str | None, tls_psk: str | None, tls_certificates: str | None,
+             insecure: bool) -> list[str]:
+    """nbdkit's TLS options; TCP without TLS only when asked for by name."""
+    if not tcp:
+        if tls_psk or tls_certificates:
+            raise InvalidArgument("--tls-psk and --tls-certificates need --tcp")
+        return []
+    if tls_psk and tls_certificates:
+        raise InvalidArgument("give --tls-psk or --tls-certificates, not both")
+    if tls_psk:
+        if not os.path.isfile(tls_psk):
+            raise InvalidArgument(f"PSK file {tls_psk} does not exist; make one with "
+                                  "'psktool -u NAME -p FILE'")
+        return ["--tls=require", f"--tls-psk={os.path.abspath(tls_psk)}"]
+    if tls_certificates:
+        if not os.path.isdir(tls_certificates):
+            raise InvalidArgument(f"certificate directory {tls_certificates} does not exist")
+        return ["--tls=require", f"--tls-certificates={os.path.abspath(tls_certificates)}"]
+    if not insecure:
+        raise InvalidArgument("--tcp serves volumes over the network: give --tls-psk FILE or "
+                              "--tls-certificates DIR, or --insecure for plain TCP")
+    return []
+
+
 def nbdkit_argv(state_dir: str, run_dir: str, tcp: str | None, verbose: bool,
-                group: str | None = None) -> list[str]:
+                group: str | None = None, tls: list[str] | None = None) -> list[str]:
     nbd_socket = os.path.join(run_dir, "nbd.sock")
     argv = [shutil.which("nbdkit") or "/usr/sbin/nbdkit", "--foreground"]
     if tcp:
         host, _, port = tcp.rpartition(":")
-        argv += ["--ipaddr", host or "0.0.0.0", "--port", port]
+        if not port.isdigit():
+            raise InvalidArgument(f"--tcp {tcp!r}: use HOST:PORT, e.g. 127.0.0.1:10809")
+        argv += ["--ipaddr", host or "0.0.0.0", "--port", port, *(tls or [])]
     else:
         argv += ["--unix", nbd_socket]
     if verbose:
         argv.append("--verbose")
     argv += ["python", plugin_path(), f"state_dir={state_dir}", f"run_dir={run_dir}",
              f"socket={nbd_socket}"]
+    if tcp:
+        argv += [f"tcp={tcp}", f"tls={'1' if tls else '0'}"]
     if group:
         argv.append(f"control_group={group}")
     return argv
 
 
 def exec_daemon(state_dir: str, run_dir: str, tcp: str | None = None,
-                verbose: bool = False, group: str | None = None) -> None:
+                verbose: bool = False, group: str | None = None,
+                tls_psk: str | None = None, tls_certificates: str | None = None,
+                insecure: bool = False) -> None:
+    tls = tls_args(tcp, tls_psk, tls_certificates, insecure)
+    if group:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise InvalidArgument(f"no group named {group!r}") from None
     state_dir = os.path.abspath(state_dir)
     run_dir = os.path.abspath(run_dir)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -91,7 +128,7 @@ def exec_daemon(state_dir: str, run_dir: str, tcp: str | None = None,
         path = os.path.join(run_dir, stale)
         if os.path.exists(path):
             os.unlink(path)
-    argv = nbdkit_argv(state_dir, run_dir, tcp, verbose, group)
+    argv = nbdkit_argv(state_dir, run_dir, tcp, verbose, group, tls)
     env = dict(os.environ)
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(lunclone.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(

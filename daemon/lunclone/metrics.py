@@ -1,0 +1,94 @@
+"""Prometheus text format (node_exporter's textfile collector reads it)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .iopath import LATENCY_BUCKETS, LATENCY_MASK
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+STATES = ("synchronizing", "synchronized", "fractured", "restoring")
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Writer:
+    """Samples grouped by family, as the text format requires."""
+
+    def __init__(self) -> None:
+        self.families: dict[str, tuple[str, str, list[str]]] = {}
+
+    def metric(self, name: str, kind: str, help_: str, value: float, *,
+               family: str | None = None, **labels: str) -> None:
+        fam = family or name
+        if fam not in self.families:
+            self.families[fam] = (kind, help_, [])
+        lab = ",".join(f'{k}="{_esc(str(v))}"' for k, v in labels.items())
+        self.families[fam][2].append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
+
+    def text(self) -> str:
+        out = []
+        for fam, (kind, help_, samples) in self.families.items():
+            out += [f"# HELP {fam} {help_}", f"# TYPE {fam} {kind}", *samples]
+        return "\n".join(out) + "\n"
+
+
+def render(engine: "Engine") -> str:
+    w = Writer()
+    w.metric("lunclone_up", "gauge", "1 while the daemon serves.", 1)
+    for name, vol in sorted(engine.volumes.items()):
+        _volume(w, name, vol)
+    for src, fam in sorted(engine.lifecycle.families.items()):
+        for c in engine.lifecycle.describe_clones(src):
+            for st in STATES:
+                w.metric("lunclone_clone_state", "gauge", "1 for the clone's current state.",
+                         int(c["state"] == st), source=src, clone=c["name"], state=st)
+            w.metric("lunclone_clone_delta_extents", "gauge",
+                     "Extents that may differ between source and clone.",
+                     c["delta_extents"], source=src, clone=c["name"])
+        r = engine.lifecycle.describe_restore(src)
+        if r is not None:
+            _restore(w, src, r)
+    return w.text()
+
+
+def _volume(w: Writer, name: str, vol) -> None:
+    w.metric("lunclone_volume_size_bytes", "gauge", "Volume size.", vol.size, volume=name)
+    for op, n, b in (("read", vol.reads, vol.read_bytes), ("write", vol.writes, vol.write_bytes)):
+        w.metric("lunclone_requests_total", "counter", "Host requests.", n, volume=name, op=op)
+        w.metric("lunclone_request_bytes_total", "counter", "Bytes of host requests.", b,
+                 volume=name, op=op)
+    h = vol.latency
+    fam, help_ = "lunclone_request_latency_seconds", (
+        f"Latency of host reads and writes, one request in {LATENCY_MASK + 1} sampled.")
+    cum = 0
+    for bound, n in zip(LATENCY_BUCKETS, h.counts):
+        cum += n
+        w.metric(fam + "_bucket", "histogram", help_, cum, family=fam, volume=name,
+                 le=repr(bound))
+    cum += h.counts[-1]
+    w.metric(fam + "_bucket", "histogram", help_, cum, family=fam, volume=name, le="+Inf")
+    w.metric(fam + "_sum", "histogram", help_, h.total, family=fam, volume=name)
+    w.metric(fam + "_count", "histogram", help_, cum, family=fam, volume=name)
+
+
+def _restore(w: Writer, src: str, r: dict) -> None:
+    labels = {"source": src, "clone": r["from"]}
+    for st in ("running", "paused", "done"):
+        w.metric("lunclone_restore_state", "gauge", "1 for the restore's current state.",
+                 int(r["state"] == st), state=st, **labels)
+    w.metric("lunclone_restore_pending_extents", "gauge", "Extents still to copy.",
+             r["pending_extents"], **labels)
+    w.metric("lunclone_restore_total_extents", "gauge", "Extents the restore started with.",
+             r["total_extents"], **labels)
+    w.metric("lunclone_restore_copied_bytes_total", "counter", "Bytes copied clone to source.",
+             r["copied_bytes"], **labels)
+    w.metric("lunclone_restore_on_demand_extents_total", "counter",
+             "Extents copied on demand for host requests.", r["on_demand_extents"], **labels)
+    w.metric("lunclone_restore_protected_extents", "gauge",
+             "Extents the host wrote during the restore.", r["protected_extents"], **labels)
+    w.metric("lunclone_restore_rate_bytes_per_second", "gauge", "Current copy rate.",
+             r["rate_bytes_per_s"] or 0, **labels)
