@@ -130,7 +130,19 @@ class Volume:
         self.write_bytes += len(buf)
         if not self.writes & LATENCY_MASK:
             return self._timed(self._pwrite, buf, offset, fua)
-        self._pwrite(buf, offset, fua)
+        # The body of _pwrite, inlined: one call less on the hot path.
+        next(self._begun)
+        try:
+            policy = self.policy
+            if policy is None:
+                if os.pwrite(self.fd, buf, offset) != len(buf):
+                    vf.write_from(self.fd, buf, offset)
+                if fua:
+                    os.fdatasync(self.fd)
+            else:
+                policy.pwrite(self, buf, offset, fua)
+        finally:
+            next(self._ended)
 
     def _pwrite(self, buf, offset: int, fua: bool) -> None:
         next(self._begun)

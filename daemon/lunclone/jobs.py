@@ -63,6 +63,7 @@ class CopyJob:
         self.pool = pool
         self.throttle = Throttle()
         self.failures = 0
+        self.stopped = False
         self.task: asyncio.Task | None = None
         self.run_extents = max(1, min(RUN_EXTENTS, MAX_RUN_BYTES >> family.shift))
 
@@ -140,7 +141,8 @@ class SyncJob(CopyJob):
         self._finish = finish
 
     def active(self) -> bool:
-        return self.clone.state == SYNCHRONIZING and self.clone.name in self.family.clones
+        return (not self.stopped and self.clone.state == SYNCHRONIZING
+                and self.clone.name in self.family.clones)
 
     def paused(self) -> bool:
         return False
@@ -158,7 +160,10 @@ class SyncJob(CopyJob):
         return self._finish(self.clone)
 
     def failed(self, message: str) -> None:
-        self.clone.error = message
+        """Stop; the clone stays synchronizing with the error in status, and
+        'lunclone clone sync' starts the job again."""
+        self.clone.error = f"{message}; run 'lunclone clone sync {self.clone.name}' to retry"
+        self.stopped = True
 
 
 class RestoreJob(CopyJob):

@@ -227,6 +227,9 @@ class Lifecycle:
 
     def sync(self, name: str) -> dict:
         fam, clone = self.find_clone(name)
+        if clone.state == SYNCHRONIZING:
+            clone.error = None
+            self._start_sync(fam, clone)  # again, if it stopped on an error
         if clone.state in MIRRORED:
             return self.engine.describe(name)
         if clone.state != FRACTURED:
