@@ -7,6 +7,7 @@ reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -91,30 +92,39 @@ def report(results: dict, subject: str, baselines: list[str]) -> None:
         print(f"{case:20}{cols}{ratios}")
 
 
-def bench_io(args) -> None:
+@contextlib.contextmanager
+def bench_daemon():
+    """A lunclone daemon in a temporary directory: (daemon, workdir)."""
     work = tempfile.mkdtemp(prefix="lcb", dir="/tmp")
     d = Daemon(os.path.join(work, "state"), os.path.join(work, "run")).start()
-    servers = []
     try:
-        d.cli("create", "bench", "--size", args.size)
-        path = d.volume_path("bench")
-        subprocess.run(["dd", "if=/dev/urandom", f"of={path}", "bs=1M",
-                        f"count={int(args.size.rstrip('G')) * 1024}", "conv=notrunc,fsync"],
-                       check=True, capture_output=True)
-        servers.append(NbdkitServer(os.path.join(work, "file.sock"), "file", path))
-        servers.append(NbdkitServer(os.path.join(work, "py.sock"), "python",
-                                    os.path.join(ROOT, "scripts", "passthrough_plugin.py"),
-                                    f"file={path}"))
-        sides = {"lunclone": d.uri("bench"), "file(C)": servers[0].uri,
-                 "python-pass": servers[1].uri}
-        print(f"io: {args.rounds} rounds, {args.runtime}s per run, volume {args.size}")
-        res = alternate(sides, FIO_CASES, args.rounds, args.size, args.runtime, 1 << 30)
-        report(res, "lunclone", ["python-pass", "file(C)"])
+        yield d, work
     finally:
-        for s in servers:
-            s.stop()
         d.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def python_passthrough(work: str, path: str) -> NbdkitServer:
+    return NbdkitServer(os.path.join(work, "py.sock"), "python",
+                        os.path.join(ROOT, "scripts", "passthrough_plugin.py"), f"file={path}")
+
+
+def bench_io(args) -> None:
+    with bench_daemon() as (d, work):
+        d.cli("create", "bench", "--size", args.size)
+        path = d.volume_path("bench")
+        fill(path, int(args.size.rstrip("G")) * 1024)
+        servers = [NbdkitServer(os.path.join(work, "file.sock"), "file", path),
+                   python_passthrough(work, path)]
+        try:
+            sides = {"lunclone": d.uri("bench"), "file(C)": servers[0].uri,
+                     "python-pass": servers[1].uri}
+            print(f"io: {args.rounds} rounds, {args.runtime}s per run, volume {args.size}")
+            res = alternate(sides, FIO_CASES, args.rounds, args.size, args.runtime, 1 << 30)
+            report(res, "lunclone", ["python-pass", "file(C)"])
+        finally:
+            for srv in servers:
+                srv.stop()
 
 
 def fill(path: str, size_mb: int, every: int = 1) -> None:
@@ -128,48 +138,42 @@ def fill(path: str, size_mb: int, every: int = 1) -> None:
 
 
 def wait_state(d: Daemon, source: str, clone: str, state: str, timeout: float = 600) -> float:
+    """Poll in-process (a CLI call costs ~0.1 s, too coarse for timing)."""
+    from lunclone.client import Client
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        for c in d.json("status", source)["clones"]:
-            if c["name"] == clone and c["state"] == state:
-                return time.monotonic() - t0
-        time.sleep(0.02)
+    with Client(d.run_dir) as c:
+        while time.monotonic() - t0 < timeout:
+            for cl in c.call("status", name=source)["clones"]:
+                if cl["name"] == clone and cl["state"] == state:
+                    return time.monotonic() - t0
+            time.sleep(0.01)
     raise RuntimeError(f"{clone} not {state}")
 
 
 def bench_clone(args) -> None:
     """Delta tracking and mirroring cost; initial sync against cp --sparse."""
-    work = tempfile.mkdtemp(prefix="lcb", dir="/tmp")
-    d = Daemon(os.path.join(work, "state"), os.path.join(work, "run")).start()
-    servers = []
-    try:
+    with bench_daemon() as (d, work):
         d.cli("create", "bench", "--size", args.size)
         path = d.volume_path("bench")
-        size_mb = int(args.size.rstrip("G")) * 1024
-        fill(path, size_mb)
-        servers.append(NbdkitServer(os.path.join(work, "py.sock"), "python",
-                                    os.path.join(ROOT, "scripts", "passthrough_plugin.py"),
-                                    f"file={path}"))
-        cases = {k: v for k, v in FIO_CASES.items() if k.startswith("4k")}
-        d.cli("clone", "create", "bench", "mirror")
-        wait_state(d, "bench", "mirror", "synchronized")
-        print(f"clone: {args.rounds} rounds, {args.runtime}s per run, volume {args.size}")
-        print("-- synchronized clone (every write mirrored, write intent bits):")
-        res = alternate({"lunclone": d.uri("bench"), "python-pass": servers[0].uri},
-                        cases, args.rounds, args.size, args.runtime, 1 << 30)
-        report(res, "lunclone", ["python-pass"])
-        d.cli("clone", "fracture", "mirror")
-        print("-- fractured clone (delta tracking on):")
-        res = alternate({"lunclone": d.uri("bench"), "python-pass": servers[0].uri},
-                        cases, args.rounds, args.size, args.runtime, 1 << 30)
-        report(res, "lunclone", ["python-pass"])
-        d.cli("clone", "delete", "mirror")
+        fill(path, int(args.size.rstrip("G")) * 1024)
+        passthrough = python_passthrough(work, path)
+        try:
+            sides = {"lunclone": d.uri("bench"), "python-pass": passthrough.uri}
+            cases = {k: v for k, v in FIO_CASES.items() if k.startswith("4k")}
+            d.cli("clone", "create", "bench", "mirror")
+            wait_state(d, "bench", "mirror", "synchronized")
+            print(f"clone: {args.rounds} rounds, {args.runtime}s per run, volume {args.size}")
+            print("-- synchronized clone (every write mirrored, write intent bits):")
+            report(alternate(sides, cases, args.rounds, args.size, args.runtime, 1 << 30),
+                   "lunclone", ["python-pass"])
+            d.cli("clone", "fracture", "mirror")
+            print("-- fractured clone (delta tracking on):")
+            report(alternate(sides, cases, args.rounds, args.size, args.runtime, 1 << 30),
+                   "lunclone", ["python-pass"])
+            d.cli("clone", "delete", "mirror")
+        finally:
+            passthrough.stop()
         bench_initial_sync(d, path, work, args.rounds)
-    finally:
-        for s in servers:
-            s.stop()
-        d.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def bench_initial_sync(d: Daemon, path: str, work: str, rounds: int) -> None:
@@ -191,8 +195,10 @@ def bench_initial_sync(d: Daemon, path: str, work: str, rounds: int) -> None:
                 cp_s.append(time.monotonic() - t0)
                 os.unlink(dst)
             else:
+                from lunclone.client import Client
                 t0 = time.monotonic()
-                d.cli("clone", "create", "half", "hc")
+                with Client(d.run_dir) as c:
+                    c.call("clone_create", source="half", name="hc")
                 wait_state(d, "half", "hc", "synchronized")
                 sync_s.append(time.monotonic() - t0)
                 d.cli("clone", "delete", "hc")
@@ -204,6 +210,13 @@ def bench_initial_sync(d: Daemon, path: str, work: str, rounds: int) -> None:
     print(f"   cp --sparse=always + fdatasync:        median {statistics.median(cp_s):.2f} s "
           f"({data / statistics.median(cp_s) / 1e6:.0f} MB/s)")
     print(f"   throughput ratio lunclone/cp: median {statistics.median(ratios):.3f}")
+
+
+def wait_restore_done(d: Daemon, name: str) -> None:
+    from lunclone.client import Client
+    with Client(d.run_dir) as c:
+        while c.call("status", name=name)["restore"]["state"] != "done":
+            time.sleep(0.01)
 
 
 def damage_and_fracture(d: Daemon, src: str, clone: str, offsets: list[int], n: int = 65536):
@@ -224,9 +237,7 @@ def bench_first_read(args) -> None:
     print("-- restore start and first read of a restored extent (median of rounds):")
     print(f"{'volume':8}{'restore call':>16}{'first read':>14}{'plain read':>14}{'ratio':>8}")
     for size in ("1G", "1T"):
-        work = tempfile.mkdtemp(prefix="lcb", dir="/tmp")
-        d = Daemon(os.path.join(work, "state"), os.path.join(work, "run")).start()
-        try:
+        with bench_daemon() as (d, work):
             d.cli("create", "v", "--size", size)
             total = d.json("status", "v")["size"]
             offsets = [(total // 64) * k for k in range(64)]
@@ -253,15 +264,11 @@ def bench_first_read(args) -> None:
                 calls.append(t1 - t0)
                 firsts.append(t2 - t1)
                 d.cli("restore", "rate", "v", "0")
-                while d.json("status", "v")["restore"]["state"] != "done":
-                    time.sleep(0.05)
+                wait_restore_done(d, "v")
             m = statistics.median
             print(f"{size:8}{m(calls) * 1e3:>13.1f} ms{m(firsts) * 1e3:>11.2f} ms"
                   f"{m(plains) * 1e3:>11.2f} ms{m(firsts) / m(plains):>8.1f}")
             del h
-        finally:
-            d.stop()
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def raw_copy_loop(src: str, dst: str, extents: int, extent: int) -> float:
@@ -285,9 +292,7 @@ def raw_copy_loop(src: str, dst: str, extents: int, extent: int) -> float:
 
 def bench_restore(args) -> None:
     bench_first_read(args)
-    work = tempfile.mkdtemp(prefix="lcb", dir="/tmp")
-    d = Daemon(os.path.join(work, "state"), os.path.join(work, "run")).start()
-    try:
+    with bench_daemon() as (d, work):
         size_mb = 1024
         d.cli("create", "v", "--size", f"{size_mb}M")
         path = d.volume_path("v")
@@ -305,10 +310,11 @@ def bench_restore(args) -> None:
                     continue
                 damage_and_fracture(d, "v", "c", every_mb, n=1 << 20)
                 pretouch(1 << 30)
+                from lunclone.client import Client
                 t0 = time.monotonic()
-                d.cli("restore", "v", "--from", "c")
-                while d.json("status", "v")["restore"]["state"] != "done":
-                    time.sleep(0.01)
+                with Client(d.run_dir) as c:
+                    c.call("restore", source="v", clone_name="c")
+                wait_restore_done(d, "v")
                 job_s.append(time.monotonic() - t0)
         m = statistics.median
         print(f"-- background copy of 1 GiB (every extent differs), {args.rounds} rounds:")
@@ -316,9 +322,6 @@ def bench_restore(args) -> None:
               f"copy_file_range loop: {m(raw_s):.2f} s ({1024 / m(raw_s):.0f} MiB/s); "
               f"ratio {m([b / a for a, b in zip(job_s, raw_s)]):.3f}")
         bench_io_during_restore(d, args, every_mb)
-    finally:
-        d.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def bench_io_during_restore(d: Daemon, args, every_mb: list[int]) -> None:
@@ -334,8 +337,7 @@ def bench_io_during_restore(d: Daemon, args, every_mb: list[int]) -> None:
             d.cli("restore", "v", "--from", "c")
             t0 = time.monotonic()
             during.append(measure(d.uri("v"), case, "1G", args.runtime))
-            while d.json("status", "v")["restore"]["state"] != "done":
-                time.sleep(0.01)
+            wait_restore_done(d, "v")
             took.append(time.monotonic() - t0)
     m = statistics.median
     print(f"-- fio 4k randrw qd16 for {args.runtime:.0f}s, {args.rounds} rounds:")

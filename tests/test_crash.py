@@ -53,17 +53,17 @@ class Model:
         return bad
 
 
-class FlushedWriter(threading.Thread):
-    def __init__(self, daemon, model: Model, seed: int):
+class ReconnectingClient(threading.Thread):
+    """Calls ``one(h)`` on the source until stopped; reconnects after the
+    daemon is killed and ``up`` is set again."""
+
+    def __init__(self, daemon, seed: int):
         super().__init__(daemon=True)
-        self.d, self.model = daemon, model
+        self.d = daemon
         self.rng = random.Random(seed)
         self.stop = threading.Event()
         self.up = threading.Event()
         self.up.set()
-        self.touched: set[int] = set()
-        self.uncertain: set[int] = set()
-        self.ops = self.read_errors = 0
         self.error: BaseException | None = None
 
     def run(self):
@@ -80,6 +80,18 @@ class FlushedWriter(threading.Thread):
             except BaseException as e:
                 self.error = e
                 return
+
+    def one(self, h) -> None:
+        raise NotImplementedError
+
+
+class FlushedWriter(ReconnectingClient):
+    def __init__(self, daemon, model: Model, seed: int):
+        super().__init__(daemon, seed)
+        self.model = model
+        self.touched: set[int] = set()
+        self.uncertain: set[int] = set()
+        self.ops = 0
 
     def one(self, h):
         rng = self.rng
@@ -166,31 +178,18 @@ def test_sigkill_during_restore(daemon, long_mode):
     assert tried >= points and mismatches == 0
 
 
-class SourceWriter(threading.Thread):
-    """Flushed random writes to the source until stopped, across restarts."""
+class SourceWriter(ReconnectingClient):
+    """Random writes to the source, some flushed, until stopped."""
 
     def __init__(self, daemon, size, seed):
-        super().__init__(daemon=True)
-        self.d, self.size = daemon, size
-        self.rng = random.Random(seed)
-        self.stop = threading.Event()
-        self.up = threading.Event()
-        self.up.set()
+        super().__init__(daemon, seed)
+        self.size = size
 
-    def run(self):
-        h = None
-        while not self.stop.is_set():
-            try:
-                if h is None:
-                    self.up.wait()
-                    h = self.d.connect("src")
-                off = self.rng.randrange(0, self.size // 512 - 200) * 512
-                h.pwrite(self.rng.randbytes(self.rng.choice([512, 4096, 70_000])), off)
-                if self.rng.random() < 0.3:
-                    h.flush()
-            except nbd.Error:
-                h = None
-                time.sleep(0.02)
+    def one(self, h):
+        off = self.rng.randrange(0, self.size // 512 - 200) * 512
+        h.pwrite(self.rng.randbytes(self.rng.choice([512, 4096, 70_000])), off)
+        if self.rng.random() < 0.3:
+            h.flush()
 
 
 def test_sigkill_during_sync_and_mirroring(daemon, long_mode):

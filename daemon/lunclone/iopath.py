@@ -21,6 +21,7 @@ import time
 from typing import Protocol
 
 from . import volume as vf
+from .errors import Busy
 
 
 class Policy(Protocol):
@@ -56,6 +57,16 @@ def _counter_value(counter: itertools.count) -> int:
     return counter.__reduce__()[1][0]
 
 
+def drain(begun: itertools.count, ended: itertools.count, timeout: float, name: str) -> None:
+    """Wait until every request counted in ``begun`` so far is in ``ended``."""
+    target = _counter_value(begun)
+    deadline = time.monotonic() + timeout
+    while _counter_value(ended) < target:
+        if time.monotonic() > deadline:
+            raise Busy(f"writes to {name} did not finish in {timeout:.0f} s; try again")
+        time.sleep(0.0002)
+
+
 class Volume:
     """A served volume: its open file, geometry and current policy."""
 
@@ -86,51 +97,29 @@ class Volume:
         self.drain_writes()
 
     def drain_writes(self, timeout: float = 60.0) -> None:
-        target = _counter_value(self._begun)
-        deadline = time.monotonic() + timeout
-        while _counter_value(self._ended) < target:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"writes to {self.name} did not drain")
-            time.sleep(0.0002)
+        drain(self._begun, self._ended, timeout, self.name)
 
     # -- host requests -----------------------------------------------------
     # Counters for metrics are plain ``+=``: under heavy parallel load a few
     # increments may be lost (no lock on the hot path); one request in
-    # LATENCY_SAMPLE is timed for the latency histogram.
+    # LATENCY_MASK + 1 is timed for the latency histogram.
     def pread(self, buf, offset: int) -> None:
         self.reads += 1
         self.read_bytes += len(buf)
-        if not self.reads & LATENCY_MASK:
-            return self._timed(self._pread, buf, offset)
-        # The body of _pread, inlined: one call less on the hot path.
+        t0 = 0.0 if self.reads & LATENCY_MASK else time.perf_counter()
         policy = self.policy
         if policy is None:
             if os.preadv(self.fd, [buf], offset) != len(buf):
                 vf.read_into(self.fd, buf, offset)
         else:
             policy.pread(self, buf, offset)
-
-    def _pread(self, buf, offset: int) -> None:
-        policy = self.policy
-        if policy is None:
-            if os.preadv(self.fd, [buf], offset) != len(buf):
-                vf.read_into(self.fd, buf, offset)
-        else:
-            policy.pread(self, buf, offset)
-
-    def _timed(self, fn, *args) -> None:
-        t0 = time.perf_counter()
-        try:
-            fn(*args)
-        finally:
+        if t0:
             self.latency.observe(time.perf_counter() - t0)
 
     def pwrite(self, buf, offset: int, fua: bool) -> None:
         self.writes += 1
         self.write_bytes += len(buf)
-        if not self.writes & LATENCY_MASK:
-            return self._timed(self._pwrite, buf, offset, fua)
-        # The body of _pwrite, inlined: one call less on the hot path.
+        t0 = 0.0 if self.writes & LATENCY_MASK else time.perf_counter()
         next(self._begun)
         try:
             policy = self.policy
@@ -143,20 +132,8 @@ class Volume:
                 policy.pwrite(self, buf, offset, fua)
         finally:
             next(self._ended)
-
-    def _pwrite(self, buf, offset: int, fua: bool) -> None:
-        next(self._begun)
-        try:
-            policy = self.policy
-            if policy is None:
-                if os.pwrite(self.fd, buf, offset) != len(buf):
-                    vf.write_from(self.fd, buf, offset)
-                if fua:
-                    os.fdatasync(self.fd)
-            else:
-                policy.pwrite(self, buf, offset, fua)
-        finally:
-            next(self._ended)
+            if t0:
+                self.latency.observe(time.perf_counter() - t0)
 
     def trim(self, count: int, offset: int, fua: bool) -> None:
         next(self._begun)

@@ -55,7 +55,7 @@ from . import volume as vf
 from .bitmap import Bitmap, extent_range
 from .commit import Batch, Committer
 from .errors import Busy, ReadOnly
-from .iopath import Volume, _counter_value
+from .iopath import Volume, drain
 
 log = logging.getLogger("lunclone.policy")
 
@@ -182,12 +182,7 @@ class Family:
     def drain_fast(self, timeout: float = 60.0) -> None:
         """Wait for fast-path writes that began before the fast path was
         switched off (they passed their check under the old state)."""
-        target = _counter_value(self._fast_begun)
-        deadline = time.monotonic() + timeout
-        while _counter_value(self._fast_ended) < target:
-            if time.monotonic() > deadline:
-                raise Busy(f"writes to {self.source.name} did not finish; try again")
-            time.sleep(0.0002)
+        drain(self._fast_begun, self._fast_ended, timeout, self.source.name)
 
     # -- host requests on the source -----------------------------------------
     def pread(self, vol: Volume, buf, offset: int) -> None:
