@@ -112,13 +112,13 @@ def test_restore_model_many_connections(daemon):
     rng = random.Random(11)
     clone_data, early = prepare(daemon, rng)
     # A slow restore keeps running while the host works.
-    daemon.cli("restore", "src", "--from", "c1", "--rate", "256K")
+    daemon.cli("restore", "src", "--from", "c1", "--rate", "64K")
     # The connection opened before the restore sees the clone's data at once.
     for off in (0, 5 * MiB + 4096, SIZE - 4096):
         assert early.pread(4096, off) == clone_data[off:off + 4096]
     model = bytearray(clone_data)
     conns = [early] + [daemon.connect("src") for _ in range(3)]
-    workers = [Worker(h, model, None, st, 100 + k, 150)
+    workers = [Worker(h, model, None, st, 100 + k, 120)
                for k, (h, st) in enumerate(zip(conns, stripes_for(4, SIZE)))]
     for w in workers:
         w.start()

@@ -144,35 +144,60 @@ def clone() -> None:
     """Full-copy clones of a volume."""
 
 
+wait_option = click.option("--wait", is_flag=True,
+                           help="Show progress (bar, rate, ETA) until synchronized.")
+
+
+def _follow_sync(c: Client, clone_name: str, source: str) -> None:
+    display.follow_restore(c, source)
+    for cl in c.call("status", name=source)["clones"]:
+        if cl["name"] == clone_name and cl.get("error"):
+            raise LuncloneError(f"clone {clone_name}: {cl['error']}")
+
+
 @clone.command("create")
 @click.argument("source")
 @click.argument("name")
 @click.option("--remote", metavar="NBD-URI", help="Keep the clone behind this NBD export.")
+@wait_option
 @run_dir_option
 @json_option
 @handle_errors
-def clone_create(source: str, name: str, remote: str | None, run_dir: str, as_json: bool) -> None:
+def clone_create(source: str, name: str, remote: str | None, wait: bool, run_dir: str,
+                 as_json: bool) -> None:
     """Create clone NAME of SOURCE; it synchronizes in the background."""
-    info = call(run_dir, "clone_create", source=source, name=name, remote=remote)
-    emit(info, as_json, lambda v: f"clone {name} of {source} created, synchronizing: {v['export']}")
+    with Client(run_dir) as c:
+        info = c.call("clone_create", source=source, name=name, remote=remote)
+        emit(info, as_json,
+             lambda v: f"clone {name} of {source} created, synchronizing: {v['export']}")
+        if wait:
+            _follow_sync(c, name, source)
 
 
-def _clone_command(cmd: str, verb: str, doc: str):
-    @click.argument("name")
-    @run_dir_option
-    @json_option
-    @handle_errors
-    def command(name: str, run_dir: str, as_json: bool) -> None:
-        info = call(run_dir, cmd, name=name)
-        emit(info, as_json, lambda v: f"clone {name}: {verb}")
-    command.__doc__ = doc
-    return command
+@clone.command("fracture")
+@click.argument("name")
+@run_dir_option
+@json_option
+@handle_errors
+def clone_fracture(name: str, run_dir: str, as_json: bool) -> None:
+    """Make a synchronized clone a point-in-time copy."""
+    emit(call(run_dir, "clone_fracture", name=name), as_json,
+         lambda v: f"clone {name}: fractured")
 
 
-clone.command("fracture")(_clone_command(
-    "clone_fracture", "fractured", "Make a synchronized clone a point-in-time copy."))
-clone.command("sync")(_clone_command(
-    "clone_sync", "synchronizing", "Re-synchronize a fractured clone incrementally."))
+@clone.command("sync")
+@click.argument("name")
+@wait_option
+@run_dir_option
+@json_option
+@handle_errors
+def clone_sync(name: str, wait: bool, run_dir: str, as_json: bool) -> None:
+    """Re-synchronize a fractured clone incrementally."""
+    with Client(run_dir) as c:
+        info = c.call("clone_sync", name=name)
+        emit(info, as_json, lambda v: f"clone {name}: synchronizing")
+        if wait:
+            _follow_sync(c, name, info["source"])
 
 
 @clone.command("delete")

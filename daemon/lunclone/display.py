@@ -91,7 +91,7 @@ def follow_restore(client, name: str, forever: bool = False, interval: float = 0
         v = client.call("status", name=name)
         line = progress_line(v)
         busy = (v.get("restore") or {}).get("state") in ("running", "paused") or any(
-            c["state"] == "synchronizing" for c in v.get("clones", []))
+            c["state"] == "synchronizing" and not c.get("error") for c in v.get("clones", []))
         now = time.monotonic()
         if tty:
             sys.stderr.write("\r\x1b[K" + line)

@@ -25,6 +25,8 @@ from .errors import Busy
 
 
 class Policy(Protocol):
+    plain_reads: bool  # reads need nothing but the volume's own data
+
     def pread(self, vol: "Volume", buf, offset: int) -> None: ...
     def pwrite(self, vol: "Volume", buf, offset: int, fua: bool) -> None: ...
     def trim(self, vol: "Volume", count: int, offset: int, fua: bool) -> None: ...
@@ -108,7 +110,7 @@ class Volume:
         self.read_bytes += len(buf)
         t0 = 0.0 if self.reads & LATENCY_MASK else time.perf_counter()
         policy = self.policy
-        if policy is None:
+        if policy is None or policy.plain_reads:
             if os.preadv(self.fd, [buf], offset) != len(buf):
                 vf.read_into(self.fd, buf, offset)
         else:

@@ -29,6 +29,7 @@ RUN_EXTENTS = 64
 MAX_RUN_BYTES = 8 << 20
 MAX_RETRIES = 3
 IDLE_WAIT = 0.005
+HOST_YIELD_S = 0.002
 
 
 class Throttle:
@@ -95,6 +96,7 @@ class CopyJob:
                 await asyncio.sleep(IDLE_WAIT)
                 continue
             first, n = run
+            seen = fam.host_requests
             src, dst = self.fds()
             try:
                 copied = await loop.run_in_executor(
@@ -110,7 +112,12 @@ class CopyJob:
             self.failures = 0
             cursor = first + n
             await self.throttle.account(copied)
-            await asyncio.sleep(0)
+            await self._yield_to_host(seen)
+
+    async def _yield_to_host(self, seen: int) -> None:
+        """Host requests came in during the last copy: give them the CPU for
+        a moment, so that host latency stays low while the job runs."""
+        await asyncio.sleep(HOST_YIELD_S if self.family.host_requests != seen else 0)
 
     def _run_limit(self) -> int:
         """Extents per copy: smaller under a rate limit, so the rate stays smooth."""

@@ -143,6 +143,8 @@ class Family:
         self.last_restore: Restore | None = None
         # The fractured fast path: see ``pwrite``.
         self.fast_maps: list[bytearray] | None = None
+        self.plain_reads = True  # no restore: a read is a plain read
+        self.host_requests = 0  # jobs back off while this moves
         self._fast_begun = itertools.count()
         self._fast_ended = itertools.count()
         self.inflight: dict[int, threading.Event] = {}
@@ -174,6 +176,7 @@ class Family:
         """The fast path is on while every clone is fractured and nothing is
         restored: then a write whose delta bits are all committed needs no
         lock, no map change and no copy (the steady state of rule 4)."""
+        self.plain_reads = self._restore is None
         if self._restore is None and all(c.state == FRACTURED for c in self.clones.values()):
             self.fast_maps = [c.delta.bits for c in self.clones.values()]
         else:
@@ -186,6 +189,7 @@ class Family:
 
     # -- host requests on the source -----------------------------------------
     def pread(self, vol: Volume, buf, offset: int) -> None:
+        self.host_requests += 1
         if self._restore is not None:
             self._prepare(offset, len(buf), write=False)
         vf.read_into(vol.fd, buf, offset)
@@ -224,6 +228,7 @@ class Family:
             os.fdatasync(fd)
 
     def _write(self, offset: int, length: int, fua: bool, do: Callable[[int], None]) -> None:
+        self.host_requests += 1
         exts, mirrors, late = self._prepare(offset, length, write=True)
         try:
             do(self.source.fd)
@@ -459,6 +464,8 @@ class Family:
 
 class CloneExport:
     """The policy of a clone's own export: writable only while fractured."""
+
+    plain_reads = True
 
     def __init__(self, family: Family, clone: Clone):
         self.family = family
