@@ -310,5 +310,19 @@ def detach_cmd(device: str, run_dir: str) -> None:
     click.echo(f"detached {device}")
 
 
+def run() -> None:
+    """The console script: click's usage errors also become one line."""
+    try:
+        rv = main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        where = f"'{ctx.command_path} --help'" if ctx is not None else "'lunclone --help'"
+        click.echo(f"lunclone: error: {e.format_message()} (see {where})", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -20,13 +20,14 @@ Invariants (DESIGN.md, "Crash consistency rules"):
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
 from typing import Iterator
 
 from .bitmap import PAGE_BITS, Bitmap
-from .errors import MetadataError
+from .errors import MetadataError, NoSpace
 from .metadata import Metadata, Transaction
 
 log = logging.getLogger("lunclone.commit")
@@ -47,7 +48,16 @@ class Batch:
     def wait(self) -> None:
         self.event.wait()
         if self.error is not None:
-            raise MetadataError(f"metadata commit failed: {self.error}")
+            raise commit_error(self.error)
+
+
+def commit_error(exc: BaseException) -> Exception:
+    """What a request whose commit failed raises: ENOSPC for a full disk."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"no space left for data or metadata: {exc.strerror}")
+    if "full" in str(exc):  # SQLITE_FULL: "database or disk is full"
+        return NoSpace(f"no space left for metadata: {exc}")
+    return MetadataError(f"metadata commit failed: {exc}")
 
 
 class Committer:

@@ -25,7 +25,7 @@ class ControlServer:
         self.group = group
         self._server: asyncio.base_events.Server | None = None
         self.commands: dict[str, Callable[..., Any]] = {
-            "ping": lambda: {"pid": os.getpid()},
+            "ping": lambda: {"pid": os.getpid(), "io_flusher": engine.io_flusher},
             "create": engine.create_volume,
             "delete": engine.delete_volume,
             "list": engine.list_volumes,

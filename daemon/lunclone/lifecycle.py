@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from . import units
 from . import volume as vf
 from .bitmap import Bitmap
-from .errors import AlreadyExists, Busy, InvalidArgument, NotFound
+from .errors import AlreadyExists, Busy, InvalidArgument, LuncloneError, NotFound
 from .iopath import Volume
 from .jobs import RestoreJob, SyncJob, is_running
 from .metadata import JobRecord, VolumeRecord
@@ -441,11 +441,16 @@ class Lifecycle:
         return self.engine.describe(source)
 
     def pause_with_error(self, fam: Family, message: str | None) -> None:
+        """Pause in memory at once; persist if the metadata can take it (on
+        a full disk it may not: after a restart the job then runs again)."""
         r = fam.restore
         if r is None:
             return
         r.state, r.error = PAUSED, message
-        self._persist_job(fam, r)
+        try:
+            self._persist_job(fam, r)
+        except LuncloneError as e:
+            log.error("could not record the pause of %s: %s", fam.source.name, e.message)
         log.error("restore of %s paused: %s; 'lunclone restore resume %s' goes on",
                   fam.source.name, message, fam.source.name)
 

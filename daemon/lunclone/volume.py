@@ -137,11 +137,33 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
     return copied
 
 
+_NO_COPY_FILE_RANGE = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+COPY_CHUNK = 1 << 20
+
+
 def _copy_data(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
+    """copy_file_range, or read/write where the two files cannot use it
+    (another filesystem, FUSE): the same bytes either way."""
     done = 0
     while done < length:
-        n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, offset + done)
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, offset + done)
+        except OSError as e:
+            if e.errno not in _NO_COPY_FILE_RANGE:
+                raise
+            return done + _copy_by_read(src_fd, dst_fd, offset + done, length - done)
         if n == 0:
             raise OSError(errno.EIO, "copy_file_range: unexpected end of source")
         done += n
+    return done
+
+
+def _copy_by_read(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
+    done = 0
+    while done < length:
+        data = os.pread(src_fd, min(COPY_CHUNK, length - done), offset + done)
+        if not data:
+            raise OSError(errno.EIO, "read: unexpected end of source")
+        write_from(dst_fd, data, offset + done)
+        done += len(data)
     return done
