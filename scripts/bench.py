@@ -329,7 +329,8 @@ def bench_io_during_restore(d: Daemon, args, every_mb: list[int]) -> None:
     during, idle, took = [], [], []
     for r in range(args.rounds):
         for side in (("restore", "idle") if r % 2 == 0 else ("idle", "restore")):
-            damage_and_fracture(d, "v", "c", every_mb, n=1 << 20) if side == "restore" else None
+            if side == "restore":
+                damage_and_fracture(d, "v", "c", every_mb, n=1 << 20)
             pretouch(1 << 30)
             if side == "idle":
                 idle.append(measure(d.uri("v"), case, "1G", args.runtime))

@@ -161,3 +161,17 @@ def wait_clone_state(daemon: Daemon, source: str, clone: str, state: str, timeou
 
 def differing_extents(a: bytes, b: bytes, extent: int) -> set[int]:
     return {i // extent for i in range(0, len(a), extent) if a[i:i + extent] != b[i:i + extent]}
+
+
+def fractured_clone(daemon: Daemon, size: int, data: int, source: str = "src",
+                    clone: str = "c1"):
+    """``source`` of ``size`` bytes with ``data`` random bytes at its start,
+    and ``clone`` synchronized then fractured: returns a handle on the source."""
+    daemon.cli("create", source, "--size", str(size))
+    h = daemon.connect(source)
+    h.pwrite(os.urandom(data), 0)
+    h.flush()
+    daemon.cli("clone", "create", source, clone)
+    wait_clone_state(daemon, source, clone, "synchronized")
+    daemon.cli("clone", "fracture", clone)
+    return h

@@ -10,7 +10,7 @@ import time
 import nbd
 import pytest
 
-from helpers import LUNCLONE, Daemon, wait_clone_state, wait_for
+from helpers import LUNCLONE, Daemon, fractured_clone, wait_clone_state, wait_for
 from test_clones import whole
 
 MiB = 1 << 20
@@ -90,13 +90,7 @@ def test_sync_on_full_disk_stops_then_resumes(small_daemon, small_fs):
 
 def test_restore_on_full_disk_pauses_then_resumes(small_daemon, small_fs):
     d = small_daemon
-    d.cli("create", "src", "--size", "32M")
-    h = d.connect("src")
-    h.pwrite(os.urandom(16 * MiB), 0)
-    h.flush()
-    d.cli("clone", "create", "src", "c1")
-    wait_clone_state(d, "src", "c1", "synchronized")
-    d.cli("clone", "fracture", "c1")
+    h = fractured_clone(d, 32 * MiB, 16 * MiB)
     h.trim(16 * MiB, 0)  # the source loses its data
     h.flush()
     clone_data = whole(d.connect("c1"), 32 * MiB)
@@ -125,13 +119,7 @@ def test_clone_read_errors_pause_restore_and_fail_only_those_requests(daemon, wo
     if why:
         pytest.skip(why)
     d = daemon
-    d.cli("create", "src", "--size", "16M")
-    h = d.connect("src")
-    h.pwrite(os.urandom(16 * MiB), 0)
-    h.flush()
-    d.cli("clone", "create", "src", "c1")
-    wait_clone_state(d, "src", "c1", "synchronized")
-    d.cli("clone", "fracture", "c1")
+    h = fractured_clone(d, 16 * MiB, 16 * MiB)
     h.pwrite(os.urandom(12 * MiB), 0)  # 12 MiB to restore
     h.flush()
     clone_data = whole(d.connect("c1"), 16 * MiB)
@@ -220,12 +208,7 @@ def test_clone_whose_source_vanished(daemon):
 
 def test_concurrent_restores_exactly_one_wins(daemon):
     d = daemon
-    d.cli("create", "src", "--size", "16M")
-    h = d.connect("src")
-    h.pwrite(os.urandom(8 * MiB), 0)
-    d.cli("clone", "create", "src", "c1")
-    wait_clone_state(d, "src", "c1", "synchronized")
-    d.cli("clone", "fracture", "c1")
+    h = fractured_clone(d, 16 * MiB, 8 * MiB)
     h.pwrite(os.urandom(8 * MiB), 0)
     procs = [subprocess.Popen([LUNCLONE, "restore", "src", "--from", "c1", "--rate", "1M",
                                "--run-dir", d.run_dir], stdout=subprocess.PIPE,

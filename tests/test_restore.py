@@ -10,7 +10,7 @@ import time
 import nbd
 import pytest
 
-from helpers import clone_state, read_bitmap, wait_clone_state, wait_for
+from helpers import clone_state, fractured_clone, read_bitmap, wait_clone_state, wait_for
 from test_clones import whole
 
 MiB = 1 << 20
@@ -143,12 +143,7 @@ def test_restore_model_many_connections(daemon):
 
 def test_claim_10_11_only_delta_extents_copied(daemon):
     """Claims 10, 11, 14, 17: only the extents in the clone delta map are copied."""
-    daemon.cli("create", "src", "--size", "64M")
-    src = daemon.connect("src")
-    src.pwrite(os.urandom(32 * MiB), 0)
-    daemon.cli("clone", "create", "src", "c1")
-    wait_clone_state(daemon, "src", "c1", "synchronized")
-    daemon.cli("clone", "fracture", "c1")
+    src = fractured_clone(daemon, 64 * MiB, 32 * MiB)
     for k in range(5):
         src.pwrite(os.urandom(4096), k * 5 * MiB)
     delta = clone_state(daemon, "src", "c1")["delta_extents"]
