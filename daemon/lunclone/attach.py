@@ -1,7 +1,8 @@
 """Attach a volume as a block device (CLI side).
 
-With the kernel NBD module: ``nbd-client`` onto /dev/nbdX (persistent, so
-a daemon restart does not fail the filesystem's I/O).  Without it (build
+With the kernel NBD module: ``nbd-client`` onto /dev/nbdX, through a small
+nbdkit proxy with the retry filter, so that a daemon restart pauses the
+filesystem's I/O instead of failing it.  Without it (build
 machines, containers): ``nbdfuse`` exposes the export as a file and a loop
 device makes it a block device.  What was made is recorded in
 ``RUN_DIR/attach/`` so ``detach`` can undo it.
@@ -61,8 +62,13 @@ def attach(run_dir: str, name: str, device: str | None = None) -> str:
         dev = device or _free_nbd_device()
         if os.path.exists(f"/sys/block/{os.path.basename(dev)}/pid"):
             raise Busy(f"{dev} is busy; pick another device or 'lunclone detach {dev}'")
-        _run(["nbd-client", "-unix", sock, "-N", name, "-persist", "-timeout", "120", dev],
-             f"nbd-client {dev}")
+        proxy = _start_retry_proxy(run_dir, name, sock, os.path.basename(dev))
+        try:
+            _run(["nbd-client", "-unix", proxy, "-N", name, "-timeout", "300", dev],
+                 f"nbd-client {dev}")
+        except BaseException:
+            _stop_proxy(run_dir, os.path.basename(dev))
+            raise
         rec = {"kind": "nbd", "name": name, "device": dev}
     else:
         if device:
@@ -72,6 +78,43 @@ def attach(run_dir: str, name: str, device: str | None = None) -> str:
     with open(_record_path(run_dir, dev), "w") as f:
         json.dump(rec, f)
     return dev
+
+
+def _start_retry_proxy(run_dir: str, name: str, sock: str, devname: str) -> str:
+    """nbdkit's nbd plugin with the retry filter between the kernel client
+    and the daemon: a daemon restart cuts the proxy's connection, not the
+    kernel's; the proxy reconnects and retries, so the filesystem above
+    sees a pause, not an I/O error."""
+    base = os.path.join(run_dir, "attach", devname)
+    proxy, pidfile = base + ".sock", base + ".pid"
+    for stale in (proxy, pidfile):
+        if os.path.exists(stale):
+            os.unlink(stale)
+    _run(["nbdkit", "--unix", proxy, "--pidfile", pidfile, "--filter=retry",
+          "nbd", f"socket={sock}", f"export={name}",
+          "retries=60", "retry-delay=1", "retry-exponential=no"], "nbdkit retry proxy")
+    deadline = time.monotonic() + 10
+    while not os.path.exists(pidfile):
+        if time.monotonic() > deadline:
+            raise LuncloneError("the retry proxy did not start")
+        time.sleep(0.05)
+    return proxy
+
+
+def _stop_proxy(run_dir: str, devname: str) -> None:
+    pidfile = os.path.join(run_dir, "attach", devname + ".pid")
+    try:
+        pid = int(open(pidfile).read().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    _wait_gone(pid)
+    for path in (pidfile, pidfile[:-4] + ".sock"):
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 def _attach_fuse_loop(run_dir: str, name: str, sock: str) -> tuple[str, dict]:
@@ -109,6 +152,7 @@ def detach(run_dir: str, device: str) -> None:
         raise Busy(f"{device} is mounted; unmount it first")
     if rec["kind"] == "nbd":
         _run(["nbd-client", "-d", device], f"nbd-client -d {device}")
+        _stop_proxy(run_dir, os.path.basename(device))
     else:
         _run(["losetup", "-d", device], f"losetup -d {device}")
         subprocess.run(["fusermount3", "-u", rec["mount"]], capture_output=True)

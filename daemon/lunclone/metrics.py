@@ -39,6 +39,9 @@ class Writer:
 def render(engine: "Engine") -> str:
     w = Writer()
     w.metric("lunclone_up", "gauge", "1 while the daemon serves.", 1)
+    w.metric("lunclone_io_flusher", "gauge",
+             "1 if the daemon runs with PR_SET_IO_FLUSHER (no reclaim deadlock).",
+             int(engine.io_flusher))
     for name, vol in sorted(engine.volumes.items()):
         _volume(w, name, vol)
     for src, fam in sorted(engine.lifecycle.families.items()):

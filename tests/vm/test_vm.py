@@ -1,0 +1,81 @@
+"""The admin's story on a real kernel, in a VM with systemd as PID 1 and the
+kernel NBD client (see tests/vm/guest/run for the steps in the guest).
+
+Skips only where qemu-system-x86_64 cannot run; fails when the image cannot
+be built.  Figures (image build, boot, each step) are printed, and kept with
+the console logs in $LUNCLONE_VM_CACHE/runs."""
+import os
+import time
+
+import pytest
+
+from tests.vm import image
+
+
+_reporter = None
+
+
+def say(text: str) -> None:
+    """The figures go to the terminal even when pytest captures output."""
+    if _reporter is not None:
+        _reporter.write_line(text)
+    else:
+        print(text)
+
+
+@pytest.fixture(scope="module")
+def vm_image(request):
+    global _reporter
+    _reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    why = image.qemu_missing()
+    if why:
+        pytest.skip(why)
+    t0 = time.monotonic()
+    img = image.build_image()  # a BuildError fails the tests
+    base_s = open(os.path.join(os.path.dirname(image.build_base()), "done")).read().strip()
+    img_s = open(os.path.join(img, "done")).read().strip()
+    say(f"\nvm image ready in {time.monotonic() - t0:.0f} s here (when built: debootstrap "
+        f"{base_s} s, project image {img_s} s)")
+    return img
+
+
+@pytest.fixture
+def runs():
+    d = os.path.join(image.CACHE, "runs")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def check(steps, log, *must):
+    say(f"\n-- {os.path.basename(log)}")
+    for s in steps:
+        say(f"   {s['step']:32} {'ok' if s.get('ok') else 'FAILED':6} {s.get('s', 0):>8} s")
+    names = {s["step"] for s in steps}
+    failed = [s for s in steps if not s.get("ok")]
+    assert not failed, f"steps failed: {failed}; console log {log}"
+    missing = [m for m in must if m not in names]
+    assert not missing, f"steps never reported: {missing}; console log {log}"
+
+
+def test_vm_systemd_nbd0_restore_fio_restart(vm_image, runs):
+    steps, log = image.boot(vm_image, "main", runs, timeout=600)
+    check(steps, log, "attach-nbd0", "files-back-while-restoring", "fio-verify-during-restore",
+          "writer-goes-on", "no-io-errors", "io-flusher", "stopped-cleanly", "done")
+
+
+def test_vm_memory_pressure(vm_image, runs):
+    steps, log = image.boot(vm_image, "memory", runs, mem="384", timeout=600)
+    check(steps, log, "io-flusher", "done")
+    assert any(s["step"].startswith("write-") and s["ok"] for s in steps)
+
+
+def test_vm_reboot_mid_restore(vm_image, runs):
+    disk = os.path.join(runs, "reboot.qcow2")
+    if os.path.exists(disk):
+        os.unlink(disk)
+    image._run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                os.path.join(vm_image, "disk.raw"), disk], "qemu-img create")
+    steps1, log1 = image.boot(vm_image, "reboot1", runs, disk=disk, timeout=400)
+    check(steps1, log1, "running", "reboot-now")
+    steps2, log2 = image.boot(vm_image, "reboot2", runs, disk=disk, timeout=400)
+    check(steps2, log2, "resumed", "right-data", "done")
