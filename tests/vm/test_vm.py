@@ -12,21 +12,23 @@ import pytest
 from tests.vm import image
 
 
-_reporter = None
+_config = None
 
 
 def say(text: str) -> None:
     """The figures go to the terminal even when pytest captures output."""
-    if _reporter is not None:
-        _reporter.write_line(text)
-    else:
+    if _config is None:
         print(text)
+        return
+    capman = _config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():
+        _config.pluginmanager.getplugin("terminalreporter").write_line(text)
 
 
 @pytest.fixture(scope="module")
 def vm_image(request):
-    global _reporter
-    _reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    global _config
+    _config = request.config
     why = image.qemu_missing()
     if why:
         pytest.skip(why)
