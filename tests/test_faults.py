@@ -1,7 +1,6 @@
 """Faults injected for real: a full filesystem, a clone that returns EIO,
 damaged or missing volume files, admins racing each other.  The daemon
 stops the affected operation, says why, loses nothing and serves the rest."""
-import errno
 import os
 import shutil
 import subprocess

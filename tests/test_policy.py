@@ -3,7 +3,6 @@ threads like nbdkit's workers, to show what cannot be seen from a client:
 a request on an extent whose copy is in flight waits in memory (claims 1,
 3, 4) and the job never copies over an extent the host is writing (claims
 7, 9)."""
-import os
 import threading
 import time
 
