@@ -13,7 +13,7 @@ A Bitmap does no locking: its owner (``policy``/``jobs``) holds the lock.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterator
 
 PAGE_BYTES = 4096
 PAGE_BITS = PAGE_BYTES * 8
@@ -78,12 +78,6 @@ class Bitmap:
         for p in range(len(self.counts)):
             self._recount(p)
         self.mark_all_dirty()
-
-    def clear_all(self) -> None:
-        for p in self._used_pages():
-            self.bits[p * PAGE_BYTES:(p + 1) * PAGE_BYTES] = bytes(self._page_len(p))
-            self.counts[p] = 0
-            self.dirty_pages.add(p)
 
     def assign(self, other: "Bitmap") -> None:
         """self := other, marking every changed page dirty."""
@@ -186,9 +180,3 @@ def extent_range(offset: int, length: int, shift: int) -> range:
     """The extents that bytes [offset, offset+length) touch."""
     return range(offset >> shift, (offset + length - 1 >> shift) + 1)
 
-
-def from_indices(nbits: int, indices: Iterable[int]) -> Bitmap:
-    b = Bitmap(nbits)
-    for i in indices:
-        b.set(i)
-    return b

@@ -28,6 +28,17 @@ LOCK_NAME = "lock"
 VOLUME_DIR = "volumes"
 
 
+def lock_state_dir(fd: int, state_dir: str) -> None:
+    """flock the state directory's lock file, or Busy naming the holder's pid."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        raise Busy(f"state directory {state_dir} is in use by another lunclone "
+                   f"daemon (pid {holder or 'unknown'}); stop it first or use "
+                   "another --state-dir") from None
+
+
 class StateDirLock:
     """An exclusive flock on the state directory, held for the daemon's life."""
 
@@ -35,13 +46,10 @@ class StateDirLock:
         self.path = os.path.join(state_dir, LOCK_NAME)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip()
+            lock_state_dir(self.fd, state_dir)
+        except Busy:
             os.close(self.fd)
-            raise Busy(f"state directory {state_dir} is in use by another lunclone "
-                       f"daemon (pid {holder or 'unknown'}); stop it first or use "
-                       "another --state-dir") from None
+            raise
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
@@ -159,7 +167,6 @@ class Engine:
         self.broken.pop(name, None)
         vol = self.volumes.pop(name, None)
         if vol is not None:
-            vol.deleted = True
             vol.close()
         try:
             os.unlink(self.volume_path(name))

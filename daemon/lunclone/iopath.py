@@ -81,7 +81,6 @@ class Volume:
         self.fd = vf.open_rw(path)
         self.policy: Policy | None = None
         self.connections = 0
-        self.deleted = False
         self._begun = itertools.count()
         self._ended = itertools.count()
         self.reads = self.writes = self.read_bytes = self.write_bytes = 0

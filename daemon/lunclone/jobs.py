@@ -21,7 +21,7 @@ import time
 from typing import Callable
 
 from .bitmap import Bitmap
-from .policy import PAUSED, RUNNING, SYNCHRONIZING, Clone, Family, Progress, Restore
+from .policy import PAUSED, SYNCHRONIZING, Clone, Family, Progress, Restore
 
 log = logging.getLogger("lunclone.jobs")
 
@@ -214,5 +214,3 @@ class RestoreJob(CopyJob):
 def is_running(job: CopyJob | None) -> bool:
     return job is not None and job.task is not None and not job.task.done()
 
-
-__all__ = ["SyncJob", "RestoreJob", "Throttle", "is_running", "RUNNING"]

@@ -508,8 +508,3 @@ def _wait(batches: list[Batch | None]) -> None:
             seen.add(id(b))
             b.wait()
 
-
-def check_not_restoring(family: Family | None, what: str) -> None:
-    if family is not None and family.restore is not None:
-        raise Busy(f"{what}: a restore of {family.source.name} from "
-                   f"{family.restore.clone.name} is in progress")

@@ -6,7 +6,6 @@ prepares the run directory, so the admin gets one clear line on error.
 """
 from __future__ import annotations
 
-import fcntl
 import grp
 import os
 import shutil
@@ -35,16 +34,14 @@ def plugin_path() -> str:
 
 
 def check_state_dir_free(state_dir: str) -> None:
-    path = os.path.join(state_dir, "lock")
+    """Refuse early, with the engine's own message, if a daemon holds the lock."""
+    from .engine import LOCK_NAME, lock_state_dir
+    path = os.path.join(state_dir, LOCK_NAME)
     if not os.path.exists(path):
         return
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        raise Busy(f"state directory {state_dir} is in use by another lunclone daemon "
-                   f"(pid {holder or 'unknown'}); stop it first or use another --state-dir")
+        lock_state_dir(fd, state_dir)
     finally:
         os.close(fd)
 
