@@ -269,7 +269,7 @@ class Lifecycle:
         with self.committer.transaction() as tx:
             if (clone.state != SYNCHRONIZING or clone.delta.any()
                     or self.committer.has_requests(clone.delta)
-                    or any(True for _ in fam.inflight)):
+                    or fam.inflight):
                 return False
             self._set_state(fam, clone, SYNCHRONIZED, tx)
             tx.save_bitmap(clone.name, "delta", clone.delta)
@@ -321,14 +321,13 @@ class Lifecycle:
         if clone.state != FRACTURED:
             raise Busy(f"clone {clone_name} is {clone.state}; only a fractured clone (a "
                        f"point-in-time copy) can be restored: 'lunclone clone fracture {clone_name}'")
-        r = self._gate_restore(fam, clone, protected)
+        states = {c: c.state for c in fam.clones.values()}
+        r = self._gate_restore(fam, clone, protected, states)
         r.rate_limit = rate_limit
         try:
             self._commit_restore_start(fam, r)
         except BaseException:
-            with self.lock:
-                fam.restore = None
-                clone.state = FRACTURED
+            self._undo_restore_start(fam, states, reload_deltas=True)
             raise
         finally:
             r.ready.set()
@@ -337,7 +336,8 @@ class Lifecycle:
         self._start_restore_job(fam)
         return self.engine.describe(source)
 
-    def _gate_restore(self, fam: Family, clone: Clone, protected: bool) -> Restore:
+    def _gate_restore(self, fam: Family, clone: Clone, protected: bool,
+                      states: dict[Clone, str]) -> Restore:
         """Install the restore with its gate closed, then let old writes end."""
         n = fam.nextents
         r = Restore(clone, protected, Bitmap(n, key=(fam.source.name, "pending")),
@@ -354,12 +354,23 @@ class Lifecycle:
                     raise Busy(f"host writes to {fam.source.name} did not finish; try again")
                 time.sleep(0.0005)
         except BaseException:
-            with self.lock:
-                fam.restore = None
-                clone.state = FRACTURED
+            self._undo_restore_start(fam, states, reload_deltas=False)
             r.ready.set()
             raise
         return r
+
+    def _undo_restore_start(self, fam: Family, states: dict[Clone, str],
+                            reload_deltas: bool) -> None:
+        """The start did not commit: put every clone's state back and, if the
+        transaction had begun, reload the delta maps from the metadata (their
+        in-memory union was never committed, and a set bit must be)."""
+        with self.lock:
+            fam.restore = None
+            for c, st in states.items():
+                c.state = st
+                self.engine.records[c.name].clone_state = st
+                if reload_deltas:
+                    c.delta.assign(self.engine.md.load_bitmap(c.name, "delta", fam.nextents))
 
     def _commit_restore_start(self, fam: Family, r: Restore) -> None:
         clone = r.clone
