@@ -14,7 +14,8 @@ import nbdkit
 
 API_VERSION = 2
 _config = {}
-_KEYS = ("state_dir", "run_dir", "socket", "log_level", "control_group", "tcp", "tls")
+_KEYS = ("state_dir", "run_dir", "socket", "log_level", "control_group", "tcp", "tls",
+         "remote_depth", "remote_timeout")
 engine = None
 _HOLE = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
 
@@ -42,7 +43,9 @@ def config_complete():
     try:
         engine = Engine(_config["state_dir"], _config["run_dir"], _config.get("socket"),
                         control_group=_config.get("control_group"), tcp=_config.get("tcp"),
-                        tls=_config.get("tls") == "1")
+                        tls=_config.get("tls") == "1",
+                        remote_depth=int(_config.get("remote_depth", 0)),
+                        remote_timeout=float(_config.get("remote_timeout", 0)))
     except Exception as e:  # one clear line, not a traceback
         raise RuntimeError(getattr(e, "message", str(e))) from None
 

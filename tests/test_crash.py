@@ -120,13 +120,15 @@ class FlushedWriter(ReconnectingClient):
         self.ops += 1
 
 
-def run_crash_points(daemon, points: int, seed: int) -> tuple[int, int]:
+def run_crash_points(daemon, points: int, seed: int, remote: str | None = None,
+                     ) -> tuple[int, int]:
+    """Restores with SIGKILLs at random points; ``remote``: the clone's NBD URI."""
     rng = random.Random(seed)
     tried = mismatches = 0
     cycle = 0
     while tried < points:
         cycle += 1
-        clone_data, src = prepare_cycle(daemon, rng, cycle)
+        clone_data, src = prepare_cycle(daemon, rng, cycle, remote)
         model = Model(clone_data)
         daemon.cli("restore", "src", "--from", "c1", "--rate", "384K")
         w = FlushedWriter(daemon, model, seed * 100 + cycle)
@@ -158,9 +160,9 @@ def run_crash_points(daemon, points: int, seed: int) -> tuple[int, int]:
     return tried, mismatches
 
 
-def prepare_cycle(daemon, rng, cycle):
+def prepare_cycle(daemon, rng, cycle, remote=None):
     if cycle == 1:
-        return prepare(daemon, rng)
+        return prepare(daemon, rng, remote=remote)
     daemon.cli("clone", "sync", "c1")
     wait_for(lambda: daemon.json("status", "src")["clones"][0]["state"] == "synchronized", 120)
     daemon.cli("clone", "fracture", "c1")

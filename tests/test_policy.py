@@ -12,6 +12,7 @@ from lunclone import volume as vf
 from lunclone.bitmap import Bitmap
 from lunclone.commit import Committer
 from lunclone.iopath import Volume
+from lunclone.store import FileStore
 from lunclone.metadata import Metadata
 from lunclone.policy import FRACTURED, RESTORING, Clone, Family, Restore
 
@@ -31,8 +32,8 @@ def family(tmp_path):
         vf.create_sparse(paths[name], SIZE)
         with open(paths[name], "r+b") as f:
             f.write(fill * SIZE)
-    src = Volume("src", paths["src"], SIZE, EXT)
-    cl = Volume("cl", paths["cl"], SIZE, EXT)
+    src = Volume("src", FileStore(paths["src"]), SIZE, EXT)
+    cl = Volume("cl", FileStore(paths["cl"]), SIZE, EXT)
     fam = Family(src, committer, lock)
     delta = Bitmap(16, key=("cl", "delta"))
     delta.set_all()
@@ -74,7 +75,7 @@ def test_claim_1_3_request_on_inflight_extent_waits(family):
     assert t.is_alive(), "the read did not wait for the in-flight copy"
     vf.copy_range(family.restore.clone.volume.fd, family.source.fd, 2 * EXT, EXT)
     with family.lock:
-        family.finish_run(family.restore.pending, 2, 1, family.source.fd, ok=True)
+        family.finish_run(family.restore.pending, 2, 1, family.source.store, ok=True)
     t.join(5)
     assert not t.is_alive() and bytes(buf) == b"C" * 4096
 

@@ -27,15 +27,16 @@ def wait_restore_done(daemon, source, timeout=120):
                     timeout, what=f"restore of {source} done")
 
 
-def prepare(daemon, rng, size=SIZE):
+def prepare(daemon, rng, size=SIZE, remote=None):
     """src with data, clone c1 fractured, then src changed: returns
-    (clone content = what the restore must bring back, src handle)."""
+    (clone content = what the restore must bring back, src handle).
+    With ``remote`` (an NBD URI) the clone lives behind that export."""
     daemon.cli("create", "src", "--size", str(size))
     src = daemon.connect("src")
     for off in range(0, size, MiB):
         if rng.random() < 0.8:
             src.pwrite(rng.randbytes(MiB), off)
-    daemon.cli("clone", "create", "src", "c1")
+    daemon.cli("clone", "create", "src", "c1", *(["--remote", remote] if remote else []))
     wait_clone_state(daemon, "src", "c1", "synchronized")
     daemon.cli("clone", "fracture", "c1")
     for _ in range(60):  # damage: differences to restore

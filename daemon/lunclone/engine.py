@@ -14,13 +14,14 @@ import os
 import threading
 import time
 
-from . import units
+from . import remote, units
 from . import volume as vf
 from .commit import Committer
-from .errors import AlreadyExists, Busy, LuncloneError, NotFound
+from .errors import AlreadyExists, Busy, InvalidArgument, LuncloneError, NotFound
 from .iopath import Volume
 from .lifecycle import Lifecycle
 from .metadata import Metadata, VolumeRecord
+from .store import FileStore, Store
 
 log = logging.getLogger("lunclone.engine")
 
@@ -59,13 +60,16 @@ class StateDirLock:
 
 class Engine:
     def __init__(self, state_dir: str, run_dir: str, nbd_socket: str | None = None,
-                 control_group: str | None = None, tcp: str | None = None, tls: bool = False):
+                 control_group: str | None = None, tcp: str | None = None, tls: bool = False,
+                 remote_depth: int = 0, remote_timeout: float = 0.0):
         self.state_dir = os.path.abspath(state_dir)
         self.run_dir = os.path.abspath(run_dir)
         self.nbd_socket = nbd_socket or os.path.join(self.run_dir, "nbd.sock")
         self.control_socket = os.path.join(self.run_dir, "control.sock")
         self.control_group = control_group
         self.tcp, self.tls = tcp, tls
+        self.remote_depth = remote_depth or remote.DEFAULT_DEPTH
+        self.remote_timeout = remote_timeout or remote.REQUEST_TIMEOUT
         self.io_flusher = set_io_flusher()
         os.makedirs(os.path.join(self.state_dir, VOLUME_DIR), exist_ok=True)
         self.lock = StateDirLock(self.state_dir)
@@ -89,18 +93,44 @@ class Engine:
         return os.path.join(self.state_dir, VOLUME_DIR, f"{name}.img")
 
     def _load_volume(self, rec: VolumeRecord) -> None:
-        """Open a volume's file; a damaged one is refused, the rest served."""
+        """Open a volume's file; a damaged one is refused, the rest served.
+        A remote clone's connection is made in the background (``start``):
+        a remote that is away does not stop the daemon."""
         self.records[rec.name] = rec
+        if rec.remote:
+            store: Store = self._remote_store(rec.name, rec.remote, rec.size)
+            self.volumes[rec.name] = Volume(rec.name, store, rec.size, rec.extent_size)
+            return
         path = self.volume_path(rec.name)
         try:
             st = os.stat(path)
             if st.st_size != rec.size:
                 raise LuncloneError(f"file {path} is {st.st_size} bytes, expected {rec.size}")
-            self.volumes[rec.name] = Volume(rec.name, path, rec.size, rec.extent_size)
+            self.volumes[rec.name] = Volume(rec.name, FileStore(path), rec.size, rec.extent_size)
         except (OSError, LuncloneError) as e:
             msg = e.message if isinstance(e, LuncloneError) else f"{path}: {e.strerror}"
             log.error("volume %s not served: %s", rec.name, msg)
             self.broken[rec.name] = msg
+
+    def _remote_store(self, name: str, uri: str, size: int) -> remote.NbdStore:
+        return remote.NbdStore(name, uri, size, self.remote_depth, self.remote_timeout)
+
+    def open_remote(self, name: str, uri: str, size: int) -> remote.NbdStore:
+        """A new remote clone's store, connected and checked, or one clear error."""
+        if not uri.startswith(remote.SCHEMES):
+            raise InvalidArgument(f"--remote {uri!r}: give an NBD URI ("
+                                  f"{', '.join(s.rstrip(':/') for s in remote.SCHEMES)})")
+        for rec in self.records.values():
+            if rec.remote == uri:
+                raise AlreadyExists(f"{uri} is already the clone {rec.name}")
+        store = self._remote_store(name, uri, size)
+        store.start()
+        try:
+            store.wait_connected()
+        except OSError as e:
+            store.close()
+            raise InvalidArgument(f"cannot keep a clone on {uri}: {e.strerror}") from None
+        return store
 
     def get_volume(self, name: str) -> Volume:
         vol = self.volumes.get(name)
@@ -190,7 +220,8 @@ class Engine:
             "size": rec.size,
             "extent_size": rec.extent_size,
             "export": self.export_uri(rec.name),
-            "allocated": _allocated(vol.path) if vol else None,
+            "allocated": _allocated(vol.path) if vol and vol.path else None,
+            "remote": rec.remote,
             "connections": vol.connections if vol else 0,
             "error": self.broken.get(name),
             "source": rec.source,
@@ -243,6 +274,8 @@ class Engine:
             self.loop.close()
 
         self.committer.start()
+        for vol in self.volumes.values():
+            vol.store.start()
         self._thread = threading.Thread(target=run, name="lunclone-loop", daemon=True)
         self._thread.start()
         ready.wait()
@@ -261,7 +294,7 @@ class Engine:
             log.exception("final metadata commit failed")
         for vol in self.volumes.values():
             try:
-                os.fdatasync(vol.fd)
+                vol.store.flush()
             except OSError as e:
                 log.error("flush of %s failed at shutdown: %s", vol.name, e)
             vol.close()

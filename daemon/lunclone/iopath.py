@@ -22,6 +22,7 @@ from typing import Protocol
 
 from . import volume as vf
 from .errors import Busy
+from .store import Store
 
 
 class Policy(Protocol):
@@ -70,15 +71,20 @@ def drain(begun: itertools.count, ended: itertools.count, timeout: float, name: 
 
 
 class Volume:
-    """A served volume: its open file, geometry and current policy."""
+    """A served volume: where its bytes live, its geometry and current policy.
 
-    def __init__(self, name: str, path: str, size: int, extent_size: int):
+    ``fd`` is the local file's descriptor for the hot path; a volume kept
+    on another system (a remote clone) has ``fd == -1`` and always has a
+    policy that goes through its ``store``."""
+
+    def __init__(self, name: str, store: Store, size: int, extent_size: int):
         self.name = name
-        self.path = path
+        self.store = store
+        self.path = store.path
         self.size = size
         self.extent_size = extent_size
         self.shift = extent_size.bit_length() - 1
-        self.fd = vf.open_rw(path)
+        self.fd = store.fd
         self.policy: Policy | None = None
         self.connections = 0
         self._begun = itertools.count()
@@ -87,9 +93,8 @@ class Volume:
         self.latency = Histogram()
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.store.close()
+        self.fd = -1
 
     # -- policy switching --------------------------------------------------
     def set_policy(self, policy: Policy | None) -> None:
@@ -166,7 +171,7 @@ class Volume:
             policy.flush(self)
 
     def extents(self, count: int, offset: int, one: bool) -> list[tuple[int, int, bool]]:
-        return vf.extents(self.fd, offset, count, one)
+        return self.store.extents(offset, count, one)
 
     # -- raw helpers for policies ----------------------------------------------
     def punch(self, offset: int, count: int, fua: bool) -> None:

@@ -10,7 +10,9 @@ metadata transaction.
 
 Throttle, pause and resume apply to every job; a failing copy is retried
 ``MAX_RETRIES`` times with backoff, then the job pauses with the error in
-``status`` and goes on after ``resume``.
+``status`` and goes on after ``resume``.  A job to or from a remote clone
+retries longer (``REMOTE_RETRIES``, about 20 s): its store reconnects in
+the meantime, so a short network cut costs a pause, not a manual resume.
 """
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ from typing import Callable
 
 from .bitmap import Bitmap
 from .policy import PAUSED, SYNCHRONIZING, Clone, Family, Progress, Restore
+from .store import Store, is_local
 
 log = logging.getLogger("lunclone.jobs")
 
 RUN_EXTENTS = 64
 MAX_RUN_BYTES = 8 << 20
 MAX_RETRIES = 3
+REMOTE_RETRIES = 7
+MAX_BACKOFF_S = 5.0
 IDLE_WAIT = 0.005
 HOST_YIELD_S = 0.002
 
@@ -73,7 +78,7 @@ class CopyJob:
     def paused(self) -> bool: ...
     def bitmap(self) -> Bitmap: ...
     def skip(self) -> Bitmap | None: return None
-    def fds(self) -> tuple[int, int]: ...
+    def stores(self) -> tuple[Store, Store]: ...
     def progress(self) -> Progress: ...
     def finish(self) -> bool: ...
     def failed(self, message: str) -> None: ...
@@ -97,10 +102,10 @@ class CopyJob:
                 continue
             first, n = run
             seen = fam.host_requests
-            src, dst = self.fds()
+            src, dst = self.stores()
             try:
                 copied = await loop.run_in_executor(
-                    self.pool, fam._copy_extents, src, dst, first, n)
+                    self.pool, fam.copy_extents, src, dst, first, n)
             except OSError as e:
                 with fam.lock:
                     fam.finish_run(self.bitmap(), first, n, dst, ok=False)
@@ -130,11 +135,12 @@ class CopyJob:
         msg = f"copy failed: {e.strerror or e}"
         log.error("%s job on %s: %s (attempt %d)", self.kind, self.family.source.name,
                   msg, self.failures)
-        if self.failures >= MAX_RETRIES:
+        local = all(is_local(s) for s in self.stores())
+        if self.failures >= (MAX_RETRIES if local else REMOTE_RETRIES):
             self.failures = 0
             self.failed(msg)
         else:
-            await asyncio.sleep(0.1 * 4 ** self.failures)
+            await asyncio.sleep(min(0.1 * 4 ** self.failures, MAX_BACKOFF_S))
 
 
 class SyncJob(CopyJob):
@@ -157,8 +163,8 @@ class SyncJob(CopyJob):
     def bitmap(self) -> Bitmap:
         return self.clone.delta
 
-    def fds(self) -> tuple[int, int]:
-        return self.family.source.fd, self.clone.volume.fd
+    def stores(self) -> tuple[Store, Store]:
+        return self.family.source.store, self.clone.volume.store
 
     def progress(self) -> Progress:
         return self.clone.sync
@@ -198,8 +204,8 @@ class RestoreJob(CopyJob):
     def skip(self) -> Bitmap:
         return self.restore.protected
 
-    def fds(self) -> tuple[int, int]:
-        return self.restore.clone.volume.fd, self.family.source.fd
+    def stores(self) -> tuple[Store, Store]:
+        return self.restore.clone.volume.store, self.family.source.store
 
     def progress(self) -> Progress:
         return self.restore.progress

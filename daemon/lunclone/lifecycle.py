@@ -31,6 +31,7 @@ from .jobs import RestoreJob, SyncJob, is_running
 from .metadata import JobRecord, VolumeRecord
 from .policy import (DONE, FRACTURED, MIRRORED, PAUSED, RESTORING, RUNNING, SYNCHRONIZED,
                      SYNCHRONIZING, Clone, CloneExport, Family, Restore)
+from .store import FileStore, Store, is_local
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -115,13 +116,28 @@ class Lifecycle:
         self._sweeper = self.engine.loop.create_task(self._sweep_intents())
 
     async def _sweep_intents(self) -> None:
-        """Clear idle write-intent bits of synchronized clones, every few seconds."""
+        """Clear idle write-intent bits of synchronized clones, every few
+        seconds: pick the idle bits, flush a remote clone (a local one is
+        fdatasync'ed by the commit), then clear what stayed idle."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(INTENT_SWEEP_S)
-            with self.lock:
-                for fam in self.families.values():
-                    for clone in fam.clones.values():
-                        fam.sweep_intents(clone)
+            for fam in list(self.families.values()):
+                for clone in list(fam.clones.values()):
+                    with self.lock:
+                        idle = fam.idle_intents(clone)
+                    if not idle:
+                        continue
+                    store = clone.volume.store
+                    if not is_local(store):
+                        try:
+                            await loop.run_in_executor(self.pool, store.flush)
+                        except OSError as e:
+                            log.warning("clone %s: flush failed, intent bits kept: %s",
+                                        clone.name, e)
+                            continue
+                    with self.lock:
+                        fam.clear_intents(clone, idle)
 
     def _family(self, src: Volume) -> Family:
         fam = self.families.get(src.name)
@@ -135,8 +151,6 @@ class Lifecycle:
     def create_clone(self, source: str, name: str, remote: str | None = None) -> dict:
         eng = self.engine
         units.check_name(name)
-        if remote:
-            raise InvalidArgument("remote clones are not supported yet")
         src = eng.get_volume(source)
         src_rec = eng.records[source]
         if src_rec.source is not None:
@@ -149,51 +163,76 @@ class Lifecycle:
         if fam is not None and len(fam.clones) >= MAX_CLONES:
             raise Busy(f"{source} has {MAX_CLONES} clones already, the most a volume may have; "
                        "delete one first")
-        path = eng.volume_path(name)
-        if os.path.exists(path):
-            raise AlreadyExists(f"{path} exists but is not a known volume; move it away")
+        if remote:
+            store = eng.open_remote(name, remote, src.size)
+        else:
+            store = self._new_local_store(name, src.size)
         try:
-            vf.create_sparse(path, src.size)
-        except OSError as e:
-            raise vf.no_space_guard(e) from e
-        try:
-            self._add_clone(src, name, path)
+            self._add_clone(src, name, store, remote)
         except BaseException:
-            os.unlink(path)
+            store.close()
+            if store.path:
+                os.unlink(store.path)
             raise
         return eng.describe(name)
 
-    def _add_clone(self, src: Volume, name: str, path: str) -> None:
+    def _new_local_store(self, name: str, size: int) -> FileStore:
+        path = self.engine.volume_path(name)
+        if os.path.exists(path):
+            raise AlreadyExists(f"{path} exists but is not a known volume; move it away")
+        try:
+            vf.create_sparse(path, size)
+        except OSError as e:
+            raise vf.no_space_guard(e) from e
+        return FileStore(path)
+
+    def _add_clone(self, src: Volume, name: str, store: Store, remote: str | None) -> None:
         eng = self.engine
-        vol = Volume(name, path, src.size, src.extent_size)
+        vol = Volume(name, store, src.size, src.extent_size)
         fam = self._family(src)
         delta = Bitmap(fam.nextents, key=(name, "delta"))
         clone = Clone(name, vol, SYNCHRONIZING, delta)
+        vol.set_policy(CloneExport(fam, clone))
+        rec = VolumeRecord(name, src.size, src.extent_size, source=src.name,
+                           clone_state=SYNCHRONIZING, remote=remote, created=time.time())
         with self.lock:
             fam.add_clone(clone)  # from now on host writes set its delta bits
-        src.drain_writes()
-        allocated = Bitmap(fam.nextents)
-        for start, stop in vf.data_ranges(src.fd, 0, src.size):
-            for i in range(start >> fam.shift, ((stop - 1) >> fam.shift) + 1):
-                allocated.set(i)
-        rec = VolumeRecord(name, src.size, src.extent_size, source=src.name,
-                           clone_state=SYNCHRONIZING, created=time.time())
         try:
+            src.drain_writes()
+            differ = self._initial_delta(fam, store)
             with self.committer.transaction() as tx:
-                delta.union(allocated)
+                delta.union(differ)
                 tx.put_volume(rec)
                 tx.save_bitmap(name, "delta", delta)
                 self.committer.register(delta)
         except BaseException:
             with self.lock:
                 fam.remove_clone(name)
-            vol.close()
             raise
         eng.records[name] = rec
         eng.volumes[name] = vol
-        vol.set_policy(CloneExport(fam, clone))
-        log.info("clone %s of %s created: %d extents to copy", name, src.name, delta.count())
+        log.info("clone %s of %s created%s: %d extents to copy", name, src.name,
+                 f" on {remote}" if remote else "", delta.count())
         self._start_sync(fam, clone)
+
+    @staticmethod
+    def _initial_delta(fam: Family, store: Store) -> Bitmap:
+        """Extents a new clone must receive: the source's allocated ones, and
+        on a remote store whatever it does not guarantee to read as zero (it
+        may hold old data; a new local file is all holes)."""
+        differ = Bitmap(fam.nextents)
+        shift, size = fam.shift, fam.source.size
+
+        def mark(start: int, stop: int) -> None:
+            for i in range(start >> shift, ((stop - 1) >> shift) + 1):
+                differ.set(i)
+        for start, stop in vf.data_ranges(fam.source.fd, 0, size):
+            mark(start, stop)
+        if not is_local(store):
+            for start, n, zero in store.allocation(0, size):
+                if not zero:
+                    mark(start, start + n)
+        return differ
 
     def find_clone(self, name: str) -> tuple[Family, Clone]:
         units.check_name(name)
@@ -494,7 +533,7 @@ class Lifecycle:
         with self.lock:
             for c in fam.clones.values():
                 d = {"name": c.name, "state": c.state, "delta_extents": c.delta.count(),
-                     "error": c.error}
+                     "error": c.error, "remote": c.volume.store.describe()}
                 if c.state == SYNCHRONIZING:
                     d["sync"] = _progress(c.sync, d["delta_extents"], fam.source.extent_size)
                 out.append(d)

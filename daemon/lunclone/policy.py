@@ -54,8 +54,9 @@ from typing import Callable
 from . import volume as vf
 from .bitmap import Bitmap, extent_range
 from .commit import Batch, Committer
-from .errors import Busy, ReadOnly
+from .errors import ReadOnly
 from .iopath import Volume, drain
+from .store import Store, copy_range, is_local
 
 log = logging.getLogger("lunclone.policy")
 
@@ -215,23 +216,29 @@ class Family:
                         return
         finally:
             next(self._fast_ended)
-        self._write(offset, len(buf), fua, lambda fd: vf.write_from(fd, buf, offset))
+        self._write(offset, len(buf), fua, lambda store: store.pwrite(buf, offset))
 
     def trim(self, vol: Volume, count: int, offset: int, fua: bool) -> None:
-        self._write(offset, count, fua, lambda fd: vf.punch_hole(fd, offset, count))
+        self._write(offset, count, fua, lambda store: store.zero(offset, count))
 
     zero = trim
 
     def flush(self, vol: Volume) -> None:
+        """The source's data, then each mirror's; a mirror that cannot flush
+        is resynchronized (its write-intent bits are set), the host's flush
+        does not fail for it."""
         os.fdatasync(self.source.fd)
-        for fd in self._mirror_fds():
-            os.fdatasync(fd)
+        for clone in self._mirrors():
+            try:
+                clone.volume.store.flush()
+            except OSError as e:
+                self._mirror_broken(clone, "flush", e)
 
-    def _write(self, offset: int, length: int, fua: bool, do: Callable[[int], None]) -> None:
+    def _write(self, offset: int, length: int, fua: bool, do: Callable[[Store], None]) -> None:
         self.host_requests += 1
         exts, mirrors, late = self._prepare(offset, length, write=True)
         try:
-            do(self.source.fd)
+            do(self.source.store)
             for clone in mirrors:
                 self._mirror(clone, exts, do)
             if late:
@@ -255,43 +262,61 @@ class Family:
             batches = [self.committer.request(r.protected, i) for i in late]
         _wait(batches)
 
-    def _mirror(self, clone: Clone, exts: range, do: Callable[[int], None]) -> None:
+    def _mirror(self, clone: Clone, exts: range, do: Callable[[Store], None]) -> None:
         """Write to a mirror; if that fails, its write-intent bits (set) record
         the difference and the clone goes back to synchronizing."""
         try:
-            do(clone.volume.fd)
+            do(clone.volume.store)
         except OSError as e:
-            log.error("mirror write to clone %s failed: %s; it will be resynchronized",
-                      clone.name, e)
-            with self.lock:
-                if clone.state == SYNCHRONIZED:
-                    clone.state = SYNCHRONIZING
-            clone.error = f"mirror write failed: {e.strerror}"
-            if self.on_mirror_failed:
-                self.on_mirror_failed(clone)
+            self._mirror_broken(clone, "write", e)
 
-    def sweep_intents(self, clone: Clone) -> int:
-        """Under lock: clear write-intent bits of a synchronized clone that no
-        write touched since the last sweep; both volumes are fdatasync'ed
-        before the clear is committed (rule 2)."""
+    def _mirror_broken(self, clone: Clone, what: str, e: OSError) -> None:
+        log.error("mirror %s to clone %s failed: %s; it will be resynchronized",
+                  what, clone.name, e)
+        with self.lock:
+            if clone.state == SYNCHRONIZED:
+                clone.state = SYNCHRONIZING
+        clone.error = f"mirror {what} failed: {e.strerror or e}"
+        if self.on_mirror_failed:
+            self.on_mirror_failed(clone)
+
+    def idle_intents(self, clone: Clone) -> list[int]:
+        """Under lock, first half of a sweep: the write-intent bits of a
+        synchronized clone that no write touched since the last sweep and
+        none is writing now.  Their writes ended before this call, so a
+        flush of the clone started after it makes them durable."""
+        if clone.state != SYNCHRONIZED:
+            clone.hot = set()
+            return []
+        hot, clone.hot = clone.hot, set()
+        return [i for i in clone.delta.iter_set() if i not in hot and not self.writers.get(i)]
+
+    def clear_intents(self, clone: Clone, idle: list[int]) -> int:
+        """Under lock, second half: the clone was flushed after ``idle_intents``;
+        clear the bits no write touched meanwhile.  The source is fdatasync'ed
+        (and a local clone too) before the clear is committed (rule 2)."""
         if clone.state != SYNCHRONIZED:
             return 0
-        idle = [i for i in clone.delta.iter_set()
-                if i not in clone.hot and not self.writers.get(i)]
-        for i in idle:
+        cleared = [i for i in idle if i not in clone.hot and not self.writers.get(i)]
+        for i in cleared:
             clone.delta.clear(i)
-        if idle:
+        if cleared:
             self.committer.copied_into(self.source.fd)
-            self.committer.copied_into(clone.volume.fd)
-        clone.hot.clear()
-        return len(idle)
+            self._copied_into(clone.volume.store)
+        return len(cleared)
 
-    def _mirror_fds(self) -> list[int]:
-        fds = [c.volume.fd for c in self.clones.values() if c.state == SYNCHRONIZED]
+    def _copied_into(self, store: Store) -> None:
+        """A local store is fdatasync'ed by the next commit; a remote one was
+        flushed by ``copy_range`` (or by the sweep) already."""
+        if is_local(store):
+            self.committer.copied_into(store.fd)
+
+    def _mirrors(self) -> list[Clone]:
+        mirrors = [c for c in self.clones.values() if c.state == SYNCHRONIZED]
         r = self.restore
         if r is not None and not r.protected_mode:
-            fds.append(r.clone.volume.fd)
-        return fds
+            mirrors.append(r.clone)
+        return mirrors
 
     def _prepare(self, offset: int, length: int,
                  write: bool) -> tuple[range, list[Clone], list[int]]:
@@ -403,7 +428,7 @@ class Family:
         try:
             copied = 0
             for i in todo:
-                copied += self._copy_extents(r.clone.volume.fd, self.source.fd, i, 1)
+                copied += self.copy_extents(r.clone.volume.store, self.source.store, i, 1)
         except BaseException as e:
             self._release(todo)
             log.error("copy on demand from %s failed: %s", r.clone.name, e)
@@ -416,11 +441,10 @@ class Family:
             self.committer.copied_into(self.source.fd)
             self._release_locked(todo)
 
-    def _copy_extents(self, src_fd: int, dst_fd: int, first: int, count: int) -> int:
+    def copy_extents(self, src: Store, dst: Store, first: int, count: int) -> int:
+        """Copy ``count`` extents from ``first``; no lock held (they are in flight)."""
         offset = first << self.shift
-        length = min(count << self.shift, self.source.size - offset)
-        vf.copy_range(src_fd, dst_fd, offset, length)
-        return length
+        return copy_range(src, dst, offset, min(count << self.shift, self.source.size - offset))
 
     def _release(self, exts) -> None:
         with self.lock:
@@ -453,26 +477,26 @@ class Family:
             return i, n
         return None
 
-    def finish_run(self, bm: Bitmap, first: int, n: int, dst_fd: int, ok: bool) -> None:
+    def finish_run(self, bm: Bitmap, first: int, n: int, dst: Store, ok: bool) -> None:
         """Under lock: the copy of a run returned; clear its bits (rule 2)."""
         if ok:
             for i in range(first, first + n):
                 bm.clear(i)
-            self.committer.copied_into(dst_fd)
+            self._copied_into(dst)
         self._release_locked(range(first, first + n))
 
 
 class CloneExport:
-    """The policy of a clone's own export: writable only while fractured."""
-
-    plain_reads = True
+    """The policy of a clone's own export: writable only while fractured.
+    A remote clone's export goes through its store for every request."""
 
     def __init__(self, family: Family, clone: Clone):
         self.family = family
         self.clone = clone
+        self.plain_reads = is_local(clone.volume.store)
 
     def pread(self, vol: Volume, buf, offset: int) -> None:
-        vf.read_into(vol.fd, buf, offset)
+        vol.store.pread(buf, offset)
 
     def _writable(self, offset: int, length: int) -> range:
         clone = self.clone
@@ -487,18 +511,20 @@ class CloneExport:
 
     def pwrite(self, vol: Volume, buf, offset: int, fua: bool) -> None:
         self._writable(offset, len(buf))
-        vf.write_from(vol.fd, buf, offset)
+        vol.store.pwrite(buf, offset)
         if fua:
-            os.fdatasync(vol.fd)
+            vol.store.flush()
 
     def trim(self, vol: Volume, count: int, offset: int, fua: bool) -> None:
         self._writable(offset, count)
-        vol.punch(offset, count, fua)
+        vol.store.zero(offset, count)
+        if fua:
+            vol.store.flush()
 
     zero = trim
 
     def flush(self, vol: Volume) -> None:
-        os.fdatasync(vol.fd)
+        vol.store.flush()
 
 
 def _wait(batches: list[Batch | None]) -> None:

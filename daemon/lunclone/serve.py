@@ -84,7 +84,8 @@ def tls_args(tcp: str | None, tls_psk: str | None, tls_certificates: str | None,
 
 
 def nbdkit_argv(state_dir: str, run_dir: str, tcp: str | None, verbose: bool,
-                group: str | None = None, tls: list[str] | None = None) -> list[str]:
+                group: str | None = None, tls: list[str] | None = None,
+                remote: tuple[int, float] | None = None) -> list[str]:
     nbd_socket = os.path.join(run_dir, "nbd.sock")
     argv = [shutil.which("nbdkit") or "/usr/sbin/nbdkit", "--foreground"]
     if tcp:
@@ -102,13 +103,15 @@ def nbdkit_argv(state_dir: str, run_dir: str, tcp: str | None, verbose: bool,
         argv += [f"tcp={tcp}", f"tls={'1' if tls else '0'}"]
     if group:
         argv.append(f"control_group={group}")
+    if remote:
+        argv += [f"remote_depth={remote[0]}", f"remote_timeout={remote[1]}"]
     return argv
 
 
 def exec_daemon(state_dir: str, run_dir: str, tcp: str | None = None,
                 verbose: bool = False, group: str | None = None,
                 tls_psk: str | None = None, tls_certificates: str | None = None,
-                insecure: bool = False) -> None:
+                insecure: bool = False, remote: tuple[int, float] | None = None) -> None:
     tls = tls_args(tcp, tls_psk, tls_certificates, insecure)
     if group:
         try:
@@ -125,7 +128,7 @@ def exec_daemon(state_dir: str, run_dir: str, tcp: str | None = None,
         path = os.path.join(run_dir, stale)
         if os.path.exists(path):
             os.unlink(path)
-    argv = nbdkit_argv(state_dir, run_dir, tcp, verbose, group, tls)
+    argv = nbdkit_argv(state_dir, run_dir, tcp, verbose, group, tls, remote)
     env = dict(os.environ)
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(lunclone.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(
