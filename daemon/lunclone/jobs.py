@@ -33,6 +33,7 @@ MAX_RUN_BYTES = 8 << 20
 MAX_RETRIES = 3
 REMOTE_RETRIES = 7
 MAX_BACKOFF_S = 5.0
+REMOTE_WINDOW = 4
 IDLE_WAIT = 0.005
 HOST_YIELD_S = 0.002
 
@@ -69,6 +70,7 @@ class CopyJob:
         self.pool = pool
         self.throttle = Throttle()
         self.failures = 0
+        self._backoff_until = 0.0
         self.stopped = False
         self.task: asyncio.Task | None = None
         self.run_extents = max(1, min(RUN_EXTENTS, MAX_RUN_BYTES >> family.shift))
@@ -84,40 +86,65 @@ class CopyJob:
     def failed(self, message: str) -> None: ...
 
     async def run(self) -> None:
-        fam = self.family
-        loop = asyncio.get_running_loop()
+        """Take runs in map order and copy them, up to ``window()`` at once
+        (a remote store needs several in flight to hide its round trip)."""
         cursor = 0
-        while self.active():
-            if self.paused():
-                await asyncio.sleep(0.05)
-                continue
+        running: set[asyncio.Task] = set()
+        try:
+            while self.active():
+                if self.paused() or time.monotonic() < self._backoff_until:
+                    if running:
+                        _, running = await asyncio.wait(running)
+                    await asyncio.sleep(0.05)
+                    continue
+                if len(running) < self.window():
+                    with self.family.lock:
+                        run = self.family.take_run(self.bitmap(), cursor, self._run_limit(),
+                                                   self.skip())
+                        empty = run is None and not self.bitmap().any()
+                    if run is not None:
+                        cursor = run[0] + run[1]
+                        running.add(asyncio.create_task(self._copy(*run)))
+                        continue
+                    if not running:
+                        if empty and self.finish():
+                            return
+                        cursor = 0
+                        await asyncio.sleep(IDLE_WAIT)
+                        continue
+                _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in running:
+                t.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _copy(self, first: int, n: int) -> None:
+        """Copy one run (marked in flight by ``take_run``) on the pool, then
+        clear its bits; a failure leaves them set for a later pass."""
+        fam = self.family
+        seen = fam.host_requests
+        src, dst = self.stores()
+        try:
+            copied = await asyncio.get_running_loop().run_in_executor(
+                self.pool, fam.copy_extents, src, dst, first, n)
+        except OSError as e:
             with fam.lock:
-                run = fam.take_run(self.bitmap(), cursor, self._run_limit(), self.skip())
-                empty = run is None and not self.bitmap().any()
-            if run is None:
-                if empty and self.finish():
-                    return
-                cursor = 0
-                await asyncio.sleep(IDLE_WAIT)
-                continue
-            first, n = run
-            seen = fam.host_requests
-            src, dst = self.stores()
-            try:
-                copied = await loop.run_in_executor(
-                    self.pool, fam.copy_extents, src, dst, first, n)
-            except OSError as e:
-                with fam.lock:
-                    fam.finish_run(self.bitmap(), first, n, dst, ok=False)
-                await self._retry_or_pause(e)
-                continue
-            with fam.lock:
-                fam.finish_run(self.bitmap(), first, n, dst, ok=self.active())
-                self.progress().add(copied)
-            self.failures = 0
-            cursor = first + n
-            await self.throttle.account(copied)
-            await self._yield_to_host(seen)
+                fam.finish_run(self.bitmap(), first, n, dst, ok=False)
+            await self._retry_or_pause(e)
+            return
+        with fam.lock:
+            fam.finish_run(self.bitmap(), first, n, dst, ok=self.active())
+            self.progress().add(copied)
+        self.failures = 0
+        await self.throttle.account(copied)
+        await self._yield_to_host(seen)
+
+    def window(self) -> int:
+        """Runs copied at once: one for local files (copy_file_range is
+        bound by the disk) and under a rate limit, several to a remote."""
+        if self.throttle.limit or all(is_local(s) for s in self.stores()):
+            return 1
+        return REMOTE_WINDOW
 
     async def _yield_to_host(self, seen: int) -> None:
         """Host requests came in during the last copy: give them the CPU for
@@ -131,6 +158,10 @@ class CopyJob:
         return self.run_extents
 
     async def _retry_or_pause(self, e: OSError) -> None:
+        """Count a failure (once per backoff period: runs copied at once fail
+        together), then back off, or pause the job after too many."""
+        if time.monotonic() < self._backoff_until:
+            return
         self.failures += 1
         msg = f"copy failed: {e.strerror or e}"
         log.error("%s job on %s: %s (attempt %d)", self.kind, self.family.source.name,
@@ -140,7 +171,9 @@ class CopyJob:
             self.failures = 0
             self.failed(msg)
         else:
-            await asyncio.sleep(min(0.1 * 4 ** self.failures, MAX_BACKOFF_S))
+            delay = min(0.1 * 4 ** self.failures, MAX_BACKOFF_S)
+            self._backoff_until = time.monotonic() + delay
+            await asyncio.sleep(delay)
 
 
 class SyncJob(CopyJob):

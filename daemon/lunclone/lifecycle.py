@@ -50,7 +50,9 @@ class Lifecycle:
         self.lock = engine.maps_lock
         self.families: dict[str, Family] = {}
         self.jobs: dict[str, object] = {}
-        self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lunclone-copy")
+        # Copies of local files are bound by the disk; copies to or from a
+        # remote clone mostly wait on the network: a few threads each.
+        self.pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="lunclone-copy")
 
     # -- loading ---------------------------------------------------------
     def load(self) -> None:

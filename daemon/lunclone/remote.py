@@ -76,6 +76,28 @@ class _Request:
             self.done.set()
 
 
+class BufferPool:
+    """Reused CHUNK-sized buffers.  A fresh 1 MiB bytearray is a fresh mmap,
+    and first touches of fresh memory are slow (on a VM that returns idle
+    memory to its host, very slow): a copy reuses the same few buffers."""
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def get(self, n: int) -> memoryview:
+        with self._lock:
+            buf = self._free.pop() if self._free else bytearray(CHUNK)
+        return memoryview(buf)[:n]
+
+    def put(self, view: memoryview) -> None:
+        buf = view.obj
+        view.release()
+        with self._lock:
+            if len(self._free) < 256:
+                self._free.append(buf)
+
+
 class NbdStore:
     """A volume's bytes behind an NBD URI (``nbd://``, ``nbds://``, ``nbd+unix://``)."""
 
@@ -102,6 +124,7 @@ class NbdStore:
         self._stop = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
+        self._buffers = BufferPool()
 
     def start(self) -> None:
         """Start the I/O thread (inside nbdkit: only after it forked)."""
@@ -188,7 +211,7 @@ class NbdStore:
                 dst.zero(start, n)
                 continue
             for i in range(start, start + n, CHUNK):
-                buf = bytearray(min(CHUNK, start + n - i))
+                buf = self._buffers.get(min(CHUNK, start + n - i))
                 pending.append(self.submit(_Request(READ, i, len(buf), buf)))
         failure = None
         for req in pending:
@@ -197,6 +220,9 @@ class NbdStore:
                 dst.pwrite(req.buf, req.offset)
             except OSError as e:
                 failure = failure or e
+            finally:
+                req.nbuf = None
+                self._buffers.put(req.buf)
         if failure is not None:
             raise failure
 
@@ -209,7 +235,7 @@ class NbdStore:
             if start > pos:
                 pending += self._zero_requests(pos, start - pos)
             for i in range(start, stop, CHUNK):
-                buf = bytearray(min(CHUNK, stop - i))
+                buf = self._buffers.get(min(CHUNK, stop - i))
                 src.pread(buf, i)
                 pending.append(self.submit(_Request(WRITE, i, len(buf), buf)))
             pos = stop
@@ -221,6 +247,10 @@ class NbdStore:
                 req.wait()
             except OSError as e:
                 failure = failure or e
+            finally:
+                if req.kind == WRITE:
+                    req.nbuf = None
+                    self._buffers.put(req.buf)
         if failure is not None:
             raise failure
 
