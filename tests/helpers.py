@@ -21,9 +21,11 @@ LUNCLONE = os.path.join(os.path.dirname(sys.executable), "lunclone")
 class Daemon:
     """`lunclone serve` in a temporary state and run directory."""
 
-    def __init__(self, state_dir: str, run_dir: str):
+    def __init__(self, state_dir: str, run_dir: str, prefix: list[str] | None = None):
         self.state_dir = state_dir
         self.run_dir = run_dir
+        # argv put before `lunclone serve ...`, e.g. ["ip", "netns", "exec", NS]
+        self.prefix = list(prefix or [])
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(os.path.dirname(state_dir), "daemon.log")
 
@@ -34,7 +36,8 @@ class Daemon:
     def start(self, timeout: float = 20.0) -> "Daemon":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [LUNCLONE, "serve", "--state-dir", self.state_dir, "--run-dir", self.run_dir],
+            [*self.prefix, LUNCLONE, "serve", "--state-dir", self.state_dir,
+             "--run-dir", self.run_dir],
             stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout
