@@ -15,7 +15,7 @@ import nbdkit
 API_VERSION = 2
 _config = {}
 _KEYS = ("state_dir", "run_dir", "socket", "log_level", "control_group", "tcp", "tls",
-         "remote_depth", "remote_timeout")
+         "remote_depth", "remote_timeout", "remote_connections")
 engine = None
 _HOLE = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
 
@@ -45,7 +45,8 @@ def config_complete():
                         control_group=_config.get("control_group"), tcp=_config.get("tcp"),
                         tls=_config.get("tls") == "1",
                         remote_depth=int(_config.get("remote_depth", 0)),
-                        remote_timeout=float(_config.get("remote_timeout", 0)))
+                        remote_timeout=float(_config.get("remote_timeout", 0)),
+                        remote_connections=int(_config.get("remote_connections", 0)))
     except Exception as e:  # one clear line, not a traceback
         raise RuntimeError(getattr(e, "message", str(e))) from None
 

@@ -349,12 +349,15 @@ def bench_io_during_restore(d: Daemon, args, every_mb: list[int]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("suite", choices=["io", "clone", "restore"])
+    p.add_argument("suite", choices=["io", "clone", "restore", "remote"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runtime", type=float, default=5.0)
     p.add_argument("--size", default="1G")
+    p.add_argument("--size-mb", type=int, default=512, help="remote: the volume's size")
     args = p.parse_args()
-    {"io": bench_io, "clone": bench_clone, "restore": bench_restore}[args.suite](args)
+    from bench_remote import bench_remote
+    {"io": bench_io, "clone": bench_clone, "restore": bench_restore,
+     "remote": bench_remote}[args.suite](args)
 
 
 if __name__ == "__main__":

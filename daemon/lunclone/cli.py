@@ -70,6 +70,8 @@ def main(group_run_dir: str | None) -> None:
 @click.option("--insecure", is_flag=True, help="With --tcp: allow plain TCP without TLS.")
 @click.option("--remote-depth", type=click.IntRange(1, 256), default=16, show_default=True,
               help="NBD requests kept in flight to each remote clone.")
+@click.option("--remote-connections", type=click.IntRange(1, 16), default=2,
+              show_default=True, help="NBD connections to each remote clone.")
 @click.option("--remote-timeout", type=click.FloatRange(0.5, 600), default=10.0,
               show_default=True, help="Seconds without a reply before a remote "
               "connection is dropped and made again.")
@@ -77,12 +79,13 @@ def main(group_run_dir: str | None) -> None:
 @handle_errors
 def serve(state_dir: str, run_dir: str, tcp: str | None, group: str | None,
           tls_psk: str | None, tls_certificates: str | None, insecure: bool,
-          remote_depth: int, remote_timeout: float, verbose: bool) -> None:
+          remote_depth: int, remote_connections: int, remote_timeout: float,
+          verbose: bool) -> None:
     """Run the daemon (nbdkit with the lunclone plugin) in the foreground."""
     from .serve import exec_daemon
     exec_daemon(state_dir, run_dir, tcp=tcp, verbose=verbose, group=group, tls_psk=tls_psk,
                 tls_certificates=tls_certificates, insecure=insecure,
-                remote=(remote_depth, remote_timeout))
+                remote=(remote_depth, remote_timeout, remote_connections))
 
 
 @main.command()

@@ -61,7 +61,8 @@ class StateDirLock:
 class Engine:
     def __init__(self, state_dir: str, run_dir: str, nbd_socket: str | None = None,
                  control_group: str | None = None, tcp: str | None = None, tls: bool = False,
-                 remote_depth: int = 0, remote_timeout: float = 0.0):
+                 remote_depth: int = 0, remote_timeout: float = 0.0,
+                 remote_connections: int = 0):
         self.state_dir = os.path.abspath(state_dir)
         self.run_dir = os.path.abspath(run_dir)
         self.nbd_socket = nbd_socket or os.path.join(self.run_dir, "nbd.sock")
@@ -70,6 +71,7 @@ class Engine:
         self.tcp, self.tls = tcp, tls
         self.remote_depth = remote_depth or remote.DEFAULT_DEPTH
         self.remote_timeout = remote_timeout or remote.REQUEST_TIMEOUT
+        self.remote_connections = remote_connections or remote.DEFAULT_CONNECTIONS
         self.io_flusher = set_io_flusher()
         os.makedirs(os.path.join(self.state_dir, VOLUME_DIR), exist_ok=True)
         self.lock = StateDirLock(self.state_dir)
@@ -113,7 +115,8 @@ class Engine:
             self.broken[rec.name] = msg
 
     def _remote_store(self, name: str, uri: str, size: int) -> remote.NbdStore:
-        return remote.NbdStore(name, uri, size, self.remote_depth, self.remote_timeout)
+        return remote.NbdStore(name, uri, size, self.remote_depth, self.remote_timeout,
+                               self.remote_connections)
 
     def open_remote(self, name: str, uri: str, size: int) -> remote.NbdStore:
         """A new remote clone's store, connected and checked, or one clear error."""

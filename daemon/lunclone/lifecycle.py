@@ -52,7 +52,7 @@ class Lifecycle:
         self.jobs: dict[str, object] = {}
         # Copies of local files are bound by the disk; copies to or from a
         # remote clone mostly wait on the network: a few threads each.
-        self.pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="lunclone-copy")
+        self.pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="lunclone-copy")
 
     # -- loading ---------------------------------------------------------
     def load(self) -> None:

@@ -85,7 +85,7 @@ def tls_args(tcp: str | None, tls_psk: str | None, tls_certificates: str | None,
 
 def nbdkit_argv(state_dir: str, run_dir: str, tcp: str | None, verbose: bool,
                 group: str | None = None, tls: list[str] | None = None,
-                remote: tuple[int, float] | None = None) -> list[str]:
+                remote: tuple[int, float, int] | None = None) -> list[str]:
     nbd_socket = os.path.join(run_dir, "nbd.sock")
     argv = [shutil.which("nbdkit") or "/usr/sbin/nbdkit", "--foreground"]
     if tcp:
@@ -104,14 +104,15 @@ def nbdkit_argv(state_dir: str, run_dir: str, tcp: str | None, verbose: bool,
     if group:
         argv.append(f"control_group={group}")
     if remote:
-        argv += [f"remote_depth={remote[0]}", f"remote_timeout={remote[1]}"]
+        argv += [f"remote_depth={remote[0]}", f"remote_timeout={remote[1]}",
+                 f"remote_connections={remote[2]}"]
     return argv
 
 
 def exec_daemon(state_dir: str, run_dir: str, tcp: str | None = None,
                 verbose: bool = False, group: str | None = None,
                 tls_psk: str | None = None, tls_certificates: str | None = None,
-                insecure: bool = False, remote: tuple[int, float] | None = None) -> None:
+                insecure: bool = False, remote: tuple[int, float, int] | None = None) -> None:
     tls = tls_args(tcp, tls_psk, tls_certificates, insecure)
     if group:
         try:

@@ -1,0 +1,106 @@
+"""A clone kept on a real distributed store: an RBD image of a single-node
+Ceph cluster (tests/ceph.py), served over NBD by qemu-nbd.
+
+The model-based restore and the SIGKILL crash test of the local case, run
+against that clone; then the qemu-nbd in front of the image is killed in
+the middle of a restore and started again.
+"""
+import os
+import random
+
+import nbd
+
+from ceph import CephCluster, ceph_cluster  # noqa: F401  (the fixture)
+from helpers import clone_state, read_bitmap, wait_clone_state, wait_for
+from test_clones import whole
+from test_restore import (SIZE, Worker, prepare, restore_status, stripes_for,
+                          wait_restore_done)
+
+
+def serve_image(cluster: CephCluster, workdir: str, image: str):
+    """A fresh RBD image behind qemu-nbd on a Unix socket: (proc, socket, uri)."""
+    cluster.create_image(image, SIZE)
+    sock = os.path.join(workdir, f"{image}.sock")
+    proc = cluster.serve_nbd(image, sock)
+    return proc, sock, f"nbd+unix:///?socket={sock}"
+
+
+def rbd_content(uri: str) -> bytes:
+    """The image's bytes, read through qemu-nbd by a client of our own."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        return whole(h, SIZE)
+    finally:
+        del h
+
+
+def test_restore_from_ceph_clone(daemon, workdir, ceph_cluster):  # noqa: F811
+    rng = random.Random(90)
+    proc, _, uri = serve_image(ceph_cluster, workdir, "model")
+    try:
+        clone_data, src = prepare(daemon, rng, remote=uri)
+        assert rbd_content(uri) == clone_data  # the clone's bytes are in Ceph
+        daemon.cli("restore", "src", "--from", "c1", "--rate", "256K")
+        model = bytearray(clone_data)
+        conns = [src] + [daemon.connect("src") for _ in range(3)]
+        workers = [Worker(h, model, None, st, 900 + k, 80)
+                   for k, (h, st) in enumerate(zip(conns, stripes_for(4, SIZE)))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        for w in workers:
+            if w.error:
+                raise w.error
+        assert restore_status(daemon, "src")["state"] == "running"
+        daemon.cli("restore", "rate", "src", "0")
+        wait_restore_done(daemon, "src")
+        assert whole(daemon.connect("src"), SIZE) == bytes(model)
+        assert rbd_content(uri) == clone_data, "the Ceph clone changed during the restore"
+        touched = set().union(*(w.touched for w in workers))
+        assert read_bitmap(daemon.state_dir, "c1", "delta") == touched
+        daemon.cli("clone", "sync", "c1")
+        wait_clone_state(daemon, "src", "c1", "synchronized")
+        assert rbd_content(uri) == bytes(model)
+    finally:
+        ceph_cluster.stop_server(proc)
+
+
+def test_sigkill_during_restore_from_ceph_clone(daemon, workdir, ceph_cluster,  # noqa: F811
+                                               long_mode):
+    from test_crash import run_crash_points
+    proc, _, uri = serve_image(ceph_cluster, workdir, "crash")
+    try:
+        points = 60 if long_mode else 8
+        tried, mismatches = run_crash_points(daemon, points, seed=7, remote=uri)
+        print(f"Ceph clone: crash points tried: {tried}, mismatches: {mismatches}")
+        assert tried >= points and mismatches == 0
+    finally:
+        ceph_cluster.stop_server(proc)
+
+
+def test_qemu_nbd_killed_mid_restore(daemon, workdir, ceph_cluster):  # noqa: F811
+    """The NBD server in front of the image dies (SIGKILL) mid-restore and
+    comes back: the restore pauses or rides it out, then finishes with the
+    clone's data; the image is untouched."""
+    rng = random.Random(91)
+    proc, sock, uri = serve_image(ceph_cluster, workdir, "killed")
+    clone_data, src = prepare(daemon, rng, remote=uri)
+    daemon.cli("restore", "src", "--from", "c1", "--rate", "128K")
+    ceph_cluster.kill_server(proc)
+    wait_for(lambda: not clone_state(daemon, "src", "c1")["remote"]["connected"], 30,
+             what="status shows qemu-nbd gone")
+    proc = ceph_cluster.serve_nbd("killed", sock)
+    try:
+        wait_for(lambda: clone_state(daemon, "src", "c1")["remote"]["connected"], 60,
+                 what="reconnected to the new qemu-nbd")
+        if restore_status(daemon, "src")["state"] == "paused":
+            daemon.cli("restore", "resume", "src")
+        daemon.cli("restore", "rate", "src", "0")
+        wait_restore_done(daemon, "src")
+        assert whole(src, SIZE) == clone_data
+        assert rbd_content(uri) == clone_data
+    finally:
+        del src
+        ceph_cluster.stop_server(proc)
