@@ -6,6 +6,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import Daemon, short_tmpdir  # noqa: E402
+from ceph import ceph_cluster  # noqa: E402,F401  (a module-scoped Ceph cluster fixture)
 
 
 def pytest_addoption(parser):

@@ -8,7 +8,7 @@ import time
 import nbd
 import pytest
 
-from ceph import CephCluster, ceph_available, ceph_cluster  # noqa: F401  (fixture)
+from ceph import CephCluster, ceph_available
 
 MiB = 1 << 20
 OBJ = 4 * MiB  # rbd object size (order 22)
@@ -52,7 +52,7 @@ def flags_at(ext, offset: int) -> int:
     raise AssertionError(f"no extent covers {offset}")
 
 
-def test_rbd_over_nbd(ceph_cluster: CephCluster):  # noqa: F811
+def test_rbd_over_nbd(ceph_cluster: CephCluster):
     c = ceph_cluster
     t = c.timings
     print(f"\nceph start: mon up {t['mon']:.2f}s, osd up {t['osd']:.2f}s, "

@@ -10,7 +10,7 @@ import random
 
 import nbd
 
-from ceph import CephCluster, ceph_cluster  # noqa: F401  (the fixture)
+from ceph import CephCluster
 from helpers import clone_state, read_bitmap, wait_clone_state, wait_for
 from test_clones import whole
 from test_restore import (SIZE, Worker, prepare, restore_status, stripes_for,
@@ -35,7 +35,7 @@ def rbd_content(uri: str) -> bytes:
         del h
 
 
-def test_restore_from_ceph_clone(daemon, workdir, ceph_cluster):  # noqa: F811
+def test_restore_from_ceph_clone(daemon, workdir, ceph_cluster):
     rng = random.Random(90)
     proc, _, uri = serve_image(ceph_cluster, workdir, "model")
     try:
@@ -67,7 +67,7 @@ def test_restore_from_ceph_clone(daemon, workdir, ceph_cluster):  # noqa: F811
         ceph_cluster.stop_server(proc)
 
 
-def test_sigkill_during_restore_from_ceph_clone(daemon, workdir, ceph_cluster,  # noqa: F811
+def test_sigkill_during_restore_from_ceph_clone(daemon, workdir, ceph_cluster,
                                                long_mode):
     from test_crash import run_crash_points
     proc, _, uri = serve_image(ceph_cluster, workdir, "crash")
@@ -80,7 +80,7 @@ def test_sigkill_during_restore_from_ceph_clone(daemon, workdir, ceph_cluster,  
         ceph_cluster.stop_server(proc)
 
 
-def test_qemu_nbd_killed_mid_restore(daemon, workdir, ceph_cluster):  # noqa: F811
+def test_qemu_nbd_killed_mid_restore(daemon, workdir, ceph_cluster):
     """The NBD server in front of the image dies (SIGKILL) mid-restore and
     comes back: the restore pauses or rides it out, then finishes with the
     clone's data; the image is untouched."""
