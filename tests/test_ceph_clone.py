@@ -13,7 +13,7 @@ import nbd
 from ceph import CephCluster
 from helpers import clone_state, read_bitmap, wait_clone_state, wait_for
 from test_clones import whole
-from test_restore import (SIZE, Worker, prepare, restore_status, stripes_for,
+from test_restore import (SIZE, host_io_during_restore, prepare, restore_status,
                           wait_restore_done)
 
 
@@ -42,23 +42,8 @@ def test_restore_from_ceph_clone(daemon, workdir, ceph_cluster):
         clone_data, src = prepare(daemon, rng, remote=uri)
         assert rbd_content(uri) == clone_data  # the clone's bytes are in Ceph
         daemon.cli("restore", "src", "--from", "c1", "--rate", "256K")
-        model = bytearray(clone_data)
-        conns = [src] + [daemon.connect("src") for _ in range(3)]
-        workers = [Worker(h, model, None, st, 900 + k, 80)
-                   for k, (h, st) in enumerate(zip(conns, stripes_for(4, SIZE)))]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        for w in workers:
-            if w.error:
-                raise w.error
-        assert restore_status(daemon, "src")["state"] == "running"
-        daemon.cli("restore", "rate", "src", "0")
-        wait_restore_done(daemon, "src")
-        assert whole(daemon.connect("src"), SIZE) == bytes(model)
+        model, touched = host_io_during_restore(daemon, src, clone_data, 900, 80)
         assert rbd_content(uri) == clone_data, "the Ceph clone changed during the restore"
-        touched = set().union(*(w.touched for w in workers))
         assert read_bitmap(daemon.state_dir, "c1", "delta") == touched
         daemon.cli("clone", "sync", "c1")
         wait_clone_state(daemon, "src", "c1", "synchronized")

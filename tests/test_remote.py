@@ -15,7 +15,7 @@ import pytest
 
 from helpers import clone_state, read_bitmap, wait_clone_state, wait_for
 from test_clones import whole
-from test_restore import (EXT, MiB, SIZE, Worker, prepare, restore_status, stripes_for,
+from test_restore import (EXT, MiB, SIZE, host_io_during_restore, prepare, restore_status,
                           wait_restore_done)
 
 
@@ -76,6 +76,7 @@ def test_remote_clone_sync_mirror_fracture_restore(daemon, remote):
     st = daemon.json("status", "src")
     c1 = st["clones"][0]
     assert c1["remote"]["connected"] and c1["remote"]["uri"] == remote.uri
+    assert f"on {remote.uri} (connected" in daemon.cli("status", "src").stdout
     assert daemon.json("status", "c1")["remote"] == remote.uri
     assert remote.content() == whole(src, SIZE)  # the bytes are on the other system
     # Synchronized: host writes are mirrored to the remote.
@@ -90,23 +91,8 @@ def test_remote_clone_sync_mirror_fracture_restore(daemon, remote):
     clone_data = remote.content()
     assert whole(daemon.connect("c1"), SIZE) == clone_data  # the clone's export reads it
     daemon.cli("restore", "src", "--from", "c1", "--rate", "256K")
-    model = bytearray(clone_data)
-    conns = [src] + [daemon.connect("src") for _ in range(3)]
-    workers = [Worker(h, model, None, st, 300 + k, 80)
-               for k, (h, st) in enumerate(zip(conns, stripes_for(4, SIZE)))]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    for w in workers:
-        if w.error:
-            raise w.error
-    assert restore_status(daemon, "src")["state"] == "running"
-    daemon.cli("restore", "rate", "src", "0")
-    wait_restore_done(daemon, "src")
-    assert whole(daemon.connect("src"), SIZE) == bytes(model)
+    model, touched = host_io_during_restore(daemon, src, clone_data, 300, 80)
     assert remote.content() == clone_data, "the remote clone changed during the restore"
-    touched = set().union(*(w.touched for w in workers))
     assert read_bitmap(daemon.state_dir, "c1", "delta") == touched
     # Re-sync brings the remote clone up to date again.
     daemon.cli("clone", "sync", "c1")
@@ -166,6 +152,9 @@ def test_remote_lost_then_back(daemon, remote):
              what="status shows the remote away")
     c1 = clone_state(daemon, "src", "c1")
     assert c1["remote"]["error"]
+    assert "UNREACHABLE" in daemon.cli("status", "src").stdout
+    assert 'lunclone_remote_connected{source="src",clone="c1"} 0' in \
+        daemon.cli("metrics").stdout
     model = bytearray(clone_data)
     # Whole-extent writes need nothing from the clone: served.
     served = eio = 0

@@ -106,6 +106,30 @@ def stripes_for(n_workers, size, stripe=MiB):
     return out
 
 
+def host_io_during_restore(daemon, first, clone_data: bytes, seed: int, ops: int):
+    """Four connections (``first`` and three more) do random I/O of every
+    shape, checked against a model, while a slow restore of ``src`` runs;
+    then the restore goes on to the end and every byte of ``src`` is
+    compared with the model.  Returns (model, extents the host wrote)."""
+    model = bytearray(clone_data)
+    conns = [first] + [daemon.connect("src") for _ in range(3)]
+    workers = [Worker(h, model, None, st, seed + k, ops)
+               for k, (h, st) in enumerate(zip(conns, stripes_for(4, SIZE)))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for w in workers:
+        if w.error:
+            raise w.error
+    assert restore_status(daemon, "src")["state"] == "running", \
+        "the restore ended before the host writes did"
+    daemon.cli("restore", "rate", "src", "0")
+    wait_restore_done(daemon, "src")
+    assert whole(daemon.connect("src"), SIZE) == bytes(model)
+    return model, set().union(*(w.touched for w in workers))
+
+
 def test_restore_model_many_connections(daemon):
     """Claims 1-9, 12: reads and writes of every shape on several connections
     during a restore; every byte matches the model, the clone is untouched,
@@ -117,25 +141,9 @@ def test_restore_model_many_connections(daemon):
     # The connection opened before the restore sees the clone's data at once.
     for off in (0, 5 * MiB + 4096, SIZE - 4096):
         assert early.pread(4096, off) == clone_data[off:off + 4096]
-    model = bytearray(clone_data)
-    conns = [early] + [daemon.connect("src") for _ in range(3)]
-    workers = [Worker(h, model, None, st, 100 + k, 120)
-               for k, (h, st) in enumerate(zip(conns, stripes_for(4, SIZE)))]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    for w in workers:
-        if w.error:
-            raise w.error
-    r = restore_status(daemon, "src")
-    assert r["state"] == "running", "the restore ended before the host writes did"
-    assert r["on_demand_extents"] > 0
-    daemon.cli("restore", "rate", "src", "0")
-    wait_restore_done(daemon, "src")
-    assert whole(daemon.connect("src"), SIZE) == bytes(model)
+    model, touched = host_io_during_restore(daemon, early, clone_data, 100, 120)
+    assert restore_status(daemon, "src")["on_demand_extents"] > 0
     assert whole(daemon.connect("c1"), SIZE) == clone_data  # claim 2
-    touched = set().union(*(w.touched for w in workers))
     c1 = clone_state(daemon, "src", "c1")
     assert c1["state"] == "fractured"
     assert read_bitmap(daemon.state_dir, "c1", "delta") == touched  # claim 12

@@ -68,18 +68,19 @@ def main(group_run_dir: str | None) -> None:
 @click.option("--tls-psk", metavar="FILE", help="With --tcp: TLS with these pre-shared keys.")
 @click.option("--tls-certificates", metavar="DIR", help="With --tcp: TLS with these certificates.")
 @click.option("--insecure", is_flag=True, help="With --tcp: allow plain TCP without TLS.")
-@click.option("--remote-depth", type=click.IntRange(1, 256), default=16, show_default=True,
-              help="NBD requests kept in flight to each remote clone.")
-@click.option("--remote-connections", type=click.IntRange(1, 16), default=2,
-              show_default=True, help="NBD connections to each remote clone.")
-@click.option("--remote-timeout", type=click.FloatRange(0.5, 600), default=10.0,
-              show_default=True, help="Seconds without a reply before a remote "
-              "connection is dropped and made again.")
+@click.option("--remote-depth", type=click.IntRange(1, 256),
+              help="NBD requests kept in flight to each remote clone [32].")
+@click.option("--remote-connections", type=click.IntRange(1, 16),
+              help="NBD connections to each remote clone [4].")
+@click.option("--remote-timeout", type=click.FloatRange(0.5, 600),
+              help="Seconds without a reply before a remote connection is dropped "
+              "and made again [10].")
 @click.option("--verbose", is_flag=True, help="nbdkit debug output.")
 @handle_errors
 def serve(state_dir: str, run_dir: str, tcp: str | None, group: str | None,
           tls_psk: str | None, tls_certificates: str | None, insecure: bool,
-          remote_depth: int, remote_connections: int, remote_timeout: float,
+          remote_depth: int | None, remote_connections: int | None,
+          remote_timeout: float | None,
           verbose: bool) -> None:
     """Run the daemon (nbdkit with the lunclone plugin) in the foreground."""
     from .serve import exec_daemon

@@ -36,12 +36,29 @@ def status_text(obj) -> str:
         lines.append(f"  ERROR: {v['error']}")
     if v.get("source"):
         lines.append(f"  clone of {v['source']}")
+    if v.get("remote"):
+        lines.append(f"  kept on {v['remote']}")
     for c in v.get("clones", []):
-        lines.append(f"  clone {c['name']}: {c['state']}, {c['delta_extents']} extent(s) differ")
+        lines.append(f"  clone {c['name']}: {c['state']}, {c['delta_extents']} extent(s) differ"
+                     + remote_words(c.get("remote")))
+        if c.get("error"):
+            lines.append(f"    error: {c['error']}")
     r = v.get("restore")
     if r:
         lines.append("  " + restore_line(r))
     return "\n".join(lines)
+
+
+def remote_words(remote: dict | None) -> str:
+    """', on URI (connected)' or '(UNREACHABLE: why)' for a remote clone."""
+    if not remote:
+        return ""
+    if remote["connected"]:
+        state = f"connected, {remote['connections']} connection(s)"
+    else:
+        state = f"UNREACHABLE: {remote['error']}"
+    again = f", {remote['reconnects']} reconnect(s)" if remote["reconnects"] else ""
+    return f", on {remote['uri']} ({state}{again})"
 
 
 def restore_line(r: dict) -> str:

@@ -52,6 +52,8 @@ def render(engine: "Engine") -> str:
             w.metric("lunclone_clone_delta_extents", "gauge",
                      "Extents that may differ between source and clone.",
                      c["delta_extents"], source=src, clone=c["name"])
+            if c.get("remote"):
+                _remote(w, src, c["name"], c["remote"])
         r = engine.lifecycle.describe_restore(src)
         if r is not None:
             _restore(w, src, r)
@@ -76,6 +78,18 @@ def _volume(w: Writer, name: str, vol) -> None:
     w.metric(fam + "_bucket", "histogram", help_, cum, family=fam, volume=name, le="+Inf")
     w.metric(fam + "_sum", "histogram", help_, h.total, family=fam, volume=name)
     w.metric(fam + "_count", "histogram", help_, cum, family=fam, volume=name)
+
+
+def _remote(w: Writer, src: str, clone: str, remote: dict) -> None:
+    labels = {"source": src, "clone": clone}
+    w.metric("lunclone_remote_connected", "gauge",
+             "1 while every connection to a remote clone is up.", int(remote["connected"]),
+             **labels)
+    w.metric("lunclone_remote_reconnects_total", "counter",
+             "Connections to a remote clone made again after a loss.", remote["reconnects"],
+             **labels)
+    w.metric("lunclone_remote_requests_in_flight", "gauge",
+             "NBD requests to a remote clone awaiting a reply.", remote["in_flight"], **labels)
 
 
 def _restore(w: Writer, src: str, r: dict) -> None:

@@ -91,18 +91,16 @@ class NbdStore:
         return all(lane.connected for lane in self.lanes)
 
     def pread(self, buf, offset: int) -> None:
-        view = memoryview(buf)
-        reqs = [self.submit(_Request(READ, offset + i, len(view[i:i + CHUNK]),
-                                     view[i:i + CHUNK]))
-                for i in range(0, len(view), CHUNK)]
-        for r in reqs:
-            r.wait()
+        self._chunked(READ, buf, offset)
 
     def pwrite(self, buf, offset: int) -> None:
+        self._chunked(WRITE, buf, offset)
+
+    def _chunked(self, kind: str, buf, offset: int) -> None:
+        """One host request as CHUNK-sized NBD requests, all in flight at once."""
         view = memoryview(buf)
-        reqs = [self.submit(_Request(WRITE, offset + i, len(view[i:i + CHUNK]),
-                                     view[i:i + CHUNK]))
-                for i in range(0, len(view), CHUNK)]
+        reqs = [self.submit(_Request(kind, offset + i, len(part), part))
+                for i in range(0, len(view), CHUNK) for part in (view[i:i + CHUNK],)]
         for r in reqs:
             r.wait()
 

@@ -85,7 +85,7 @@ def tls_args(tcp: str | None, tls_psk: str | None, tls_certificates: str | None,
 
 def nbdkit_argv(state_dir: str, run_dir: str, tcp: str | None, verbose: bool,
                 group: str | None = None, tls: list[str] | None = None,
-                remote: tuple[int, float, int] | None = None) -> list[str]:
+                remote: tuple | None = None) -> list[str]:
     nbd_socket = os.path.join(run_dir, "nbd.sock")
     argv = [shutil.which("nbdkit") or "/usr/sbin/nbdkit", "--foreground"]
     if tcp:
@@ -103,16 +103,17 @@ def nbdkit_argv(state_dir: str, run_dir: str, tcp: str | None, verbose: bool,
         argv += [f"tcp={tcp}", f"tls={'1' if tls else '0'}"]
     if group:
         argv.append(f"control_group={group}")
-    if remote:
-        argv += [f"remote_depth={remote[0]}", f"remote_timeout={remote[1]}",
-                 f"remote_connections={remote[2]}"]
+    for key, value in zip(("remote_depth", "remote_timeout", "remote_connections"),
+                          remote or ()):
+        if value is not None:  # else the engine's default
+            argv.append(f"{key}={value}")
     return argv
 
 
 def exec_daemon(state_dir: str, run_dir: str, tcp: str | None = None,
                 verbose: bool = False, group: str | None = None,
                 tls_psk: str | None = None, tls_certificates: str | None = None,
-                insecure: bool = False, remote: tuple[int, float, int] | None = None) -> None:
+                insecure: bool = False, remote: tuple | None = None) -> None:
     tls = tls_args(tcp, tls_psk, tls_certificates, insecure)
     if group:
         try:

@@ -11,6 +11,9 @@ import pytest
 
 from tests.vm import image
 
+# A guest under TCG boots in 15-60 s and runs for minutes, slower when the
+# host is busy; the first test also builds the image (debootstrap ~3 min).
+pytestmark = pytest.mark.timeout(1500)
 
 _config = None
 
