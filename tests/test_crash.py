@@ -86,9 +86,12 @@ class ReconnectingClient(threading.Thread):
 
 
 class FlushedWriter(ReconnectingClient):
-    def __init__(self, daemon, model: Model, seed: int):
+    """Flushed writes of every shape and checked reads in [0, span)."""
+
+    def __init__(self, daemon, model: Model, seed: int, span: int = SIZE):
         super().__init__(daemon, seed)
         self.model = model
+        self.span = span
         self.touched: set[int] = set()
         self.uncertain: set[int] = set()
         self.ops = 0
@@ -97,15 +100,16 @@ class FlushedWriter(ReconnectingClient):
         rng = self.rng
         kind = rng.choice(["partial", "whole", "trim", "read"])
         if kind == "read":
-            off = rng.randrange(0, SIZE // BLOCK - 16) * BLOCK
+            off = rng.randrange(0, self.span // BLOCK - 16) * BLOCK
             got = h.pread(16 * BLOCK, off)
             bad = self.model.mismatches(got, off)
             assert not bad, f"read at {off}: blocks {bad[:4]} differ from the model"
             return
         if kind == "whole":
-            off, ln = rng.randrange(0, SIZE // EXT) * EXT, EXT
+            off, ln = rng.randrange(0, self.span // EXT) * EXT, EXT
         else:
-            off, ln = rng.randrange(0, SIZE // 512 - 64) * 512, rng.choice([512, 4096, 20_000])
+            off = rng.randrange(0, self.span // 512 - 64) * 512
+            ln = rng.choice([512, 4096, 20_000])
         new = bytes(ln) if kind == "trim" else rng.randbytes(ln)
         exts = set(range(off // EXT, (off + ln - 1) // EXT + 1))
         try:

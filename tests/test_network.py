@@ -8,8 +8,10 @@ added round trip, then a link cut in the middle of a restore.
 """
 import os
 import random
+import threading
 import time
 
+import nbd
 import pytest
 
 from helpers import Daemon, clone_state, read_bitmap, wait_clone_state, wait_for
@@ -48,6 +50,15 @@ def client(net, workdir):
                prefix=net.exec_prefix(net.client_ns)).start()
     yield d
     assert d.stop() == 0, d.log()
+
+
+def read_quietly(h, offset: int) -> None:
+    """One read that may fail (the link is down); the handle goes with it."""
+    try:
+        h.pread(4096, offset)
+    except nbd.Error:
+        pass
+    del h
 
 
 def file_content(path: str) -> bytes:
@@ -110,14 +121,21 @@ def test_link_cut_during_restore(net, storage, client, cut_s):
     clone_data, src = source_with_fractured_remote_clone(client, uri, rng, damage=400)
     model = Model(clone_data)
     client.cli("restore", "src", "--from", "c1", "--rate", "32K" if cut_s > 10 else "64K")
-    w = FlushedWriter(client, model, 78)
+    # The writer works in the first half; the job still has the second
+    # half to copy when the link goes down.
+    w = FlushedWriter(client, model, 78, span=SIZE // 2)
     w.start()
     time.sleep(1.0)
-    assert restore_status(client, "src")["pending_extents"] > 0, "nothing left to cut into"
+    r = restore_status(client, "src")
+    assert r["pending_extents"] > 0, f"nothing left to cut into: {r}"
     net.cut()
     t_cut = time.monotonic()
+    # A read of the clone's own export is a request to the remote for sure.
+    reader = threading.Thread(target=read_quietly, args=(client.connect("c1"), SIZE - EXT))
+    reader.start()
     time.sleep(cut_s)
     net.heal()
+    reader.join(60)
     print(f"\nlink down for {time.monotonic() - t_cut:.1f} s; remote: "
           f"{clone_state(client, 'src', 'c1')['remote']}")
     time.sleep(1.0)

@@ -42,7 +42,9 @@ class RemoteError(OSError):
     """A request to a remote store failed; errno is what the host gets."""
 
 
-class _Request:
+class Request:
+    """One NBD command: submitted by any thread, finished by the I/O thread."""
+
     __slots__ = ("kind", "offset", "length", "buf", "nbuf", "done", "error", "extents",
                  "deadline", "cookie")
 
@@ -55,7 +57,7 @@ class _Request:
         self.deadline = 0.0
         self.cookie = 0
 
-    def wait(self) -> "_Request":
+    def wait(self) -> "Request":
         self.done.wait()
         if self.error is not None:
             raise RemoteError(*self.error)
@@ -81,8 +83,8 @@ class Connection:
         self.reconnects = 0
         self._ever_connected = False
         self._lock = threading.Lock()
-        self._queue: collections.deque[_Request] = collections.deque()
-        self._inflight: dict[int, _Request] = {}
+        self._queue: collections.deque[Request] = collections.deque()
+        self._inflight: dict[int, Request] = {}
         self._h: nbd.NBD | None = None
         self._can_zero = self._can_flush = self._has_status = False
         self._next_try = 0.0
@@ -116,7 +118,7 @@ class Connection:
         if not self.connected:
             raise RemoteError(errno.EIO, self.error or f"no answer from {self.uri}")
 
-    def submit(self, req: _Request) -> _Request:
+    def submit(self, req: Request) -> Request:
         with self._lock:
             if self._stop:
                 req.finish(errno.EIO, f"remote clone {self.name}: store closed")
@@ -250,7 +252,7 @@ class Connection:
                 req.cookie = cookie
                 self._inflight[cookie] = req
 
-    def _start(self, h: nbd.NBD, req: _Request) -> int | None:
+    def _start(self, h: nbd.NBD, req: Request) -> int | None:
         done = functools.partial(self._complete, req)
         kind = req.kind
         if kind == READ:
@@ -283,12 +285,12 @@ class Connection:
                                   functools.partial(self._extents, req), completion=done)
 
     @staticmethod
-    def _extents(req: _Request, metacontext, offset, entries, err) -> int:
+    def _extents(req: Request, metacontext, offset, entries, err) -> int:
         if metacontext == "base:allocation":
             req.extents = list(entries)
         return 0
 
-    def _complete(self, req: _Request, err) -> int:
+    def _complete(self, req: Request, err) -> int:
         """libnbd's completion callback (I/O thread): retire the command."""
         self._inflight.pop(req.cookie, None)
         code = err.value if hasattr(err, "value") else int(err or 0)

@@ -20,7 +20,7 @@ import threading
 import nbd
 
 from .nbdconn import (FLUSH, READ, REQUEST_TIMEOUT, STATUS, WRITE, ZERO, Connection,
-                      RemoteError, _Request)
+                      RemoteError, Request)
 
 __all__ = ["NbdStore", "RemoteError", "SCHEMES", "DEFAULT_DEPTH", "DEFAULT_CONNECTIONS",
            "REQUEST_TIMEOUT"]
@@ -78,7 +78,7 @@ class NbdStore:
         for lane in self.lanes:
             lane.wait_connected()
 
-    def submit(self, req: _Request) -> _Request:
+    def submit(self, req: Request) -> Request:
         """To the connected lane with the fewest requests (or the first)."""
         best = None
         for lane in self.lanes:
@@ -99,7 +99,7 @@ class NbdStore:
     def _chunked(self, kind: str, buf, offset: int) -> None:
         """One host request as CHUNK-sized NBD requests, all in flight at once."""
         view = memoryview(buf)
-        reqs = [self.submit(_Request(kind, offset + i, len(part), part))
+        reqs = [self.submit(Request(kind, offset + i, len(part), part))
                 for i in range(0, len(view), CHUNK) for part in (view[i:i + CHUNK],)]
         for r in reqs:
             r.wait()
@@ -108,13 +108,13 @@ class NbdStore:
         for r in self._zero_requests(offset, length):
             r.wait()
 
-    def _zero_requests(self, offset: int, length: int) -> list[_Request]:
-        return [self.submit(_Request(ZERO, offset + i, min(ZERO_CHUNK, length - i)))
+    def _zero_requests(self, offset: int, length: int) -> list[Request]:
+        return [self.submit(Request(ZERO, offset + i, min(ZERO_CHUNK, length - i)))
                 for i in range(0, length, ZERO_CHUNK)]
 
     def flush(self) -> None:
         """Every connection: each covers only the writes completed on it."""
-        reqs = [lane.submit(_Request(FLUSH)) for lane in self.lanes]
+        reqs = [lane.submit(Request(FLUSH)) for lane in self.lanes]
         for r in reqs:
             r.wait()
 
@@ -127,7 +127,7 @@ class NbdStore:
         out: list[tuple[int, int, bool]] = []
         pos, end = offset, offset + length
         while pos < end:
-            req = self.submit(_Request(STATUS, pos, end - pos)).wait()
+            req = self.submit(Request(STATUS, pos, end - pos)).wait()
             ents = req.extents or [end - pos, 0]
             for k in range(0, len(ents), 2):
                 n = min(ents[k], end - pos)
@@ -147,7 +147,7 @@ class NbdStore:
                 continue
             for i in range(start, start + n, CHUNK):
                 buf = self._buffers.get(min(CHUNK, start + n - i))
-                pending.append(self.submit(_Request(READ, i, len(buf), buf)))
+                pending.append(self.submit(Request(READ, i, len(buf), buf)))
         failure = None
         for req in pending:
             try:
@@ -164,7 +164,7 @@ class NbdStore:
     def copy_from_file(self, src, offset: int, length: int) -> None:
         """local -> remote: holes become NBD zero requests, data is written
         ``depth`` deep.  The caller flushes (``store.copy_range``)."""
-        pending: list[_Request] = []
+        pending: list[Request] = []
         pos, end = offset, offset + length
         for start, stop in src.data_ranges(offset, end):
             if start > pos:
@@ -172,7 +172,7 @@ class NbdStore:
             for i in range(start, stop, CHUNK):
                 buf = self._buffers.get(min(CHUNK, stop - i))
                 src.pread(buf, i)
-                pending.append(self.submit(_Request(WRITE, i, len(buf), buf)))
+                pending.append(self.submit(Request(WRITE, i, len(buf), buf)))
             pos = stop
         if pos < end:
             pending += self._zero_requests(pos, end - pos)
