@@ -41,7 +41,7 @@ def test_restore_from_ceph_clone(daemon, workdir, ceph_cluster):
     try:
         clone_data, src = prepare(daemon, rng, remote=uri)
         assert rbd_content(uri) == clone_data  # the clone's bytes are in Ceph
-        daemon.cli("restore", "src", "--from", "c1", "--rate", "256K")
+        daemon.cli("restore", "src", "--from", "c1", "--rate", "64K")
         model, touched = host_io_during_restore(daemon, src, clone_data, 900, 80)
         assert rbd_content(uri) == clone_data, "the Ceph clone changed during the restore"
         assert read_bitmap(daemon.state_dir, "c1", "delta") == touched

@@ -100,7 +100,7 @@ def test_restore_from_clone_on_another_host(net, storage, client, rtt_ms):
     rng = random.Random(60 + rtt_ms)
     clone_data, src = source_with_fractured_remote_clone(client, uri, rng)
     assert file_content(path) == clone_data  # the bytes are on the storage host
-    client.cli("restore", "src", "--from", "c1", "--rate", "256K")
+    client.cli("restore", "src", "--from", "c1", "--rate", "64K")
     model, touched = host_io_during_restore(client, src, clone_data, 600, 60)
     assert file_content(path) == clone_data
     assert read_bitmap(client.state_dir, "c1", "delta") == touched

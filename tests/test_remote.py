@@ -90,7 +90,7 @@ def test_remote_clone_sync_mirror_fracture_restore(daemon, remote):
         src.pwrite(rng.randbytes(EXT), rng.randrange(0, SIZE // EXT) * EXT)
     clone_data = remote.content()
     assert whole(daemon.connect("c1"), SIZE) == clone_data  # the clone's export reads it
-    daemon.cli("restore", "src", "--from", "c1", "--rate", "256K")
+    daemon.cli("restore", "src", "--from", "c1", "--rate", "64K")
     model, touched = host_io_during_restore(daemon, src, clone_data, 300, 80)
     assert remote.content() == clone_data, "the remote clone changed during the restore"
     assert read_bitmap(daemon.state_dir, "c1", "delta") == touched
