@@ -116,6 +116,32 @@ def test_remote_with_old_data_is_fully_overwritten(daemon, workdir):
         srv.stop()
 
 
+def test_large_sparse_remote_copies_only_data(daemon, workdir):
+    """An 8 GiB volume (past NBD's 32-bit lengths) on a sparse export: the
+    initial sync asks block status in pieces and copies only the data."""
+    size = 8 << 30
+    srv = NbdkitFile(os.path.join(workdir, "big.img"), os.path.join(workdir, "big.sock"),
+                     size=size).start()
+    try:
+        daemon.cli("create", "big", "--size", str(size))
+        h = daemon.connect("big")
+        for off in (0, 5 << 30, size - MiB):
+            h.pwrite(b"D" * MiB, off)
+        h.flush()
+        daemon.cli("clone", "create", "big", "far", "--remote", srv.uri)
+        wait_clone_state(daemon, "big", "far", "synchronized")
+        sync = daemon.json("status", "big")["clones"][0]
+        assert sync["delta_extents"] == 0
+        with open(srv.path, "rb") as f:
+            for off in (0, 5 << 30, size - MiB):
+                f.seek(off)
+                assert f.read(MiB) == b"D" * MiB
+        assert os.stat(srv.path).st_blocks * 512 < 64 * MiB  # holes stayed holes
+        del h
+    finally:
+        srv.stop()
+
+
 def test_remote_refusals_change_nothing(daemon, workdir, remote):
     daemon.cli("create", "src", "--size", str(SIZE))
     other = NbdkitFile(os.path.join(workdir, "small.img"), os.path.join(workdir, "small.sock"),

@@ -28,7 +28,7 @@ __all__ = ["NbdStore", "RemoteError", "SCHEMES", "DEFAULT_DEPTH", "DEFAULT_CONNE
 DEFAULT_DEPTH = 32
 DEFAULT_CONNECTIONS = 4
 CHUNK = 1 << 20  # bytes per NBD request of a copy
-ZERO_CHUNK = 1 << 30
+ZERO_CHUNK = STATUS_CHUNK = 1 << 30
 SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://")
 
 
@@ -127,7 +127,8 @@ class NbdStore:
         out: list[tuple[int, int, bool]] = []
         pos, end = offset, offset + length
         while pos < end:
-            req = self.submit(Request(STATUS, pos, end - pos)).wait()
+            # NBD lengths are 32-bit: ask at most STATUS_CHUNK at a time.
+            req = self.submit(Request(STATUS, pos, min(end - pos, STATUS_CHUNK))).wait()
             ents = req.extents or [end - pos, 0]
             for k in range(0, len(ents), 2):
                 n = min(ents[k], end - pos)
