@@ -142,6 +142,26 @@ def test_large_sparse_remote_copies_only_data(daemon, workdir):
         srv.stop()
 
 
+def test_refused_request_fails_alone_with_its_errno(remote):
+    """A command libnbd refuses (here: past the end) fails with a numeric
+    errno, which is what the plugin hands nbdkit; the connection stays."""
+    import errno
+    from lunclone.nbdconn import READ, RemoteError, Request
+    from lunclone.remote import NbdStore
+    store = NbdStore("c", remote.uri, SIZE, connections=1)
+    store.start()
+    try:
+        store.wait_connected()
+        with pytest.raises(RemoteError) as e:
+            store.submit(Request(READ, SIZE, 4096, bytearray(4096))).wait()
+        assert e.value.errno == errno.EINVAL
+        buf = bytearray(4096)
+        store.pread(buf, 0)
+        assert store.connected
+    finally:
+        store.close()
+
+
 def test_remote_refusals_change_nothing(daemon, workdir, remote):
     daemon.cli("create", "src", "--size", str(SIZE))
     other = NbdkitFile(os.path.join(workdir, "small.img"), os.path.join(workdir, "small.sock"),

@@ -245,7 +245,8 @@ class Connection:
                         self._queue.appendleft(req)
                     self._lost(e.string)
                     return
-                req.finish(e.errno or errno.EIO, f"remote clone {self.name}: {e.string}")
+                # nbd.Error.errno is the name ("EINVAL"); errnum is the number.
+                req.finish(e.errnum or errno.EIO, f"remote clone {self.name}: {e.string}")
                 continue
             if cookie is not None and not req.done.is_set():
                 req.deadline = time.monotonic() + self.timeout
