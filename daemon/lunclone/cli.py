@@ -86,7 +86,8 @@ def serve(state_dir: str, run_dir: str, tcp: str | None, group: str | None,
     from .serve import exec_daemon
     exec_daemon(state_dir, run_dir, tcp=tcp, verbose=verbose, group=group, tls_psk=tls_psk,
                 tls_certificates=tls_certificates, insecure=insecure,
-                remote=(remote_depth, remote_timeout, remote_connections))
+                remote={"remote_depth": remote_depth, "remote_timeout": remote_timeout,
+                        "remote_connections": remote_connections})
 
 
 @main.command()

@@ -142,9 +142,13 @@ class CopyJob:
     def window(self) -> int:
         """Runs copied at once: one for local files (copy_file_range is
         bound by the disk) and under a rate limit, several to a remote."""
-        if self.throttle.limit or all(is_local(s) for s in self.stores()):
+        if self.throttle.limit or not self._remote():
             return 1
         return REMOTE_WINDOW
+
+    def _remote(self) -> bool:
+        """Does this job copy to or from a remote store?"""
+        return not all(is_local(s) for s in self.stores())
 
     async def _yield_to_host(self, seen: int) -> None:
         """Host requests came in during the last copy: give them the CPU for
@@ -166,8 +170,7 @@ class CopyJob:
         msg = f"copy failed: {e.strerror or e}"
         log.error("%s job on %s: %s (attempt %d)", self.kind, self.family.source.name,
                   msg, self.failures)
-        local = all(is_local(s) for s in self.stores())
-        if self.failures >= (MAX_RETRIES if local else REMOTE_RETRIES):
+        if self.failures >= (REMOTE_RETRIES if self._remote() else MAX_RETRIES):
             self.failures = 0
             self.failed(msg)
         else:

@@ -112,6 +112,9 @@ class Connection:
         """Requests queued or in flight: where to send the next one."""
         return len(self._queue) + len(self._inflight)
 
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
     def wait_connected(self, timeout: float = CONNECT_TIMEOUT) -> None:
         """Wait for the first attempt; raise its error if it failed."""
         self._attempted.wait(timeout + 1)
@@ -220,10 +223,7 @@ class Connection:
         wr = [fd] if direction & nbd.AIO_DIRECTION_WRITE else []
         r, w, _ = select.select(rd, wr, [], max(0.0, timeout))
         if self._wake_r in r:
-            try:
-                os.read(self._wake_r, 4096)
-            except BlockingIOError:
-                pass
+            self._drain_wake()
         if fd in r:
             h.aio_notify_read()
         if fd in w:
@@ -307,7 +307,10 @@ class Connection:
     def _pump(self) -> None:
         h = self._h
         now = time.monotonic()
-        oldest = min((r.deadline for r in self._inflight.values()), default=now + 1.0)
+        # Every request gets the same timeout when it starts, and the dict
+        # keeps start order: the first one has the nearest deadline.
+        first = next(iter(self._inflight.values()), None)
+        oldest = first.deadline if first is not None else now + 1.0
         if oldest <= now:
             self._lost(f"no reply within {self.timeout:.0f} s (link down or server hung)")
             return
@@ -322,10 +325,13 @@ class Connection:
     def _sleep(self, seconds: float) -> None:
         r, _, _ = select.select([self._wake_r], [], [], seconds)
         if r:
-            try:
-                os.read(self._wake_r, 4096)
-            except BlockingIOError:
-                pass
+            self._drain_wake()
+
+    def _drain_wake(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
 
     # -- losing the connection --------------------------------------------------
     def _lost(self, reason: str | None) -> None:

@@ -149,18 +149,7 @@ class NbdStore:
             for i in range(start, start + n, CHUNK):
                 buf = self._buffers.get(min(CHUNK, start + n - i))
                 pending.append(self.submit(Request(READ, i, len(buf), buf)))
-        failure = None
-        for req in pending:
-            try:
-                req.wait()
-                dst.pwrite(req.buf, req.offset)
-            except OSError as e:
-                failure = failure or e
-            finally:
-                req.nbuf = None
-                self._buffers.put(req.buf)
-        if failure is not None:
-            raise failure
+        self._wait_all(pending, lambda req: dst.pwrite(req.buf, req.offset))
 
     def copy_from_file(self, src, offset: int, length: int) -> None:
         """local -> remote: holes become NBD zero requests, data is written
@@ -177,14 +166,21 @@ class NbdStore:
             pos = stop
         if pos < end:
             pending += self._zero_requests(pos, end - pos)
+        self._wait_all(pending)
+
+    def _wait_all(self, pending: list[Request], then=None) -> None:
+        """Wait for every request (then ``then(req)``), give the buffers
+        back, and raise the first failure once all are done."""
         failure = None
         for req in pending:
             try:
                 req.wait()
+                if then is not None:
+                    then(req)
             except OSError as e:
                 failure = failure or e
             finally:
-                if req.kind == WRITE:
+                if req.kind in (READ, WRITE):
                     req.nbuf = None
                     self._buffers.put(req.buf)
         if failure is not None:
@@ -198,7 +194,7 @@ class NbdStore:
                 "error": errors[0] if errors else None,
                 "reconnects": sum(lane.reconnects for lane in self.lanes),
                 "depth": self.depth,
-                "in_flight": sum(len(lane._inflight) for lane in self.lanes)}
+                "in_flight": sum(lane.in_flight() for lane in self.lanes)}
 
     def close(self) -> None:
         for lane in self.lanes:

@@ -85,7 +85,7 @@ def tls_args(tcp: str | None, tls_psk: str | None, tls_certificates: str | None,
 
 def nbdkit_argv(state_dir: str, run_dir: str, tcp: str | None, verbose: bool,
                 group: str | None = None, tls: list[str] | None = None,
-                remote: tuple | None = None) -> list[str]:
+                remote: dict[str, object] | None = None) -> list[str]:
     nbd_socket = os.path.join(run_dir, "nbd.sock")
     argv = [shutil.which("nbdkit") or "/usr/sbin/nbdkit", "--foreground"]
     if tcp:
@@ -103,9 +103,8 @@ def nbdkit_argv(state_dir: str, run_dir: str, tcp: str | None, verbose: bool,
         argv += [f"tcp={tcp}", f"tls={'1' if tls else '0'}"]
     if group:
         argv.append(f"control_group={group}")
-    for key, value in zip(("remote_depth", "remote_timeout", "remote_connections"),
-                          remote or ()):
-        if value is not None:  # else the engine's default
+    for key, value in (remote or {}).items():  # plugin keys; None: the engine's default
+        if value is not None:
             argv.append(f"{key}={value}")
     return argv
 
@@ -113,7 +112,7 @@ def nbdkit_argv(state_dir: str, run_dir: str, tcp: str | None, verbose: bool,
 def exec_daemon(state_dir: str, run_dir: str, tcp: str | None = None,
                 verbose: bool = False, group: str | None = None,
                 tls_psk: str | None = None, tls_certificates: str | None = None,
-                insecure: bool = False, remote: tuple | None = None) -> None:
+                insecure: bool = False, remote: dict[str, object] | None = None) -> None:
     tls = tls_args(tcp, tls_psk, tls_certificates, insecure)
     if group:
         try:
