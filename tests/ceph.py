@@ -361,9 +361,6 @@ class CephCluster:
         self.rbd("create", f"{self.pool}/{name}", "--size", f"{size}B",
                  "--image-feature", features)
 
-    def remove_image(self, name: str) -> None:
-        self.rbd("rm", "--no-progress", f"{self.pool}/{name}")
-
     def image_size(self, name: str) -> int:
         return int(json.loads(self.rbd("info", "--format", "json",
                                        f"{self.pool}/{name}"))["size"])
@@ -415,15 +412,6 @@ class CephCluster:
             os.unlink(socket_path)
         return self._qemu_nbd(image, ["--socket", socket_path], cache, list(extra_args),
                               timeout, lambda: os.path.exists(socket_path))
-
-    def serve_nbd_tcp(self, image: str, host: str = "127.0.0.1", port: int = 0, *,
-                      cache: str = "writeback", extra_args: list[str] = (),
-                      timeout: float = 30) -> tuple[subprocess.Popen, int]:
-        """Like serve_nbd on TCP host:port (0: a free one); returns (proc, port)."""
-        port = port or _free_port(host)
-        proc = self._qemu_nbd(image, ["--bind", host, "--port", str(port)], cache,
-                              list(extra_args), timeout)
-        return proc, port
 
     def stop_server(self, proc: subprocess.Popen, grace: float = 1.0) -> None:
         """SIGTERM (qemu-nbd flushes and closes the image), SIGKILL after `grace`."""

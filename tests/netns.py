@@ -224,14 +224,6 @@ class Latency:
             self.hosts.kill(self._proc)
             self._proc = None
 
-    def uri_for(self, uri: str) -> str:
-        """The URI to use for ``uri`` (served earlier) while this latency is on."""
-        if self.how == "netem":
-            return uri
-        if urllib.parse.urlsplit(uri).port != self.port:
-            raise ValueError(f"the relay forwards port {self.port} only, not {uri}")
-        return self.uri
-
     def __enter__(self) -> "Latency":
         return self
 
