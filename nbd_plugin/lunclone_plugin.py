@@ -157,7 +157,8 @@ def trim(h, count, offset, flags):
 
 def zero(h, count, offset, flags):
     try:
-        h.zero(count, offset, flags & nbdkit.FLAG_FUA)
+        h.zero(count, offset, flags & nbdkit.FLAG_FUA, bool(flags & nbdkit.FLAG_MAY_TRIM),
+               bool(flags & nbdkit.FLAG_FAST_ZERO))
     except Exception as e:
         _fail(e)
 

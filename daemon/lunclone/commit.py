@@ -183,6 +183,8 @@ class Committer:
 
         Holds ``commit_lock`` and ``lock`` throughout; volumes with copied
         data are fdatasync'ed first, so pages it saves obey rule 2 too.
+        In-memory changes are registered with ``tx.then``: they run after
+        COMMIT, still under the lock, and not at all if it fails.
         """
         with self.commit_lock, self.lock:
             fds, self._sync_fds = self._sync_fds, set()
@@ -194,4 +196,6 @@ class Committer:
                 raise
             with self.md.transaction() as tx:
                 yield tx
+            for change in tx.after_commit:
+                change()
 

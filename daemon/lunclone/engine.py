@@ -114,6 +114,22 @@ class Engine:
             log.error("volume %s not served: %s", rec.name, msg)
             self.broken[rec.name] = msg
 
+    def unserve(self, name: str, why: str) -> None:
+        """Stop serving a volume at start-up (``why`` is shown in status and
+        to a client that opens it); its record and file stay."""
+        vol = self.volumes.pop(name, None)
+        if vol is not None:
+            vol.close()
+        self.broken[name] = why
+
+    def serve_again(self, name: str) -> None:
+        """Open an unserved volume again (``restore resume``)."""
+        self.broken.pop(name, None)
+        self._load_volume(self.records[name])
+        vol = self.volumes.get(name)
+        if vol is not None:
+            vol.store.start()
+
     def _remote_store(self, name: str, uri: str, size: int) -> remote.NbdStore:
         return remote.NbdStore(name, uri, size, self.remote_depth, self.remote_timeout,
                                self.remote_connections)
@@ -168,13 +184,17 @@ class Engine:
         log.info("created volume %s (%d bytes, extent %d)", name, size, extent)
         return self.describe(name)
 
-    def delete_volume(self, name: str, force: bool = False) -> dict:
+    async def delete_volume(self, name: str, force: bool = False) -> dict:
+        async with self.lifecycle.admin:
+            return await self._delete_volume(name, force)
+
+    async def _delete_volume(self, name: str, force: bool) -> dict:
         units.check_name(name)
         rec = self.records.get(name)
         if rec is None:
             raise NotFound(f"no volume named {name!r}; see 'lunclone list'")
         if rec.source is not None and rec.source in self.lifecycle.families:
-            return self.lifecycle.delete_clone(name)
+            return await self.lifecycle.delete_clone_locked(name)
         fam = self.lifecycle.families.get(name)
         if fam is not None and fam.restore is not None:
             raise Busy(f"volume {name!r} is being restored; wait for the restore to finish")
@@ -187,7 +207,7 @@ class Engine:
                 raise Busy(f"volume {name!r} has clones ({', '.join(sorted(fam.clones))}); "
                            "delete them first or use --force")
             for clone in list(fam.clones):
-                self.lifecycle.delete_clone(clone)
+                await self.lifecycle.delete_clone_locked(clone)
         with self.md.transaction() as tx:
             tx.delete_volume(name)
         self.forget_volume(name)

@@ -9,13 +9,17 @@ restore) is a Policy object, installed with ``Volume.set_policy``; the
 restore rules live in ``policy.py``.
 
 Switching policy is safe against writes that already passed the policy
-check: every write is counted in ``_begun``/``_ended`` (two C-level
-counters, atomic under the GIL) and ``set_policy`` waits until every write
-begun before the switch has ended.
+check: a write is entered in its generation's in-flight list (``list.append``
+and ``list.pop``: one C call each, atomic under the GIL and on a
+free-threaded build) *before* it reads the policy.  A switch installs the
+new policy, starts a new generation, and waits until the old generation's
+list is empty (``WriteBarrier``): every write that could have read the old
+policy has then ended, and writes that start meanwhile count in the new
+generation, so they cannot release the wait early.
 """
 from __future__ import annotations
 
-import itertools
+import asyncio
 import os
 import time
 from typing import Protocol
@@ -31,7 +35,10 @@ class Policy(Protocol):
     def pread(self, vol: "Volume", buf, offset: int) -> None: ...
     def pwrite(self, vol: "Volume", buf, offset: int, fua: bool) -> None: ...
     def trim(self, vol: "Volume", count: int, offset: int, fua: bool) -> None: ...
-    def zero(self, vol: "Volume", count: int, offset: int, fua: bool) -> None: ...
+    def zero(self, vol: "Volume", count: int, offset: int, fua: bool,
+             may_trim: bool, fast: bool) -> None: ...
+    def extents(self, vol: "Volume", count: int, offset: int,
+                one: bool) -> list[tuple[int, int, bool]]: ...
     def flush(self, vol: "Volume") -> None: ...
 
 
@@ -56,18 +63,40 @@ class Histogram:
         self.counts[-1] += 1
 
 
-def _counter_value(counter: itertools.count) -> int:
-    return counter.__reduce__()[1][0]
+class WriteBarrier:
+    """Writes in progress, by generation: ``enter`` returns the list to give
+    back to ``leave``; ``switch`` starts a new generation and returns the
+    old one's list, empty once every write of that generation has ended."""
+
+    __slots__ = ("current",)
+
+    def __init__(self) -> None:
+        self.current: list[None] = []
+
+    def switch(self) -> list[None]:
+        old, self.current = self.current, []
+        return old
 
 
-def drain(begun: itertools.count, ended: itertools.count, timeout: float, name: str) -> None:
-    """Wait until every request counted in ``begun`` so far is in ``ended``."""
-    target = _counter_value(begun)
+def drain(old: list[None], timeout: float, name: str) -> None:
+    """Wait (blocking) until a generation's writes have ended."""
     deadline = time.monotonic() + timeout
-    while _counter_value(ended) < target:
+    while old:
         if time.monotonic() > deadline:
             raise Busy(f"writes to {name} did not finish in {timeout:.0f} s; try again")
         time.sleep(0.0002)
+
+
+async def quiesce(old: list[None], timeout: float, name: str) -> None:
+    """The same on the asyncio loop, without blocking it: a write may be
+    waiting for a copy whose end runs on the loop."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0002
+    while old:
+        if time.monotonic() > deadline:
+            raise Busy(f"writes to {name} did not finish in {timeout:.0f} s; try again")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.01)
 
 
 class Volume:
@@ -87,8 +116,7 @@ class Volume:
         self.fd = store.fd
         self.policy: Policy | None = None
         self.connections = 0
-        self._begun = itertools.count()
-        self._ended = itertools.count()
+        self.barrier = WriteBarrier()
         self.reads = self.writes = self.read_bytes = self.write_bytes = 0
         self.latency = Histogram()
 
@@ -98,12 +126,15 @@ class Volume:
 
     # -- policy switching --------------------------------------------------
     def set_policy(self, policy: Policy | None) -> None:
-        """Install ``policy`` and wait for writes that began before it."""
-        self.policy = policy
-        self.drain_writes()
+        """Install ``policy`` and wait (blocking) for writes that began
+        before it; only where no write can wait on the loop (start-up)."""
+        drain(self.switch_policy(policy), 60.0, self.name)
 
-    def drain_writes(self, timeout: float = 60.0) -> None:
-        drain(self._begun, self._ended, timeout, self.name)
+    def switch_policy(self, policy: Policy | None) -> list[None]:
+        """Install ``policy``; return the generation of writes that may
+        have read the old one (``quiesce`` it)."""
+        self.policy = policy
+        return self.barrier.switch()
 
     # -- host requests -----------------------------------------------------
     # Counters for metrics are plain ``+=``: under heavy parallel load a few
@@ -126,7 +157,8 @@ class Volume:
         self.writes += 1
         self.write_bytes += len(buf)
         t0 = 0.0 if self.writes & LATENCY_MASK else time.perf_counter()
-        next(self._begun)
+        gen = self.barrier.current
+        gen.append(None)
         try:
             policy = self.policy
             if policy is None:
@@ -137,12 +169,13 @@ class Volume:
             else:
                 policy.pwrite(self, buf, offset, fua)
         finally:
-            next(self._ended)
+            gen.pop()
             if t0:
                 self.latency.observe(time.perf_counter() - t0)
 
     def trim(self, count: int, offset: int, fua: bool) -> None:
-        next(self._begun)
+        gen = self.barrier.current
+        gen.append(None)
         try:
             policy = self.policy
             if policy is None:
@@ -150,18 +183,28 @@ class Volume:
             else:
                 policy.trim(self, count, offset, fua)
         finally:
-            next(self._ended)
+            gen.pop()
 
-    def zero(self, count: int, offset: int, fua: bool) -> None:
-        next(self._begun)
+    def zero(self, count: int, offset: int, fua: bool, may_trim: bool = True,
+             fast: bool = False) -> None:
+        """NBD WRITE_ZEROES: a hole if the client allows trimming (MAY_TRIM),
+        else allocated zeroes; ``fast`` asks to fail with ENOTSUP rather
+        than do slow work (a copy on demand)."""
+        gen = self.barrier.current
+        gen.append(None)
         try:
             policy = self.policy
             if policy is None:
-                self.punch(offset, count, fua)
+                if may_trim:
+                    self.punch(offset, count, fua)
+                else:
+                    self.store.zero(offset, count, may_trim=False)
+                    if fua:
+                        os.fdatasync(self.fd)
             else:
-                policy.zero(self, count, offset, fua)
+                policy.zero(self, count, offset, fua, may_trim, fast)
         finally:
-            next(self._ended)
+            gen.pop()
 
     def flush(self) -> None:
         policy = self.policy
@@ -171,6 +214,11 @@ class Volume:
             policy.flush(self)
 
     def extents(self, count: int, offset: int, one: bool) -> list[tuple[int, int, bool]]:
+        """Block status: (offset, length, is_hole) runs.  During a restore
+        the policy answers for what a read returns, not the file's holes."""
+        policy = self.policy
+        if policy is not None and not policy.plain_reads:
+            return policy.extents(self, count, offset, one)
         return self.store.extents(offset, count, one)
 
     # -- raw helpers for policies ----------------------------------------------

@@ -124,9 +124,18 @@ class CopyJob:
         fam = self.family
         seen = fam.host_requests
         src, dst = self.stores()
+        copy = asyncio.get_running_loop().run_in_executor(
+            self.pool, fam.copy_extents, src, dst, first, n)
         try:
-            copied = await asyncio.get_running_loop().run_in_executor(
-                self.pool, fam.copy_extents, src, dst, first, n)
+            copied = await asyncio.shield(copy)
+        except asyncio.CancelledError:
+            # The job stops, but the thread still copies into these extents:
+            # release them (bits left set) only once it has returned, so no
+            # host write lands under a copy still in progress.
+            await asyncio.gather(copy, return_exceptions=True)
+            with fam.lock:
+                fam.finish_run(self.bitmap(), first, n, dst, ok=False)
+            raise
         except OSError as e:
             with fam.lock:
                 fam.finish_run(self.bitmap(), first, n, dst, ok=False)

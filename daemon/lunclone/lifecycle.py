@@ -5,18 +5,23 @@ change of the diagram in DESIGN.md happens here; what a state means for a
 host request is in ``policy``.
 
 Ordering rules for a change:
+- Admin commands run one at a time (``Lifecycle.admin``, an asyncio lock)
+  and never block the loop: a host write they wait for may itself wait for
+  a copy whose end runs on the loop.
 - A change that makes host writes follow new rules first installs the new
-  state under the lock, then waits for writes that decided under the old
-  rules (``Volume.drain_writes`` or ``Family.writers``), and only then
-  scans or copies maps.
-- The in-memory state and the metadata change together inside
-  ``Committer.transaction()`` (which holds the lock); on failure the
-  in-memory state is put back.
+  state under the lock, then waits (``iopath.quiesce``) for writes that
+  decided under the old rules (a ``WriteBarrier`` generation, or
+  ``Family.writers``), and only then scans or copies maps.  If that wait
+  fails, the old state is put back: the command changed nothing.
+- The database is changed in ``Committer.transaction()``; the in-memory
+  state follows with ``tx.then`` after COMMIT, so a failed commit leaves
+  memory as the database is.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import time
@@ -26,7 +31,7 @@ from . import units
 from . import volume as vf
 from .bitmap import Bitmap
 from .errors import AlreadyExists, Busy, InvalidArgument, LuncloneError, NotFound
-from .iopath import Volume
+from .iopath import Volume, quiesce
 from .jobs import RestoreJob, SyncJob, is_running
 from .metadata import JobRecord, VolumeRecord
 from .policy import (DONE, FRACTURED, MIRRORED, PAUSED, RESTORING, RUNNING, SYNCHRONIZED,
@@ -53,45 +58,75 @@ class Lifecycle:
         # Copies of local files are bound by the disk; copies to or from a
         # remote clone mostly wait on the network: a few threads each.
         self.pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="lunclone-copy")
+        self.admin = asyncio.Lock()  # one admin command at a time
 
     # -- loading ---------------------------------------------------------
     def load(self) -> None:
         """Rebuild families, maps and jobs from the metadata (start-up)."""
         eng = self.engine
         for rec in eng.records.values():
-            if rec.source is None or rec.name not in eng.volumes:
-                continue
-            src = eng.volumes.get(rec.source)
-            if src is None:
+            if rec.source is None and rec.name in eng.volumes:
+                self._load_family(rec.name)
+            elif rec.source is not None and rec.name in eng.volumes \
+                    and rec.source not in eng.volumes:
                 eng.broken[rec.name] = f"its source {rec.source!r} is not served"
-                continue
-            fam = self._family(src)
+        for job in eng.md.jobs():
+            if job.kind == "restore" and job.source in self.families:
+                self._load_restore(job)
+
+    def _load_family(self, source: str) -> None:
+        """A served source's clones (those whose volume could be opened)."""
+        eng = self.engine
+        clones = [r for r in eng.records.values() if r.source == source and r.name in eng.volumes]
+        if not clones:
+            return
+        fam = self._family(eng.volumes[source])
+        for rec in clones:
             delta = eng.md.load_bitmap(rec.name, "delta", fam.nextents)
             clone = Clone(rec.name, eng.volumes[rec.name], rec.clone_state, delta)
             self.committer.register(delta)
             fam.add_clone(clone)
             clone.volume.set_policy(CloneExport(fam, clone))
-        for job in eng.md.jobs():
-            fam = self.families.get(job.source)
-            if job.kind != "restore" or fam is None:
-                continue
-            clone = fam.clones.get(job.clone)
-            if clone is None:
-                continue
-            if job.state == DONE:
+
+    def _load_restore(self, job: JobRecord) -> None:
+        """Resume a restore, or keep its source unserved if the clone it
+        copies from is missing: serving the source would show pre-restore
+        data in every pending extent."""
+        eng = self.engine
+        fam = self.families[job.source]
+        clone = fam.clones.get(job.clone)
+        if job.state == DONE:
+            if clone is not None:
                 fam.last_restore = self._done_restore(clone, job, fam.nextents)
-                continue
-            pending = eng.md.load_bitmap(job.source, "pending", fam.nextents)
-            protected = eng.md.load_bitmap(job.source, "protected", fam.nextents)
-            r = Restore(clone, job.protected, pending, protected, job.total_extents)
-            r.state, r.rate_limit, r.on_demand, r.error = job.state, job.rate_limit, job.on_demand, job.error
-            r.progress.copied_bytes = job.copied_bytes
-            r.ready.set()
-            self.committer.register(pending)
-            self.committer.register(protected)
-            fam.restore = r
-            log.info("resuming restore of %s from %s: %d extents pending",
-                     job.source, clone.name, pending.count())
+            return
+        if clone is None:
+            self._refuse_family(fam, job)
+            return
+        pending = eng.md.load_bitmap(job.source, "pending", fam.nextents)
+        protected = eng.md.load_bitmap(job.source, "protected", fam.nextents)
+        r = Restore(clone, job.protected, pending, protected, job.total_extents)
+        r.state, r.rate_limit, r.on_demand, r.error = job.state, job.rate_limit, job.on_demand, job.error
+        r.progress.copied_bytes = job.copied_bytes
+        r.ready.set()
+        self.committer.register(pending)
+        self.committer.register(protected)
+        fam.restore = r
+        log.info("resuming restore of %s from %s: %d extents pending",
+                 job.source, clone.name, pending.count())
+
+    def _refuse_family(self, fam: Family, job: JobRecord) -> None:
+        """The clone of an unfinished restore cannot be opened: neither the
+        source nor its other clones are served until it is back."""
+        eng = self.engine
+        why = eng.broken.get(job.clone, "is missing")
+        msg = (f"its restore from {job.clone} cannot go on: {job.clone} {why}; bring it "
+               f"back, then run 'lunclone restore resume {job.source}'")
+        log.error("volume %s not served: %s", job.source, msg)
+        for clone in list(fam.clones.values()):
+            self.committer.unregister(clone.delta)
+            eng.unserve(clone.name, f"its source {job.source!r} is not served")
+        eng.unserve(job.source, msg)
+        del self.families[job.source]
 
     @staticmethod
     def _done_restore(clone: Clone, job: JobRecord, nextents: int) -> Restore:
@@ -150,33 +185,36 @@ class Lifecycle:
         return fam
 
     # -- clones ------------------------------------------------------------
-    def create_clone(self, source: str, name: str, remote: str | None = None) -> dict:
-        eng = self.engine
-        units.check_name(name)
-        src = eng.get_volume(source)
-        src_rec = eng.records[source]
-        if src_rec.source is not None:
-            raise InvalidArgument(f"{source!r} is a clone; clone its source {src_rec.source!r}")
-        if name in eng.records:
-            raise AlreadyExists(f"a volume named {name!r} exists already")
-        fam = self.families.get(source)
-        if fam is not None and fam.restore is not None:
-            raise Busy(f"{source} is being restored; create the clone after the restore")
-        if fam is not None and len(fam.clones) >= MAX_CLONES:
-            raise Busy(f"{source} has {MAX_CLONES} clones already, the most a volume may have; "
-                       "delete one first")
-        if remote:
-            store = eng.open_remote(name, remote, src.size)
-        else:
-            store = self._new_local_store(name, src.size)
-        try:
-            self._add_clone(src, name, store, remote)
-        except BaseException:
-            store.close()
-            if store.path:
-                os.unlink(store.path)
-            raise
-        return eng.describe(name)
+    async def create_clone(self, source: str, name: str, remote: str | None = None) -> dict:
+        async with self.admin:
+            eng = self.engine
+            units.check_name(name)
+            src = eng.get_volume(source)
+            src_rec = eng.records[source]
+            if src_rec.source is not None:
+                raise InvalidArgument(f"{source!r} is a clone; clone its source {src_rec.source!r}")
+            if name in eng.records:
+                raise AlreadyExists(f"a volume named {name!r} exists already")
+            fam = self.families.get(source)
+            if fam is not None and fam.restore is not None:
+                raise Busy(f"{source} is being restored; create the clone after the restore")
+            if fam is not None and len(fam.clones) >= MAX_CLONES:
+                raise Busy(f"{source} has {MAX_CLONES} clones already, the most a volume may "
+                           "have; delete one first")
+            if remote:
+                store = await self.engine.loop.run_in_executor(
+                    self.pool, eng.open_remote, name, remote, src.size)
+            else:
+                store = self._new_local_store(name, src.size)
+            try:
+                await self._add_clone(src, name, store, remote)
+            except BaseException:
+                store.close()
+                if store.path:
+                    os.unlink(store.path)
+                    vf.fsync_dir(os.path.dirname(store.path))
+                raise
+            return eng.describe(name)
 
     def _new_local_store(self, name: str, size: int) -> FileStore:
         path = self.engine.volume_path(name)
@@ -188,7 +226,7 @@ class Lifecycle:
             raise vf.no_space_guard(e) from e
         return FileStore(path)
 
-    def _add_clone(self, src: Volume, name: str, store: Store, remote: str | None) -> None:
+    async def _add_clone(self, src: Volume, name: str, store: Store, remote: str | None) -> None:
         eng = self.engine
         vol = Volume(name, store, src.size, src.extent_size)
         fam = self._family(src)
@@ -198,18 +236,26 @@ class Lifecycle:
         rec = VolumeRecord(name, src.size, src.extent_size, source=src.name,
                            clone_state=SYNCHRONIZING, remote=remote, created=time.time())
         with self.lock:
+            # Registered before any write can set a bit: a bit committed by
+            # the group commit is then saved with its page.
+            self.committer.register(delta)
             fam.add_clone(clone)  # from now on host writes set its delta bits
+            older_writes = src.barrier.switch()
         try:
-            src.drain_writes()
+            await quiesce(older_writes, DRAIN_TIMEOUT, src.name)
             differ = self._initial_delta(fam, store)
             with self.committer.transaction() as tx:
-                delta.union(differ)
+                new_delta = delta.copy(delta.key)
+                new_delta.union(differ)
+                tx.delete_bitmap(name, "delta")  # rows a failed create may have left
                 tx.put_volume(rec)
-                tx.save_bitmap(name, "delta", delta)
-                self.committer.register(delta)
+                tx.save_bitmap(name, "delta", new_delta, pages=list(range(new_delta.page_count())))
+                tx.then(lambda: delta.union(differ))
         except BaseException:
             with self.lock:
                 fam.remove_clone(name)
+                self.committer.unregister(delta)
+            self._drop_family_if_unused(fam)
             raise
         eng.records[name] = rec
         eng.volumes[name] = vol
@@ -247,44 +293,127 @@ class Lifecycle:
         return fam, fam.clones[name]
 
     def _set_state(self, fam: Family, clone: Clone, state: str, tx) -> None:
-        """Inside a transaction: change a clone's state in memory and metadata."""
-        clone.state = state
+        """Inside a transaction: change a clone's state in the metadata, and
+        in memory once it has committed."""
         rec = self.engine.records[clone.name]
-        rec.clone_state = state
-        tx.put_volume(rec)
+        tx.put_volume(dataclasses.replace(rec, clone_state=state))
 
-    def fracture(self, name: str) -> dict:
-        fam, clone = self.find_clone(name)
-        if clone.state == FRACTURED:
+        def apply() -> None:
+            clone.state = state
+            rec.clone_state = state
+        tx.then(apply)
+
+    async def fracture(self, name: str) -> dict:
+        """Synchronized -> fractured, a point-in-time copy.  Writes that
+        start after the switch only set delta bits; those that began before
+        are mirrored and have ended before the state is committed.  Both
+        volumes are then durable, so the write-intent bits of mirrored
+        writes are cleared in the same transaction: the delta map is exact."""
+        async with self.admin:
+            fam, clone = self.find_clone(name)
+            if clone.state == FRACTURED:
+                return self.engine.describe(name)
+            if clone.state != SYNCHRONIZED:
+                raise Busy(f"clone {name} is {clone.state}; it can be fractured once "
+                           f"synchronized (see 'lunclone status {fam.source.name}')")
+            failures = clone.mirror_failures
+            with self.lock:
+                clone.state = FRACTURED
+                clone.fracturing = set()
+                older_writes = fam.source.barrier.switch()
+            try:
+                await quiesce(older_writes, DRAIN_TIMEOUT, fam.source.name)
+                await self._make_durable(fam, clone)
+                with self.committer.transaction() as tx:
+                    self._commit_fracture(fam, clone, failures, tx)
+            except BaseException:
+                self._fracture_failed(fam, clone)
+                raise
+            finally:
+                clone.fracturing = None
+            log.info("clone %s fractured", name)
             return self.engine.describe(name)
-        if clone.state != SYNCHRONIZED:
-            raise Busy(f"clone {name} is {clone.state}; it can be fractured once synchronized "
-                       f"(see 'lunclone status {fam.source.name}')")
-        with self.committer.transaction() as tx:
-            self._set_state(fam, clone, FRACTURED, tx)
-        fam.source.drain_writes()
-        log.info("clone %s fractured", name)
-        return self.engine.describe(name)
 
-    def sync(self, name: str) -> dict:
-        fam, clone = self.find_clone(name)
+    async def _make_durable(self, fam: Family, clone: Clone) -> None:
+        """Before bits are cleared for data both volumes hold: fdatasync
+        local files (at the next commit), flush a remote clone now."""
+        store = clone.volume.store
+        if not is_local(store):
+            await self.engine.loop.run_in_executor(self.pool, store.flush)
+        with self.lock:
+            self.committer.copied_into(fam.source.fd)
+            if is_local(store):
+                self.committer.copied_into(store.fd)
+
+    def _commit_fracture(self, fam: Family, clone: Clone, failures: int, tx) -> None:
+        """Under the transaction: the state, and the delta map without the
+        intent bits of writes that were mirrored (unless a mirror failed)."""
+        delta = clone.delta
+        keep = clone.fracturing or set()
+        idle = [] if clone.mirror_failures != failures else [
+            i for i in delta.iter_set() if i not in keep and not fam.writers.get(i)]
+        exact = delta.copy(delta.key)
+        for i in idle:
+            exact.clear(i)
+        tx.save_bitmap(clone.name, "delta", exact, pages=list(range(exact.page_count())))
+        self._set_state(fam, clone, FRACTURED, tx)
+
+        def clear() -> None:
+            for i in idle:
+                if i not in (clone.fracturing or ()):
+                    delta.clear(i)
+        tx.then(clear)
+
+    def _fracture_failed(self, fam: Family, clone: Clone) -> None:
+        """Writes since the switch were not mirrored: the clone is no longer
+        a mirror.  Its bits (all committed) record where it may differ, so
+        it resynchronizes; the database's 'synchronized with intent bits'
+        means the same after a restart."""
+        with self.lock:
+            if clone.state == FRACTURED and self.engine.records[clone.name].clone_state != FRACTURED:
+                clone.state = SYNCHRONIZING
         if clone.state == SYNCHRONIZING:
-            clone.error = None
-            self._start_sync(fam, clone)  # again, if it stopped on an error
-        if clone.state in MIRRORED:
-            return self.engine.describe(name)
-        if clone.state != FRACTURED:
-            raise Busy(f"clone {name} is {clone.state}; wait for the restore to finish")
-        with self.committer.transaction() as tx:
-            self._set_state(fam, clone, SYNCHRONIZING, tx)
-        clone.volume.drain_writes()  # writes to the clone's own export, now refused
-        fam.drain_fast()  # source writes that passed the fast path before
-        clone.error = None
-        clone.sync = type(clone.sync)()
-        self._start_sync(fam, clone)
-        return self.engine.describe(name)
+            self._start_sync(fam, clone)
 
-    def delete_clone(self, name: str) -> dict:
+    async def sync(self, name: str) -> dict:
+        async with self.admin:
+            fam, clone = self.find_clone(name)
+            r = fam.restore
+            if r is not None and r.clone is not clone:
+                raise Busy(f"{fam.source.name} is being restored from {r.clone.name}; sync "
+                           f"{name} after the restore (its source is changing under it)")
+            if clone.state == SYNCHRONIZING:
+                clone.error = None
+                self._start_sync(fam, clone)  # again, if it stopped on an error
+            if clone.state in MIRRORED:
+                return self.engine.describe(name)
+            if clone.state != FRACTURED:
+                raise Busy(f"clone {name} is {clone.state}; wait for the restore to finish")
+            with self.lock:
+                clone.state = SYNCHRONIZING  # its own export refuses writes from now on
+                older = (clone.volume.barrier.switch(), fam.switch_fast())
+            try:
+                for gen in older:
+                    await quiesce(gen, DRAIN_TIMEOUT, name)
+                with self.committer.transaction() as tx:
+                    self._set_state(fam, clone, SYNCHRONIZING, tx)
+            except BaseException:
+                with self.lock:
+                    clone.state = FRACTURED  # the rules of both states set delta bits alike
+                raise
+            clone.error = None
+            clone.sync = type(clone.sync)()
+            self._start_sync(fam, clone)
+            return self.engine.describe(name)
+
+    async def delete_clone(self, name: str) -> dict:
+        async with self.admin:
+            return await self.delete_clone_locked(name)
+
+    async def delete_clone_locked(self, name: str) -> dict:
+        """The record goes first; memory and the file follow once that has
+        committed.  Writes that may still mirror into the clone, and its
+        sync job's copies, end before its file is closed."""
         fam, clone = self.find_clone(name)
         if fam.restore is not None and fam.restore.clone is clone:
             raise Busy(f"clone {name} is the source of a running restore of "
@@ -293,16 +422,27 @@ class Lifecycle:
             raise Busy(f"clone {name} has {clone.volume.connections} open connection(s); "
                        "disconnect them first")
         with self.committer.transaction() as tx:
-            fam.remove_clone(name)
             tx.delete_volume(name)
-            self.committer.unregister(clone.delta)
-        fam.source.drain_writes()
+
+            def forget() -> None:
+                fam.remove_clone(name)
+                self.committer.unregister(clone.delta)
+            tx.then(forget)
+            older_writes = fam.source.barrier.switch()
+        await quiesce(older_writes, float("inf"), fam.source.name)
+        job = self.jobs.pop(f"sync:{name}", None)
+        if job is not None and job.task is not None:
+            await asyncio.gather(job.task, return_exceptions=True)
         self.engine.forget_volume(name)
-        if not fam.clones and fam.restore is None:
-            fam.source.set_policy(None)
-            del self.families[fam.source.name]
+        self._drop_family_if_unused(fam)
         log.info("clone %s deleted", name)
         return {"deleted": name}
+
+    def _drop_family_if_unused(self, fam: Family) -> None:
+        if not fam.clones and fam.restore is None and \
+                self.families.get(fam.source.name) is fam:
+            fam.source.set_policy(None)
+            del self.families[fam.source.name]
 
     def finish_sync(self, clone: Clone) -> bool:
         """The sync job found the delta map empty: synchronized, if still so."""
@@ -318,15 +458,21 @@ class Lifecycle:
         return True
 
     def _mirror_failed(self, clone: Clone) -> None:
-        """A mirror write failed (nbdkit thread): resynchronize that clone."""
+        """A mirror write failed (nbdkit thread): resynchronize that clone,
+        if it is still the synchronizing clone of this family by then."""
         fam, _ = self.find_clone(clone.name)
         loop = self.engine.loop
         if loop is None:
             return
 
         def resync() -> None:
-            with self.committer.transaction() as tx:
-                self._set_state(fam, clone, SYNCHRONIZING, tx)
+            if fam.clones.get(clone.name) is not clone or clone.state != SYNCHRONIZING:
+                return
+            try:
+                with self.committer.transaction() as tx:
+                    self._set_state(fam, clone, SYNCHRONIZING, tx)
+            except LuncloneError as e:
+                log.error("could not record that %s resynchronizes: %s", clone.name, e.message)
             self._start_sync(fam, clone)
         loop.call_soon_threadsafe(resync)
 
@@ -348,8 +494,13 @@ class Lifecycle:
             job.failed(f"internal error: {e!r}")
 
     # -- restore ------------------------------------------------------------
-    def start_restore(self, source: str, clone_name: str, protected: bool = True,
-                      rate_limit=0) -> dict:
+    async def start_restore(self, source: str, clone_name: str, protected: bool = True,
+                            rate_limit=0) -> dict:
+        async with self.admin:
+            return await self._start_restore(source, clone_name, protected, rate_limit)
+
+    async def _start_restore(self, source: str, clone_name: str, protected: bool,
+                             rate_limit) -> dict:
         units.check_name(source)
         rate_limit = units.parse_size(rate_limit or 0)
         self.engine.get_volume(source)
@@ -363,7 +514,7 @@ class Lifecycle:
             raise Busy(f"clone {clone_name} is {clone.state}; only a fractured clone (a "
                        f"point-in-time copy) can be restored: 'lunclone clone fracture {clone_name}'")
         states = {c: c.state for c in fam.clones.values()}
-        r = self._gate_restore(fam, clone, protected, states)
+        r = await self._gate_restore(fam, clone, protected, states)
         r.rate_limit = rate_limit
         try:
             self._commit_restore_start(fam, r)
@@ -377,8 +528,8 @@ class Lifecycle:
         self._start_restore_job(fam)
         return self.engine.describe(source)
 
-    def _gate_restore(self, fam: Family, clone: Clone, protected: bool,
-                      states: dict[Clone, str]) -> Restore:
+    async def _gate_restore(self, fam: Family, clone: Clone, protected: bool,
+                            states: dict[Clone, str]) -> Restore:
         """Install the restore with its gate closed, then let old writes end."""
         n = fam.nextents
         r = Restore(clone, protected, Bitmap(n, key=(fam.source.name, "pending")),
@@ -386,14 +537,17 @@ class Lifecycle:
         with self.lock:
             fam.restore = r
             clone.state = RESTORING
+            older = (clone.volume.barrier.switch(), fam.switch_fast())
         try:
-            clone.volume.drain_writes()
-            fam.drain_fast()
+            for gen in older:
+                await quiesce(gen, DRAIN_TIMEOUT, fam.source.name)
+            # Slow-path writes decided under the old rules are registered
+            # writers; new ones wait at the gate (``r.ready``).
             deadline = time.monotonic() + DRAIN_TIMEOUT
             while fam.writers:
                 if time.monotonic() > deadline:
                     raise Busy(f"host writes to {fam.source.name} did not finish; try again")
-                time.sleep(0.0005)
+                await asyncio.sleep(0.0005)
         except BaseException:
             self._undo_restore_start(fam, states, reload_deltas=False)
             r.ready.set()
@@ -446,7 +600,9 @@ class Lifecycle:
 
     def finish_restore(self, fam: Family) -> bool:
         """Pending is empty: in one transaction the clone's delta map becomes
-        the protected restore map, and the clone goes back to fractured."""
+        the protected restore map, and the clone goes back to fractured
+        (``--unprotected``, or a restore whose mirror failed: synchronizing,
+        so the protected extents are copied to it)."""
         r = fam.restore
         with self.committer.transaction() as tx:
             if (r is None or r.pending.any() or fam.inflight
@@ -456,17 +612,21 @@ class Lifecycle:
             # The protected map is exactly what the host changed; with
             # --unprotected those writes were mirrored, but a crash may have
             # cut one short, so the clone resynchronizes them (cheaply).
-            clone.delta.assign(r.protected)
+            delta = r.protected.copy(clone.delta.key)
+            tx.save_bitmap(clone.name, "delta", delta, pages=list(range(delta.page_count())))
             self._set_state(fam, clone, FRACTURED if r.protected_mode else SYNCHRONIZING, tx)
-            tx.save_bitmap(clone.name, "delta", clone.delta)
             tx.delete_bitmap(fam.source.name, "pending")
             tx.delete_bitmap(fam.source.name, "protected")
-            r.state = DONE
-            tx.put_job(self._job_record(fam, r))
-            self.committer.unregister(r.pending)
-            self.committer.unregister(r.protected)
-            fam.restore = None
-            fam.last_restore = r
+            tx.put_job(dataclasses.replace(self._job_record(fam, r), state=DONE))
+
+            def done() -> None:
+                clone.delta.assign(delta)
+                r.state = DONE
+                self.committer.unregister(r.pending)
+                self.committer.unregister(r.protected)
+                fam.restore = None
+                fam.last_restore = r
+            tx.then(done)
         log.info("restore of %s from %s done: %d bytes copied, %d on demand, %d protected",
                  fam.source.name, clone.name, r.progress.copied_bytes, r.on_demand,
                  r.protected.count())
@@ -482,19 +642,22 @@ class Lifecycle:
             raise NotFound(f"no restore of {source} is in progress")
         return fam, fam.restore
 
-    def _persist_job(self, fam: Family, r: Restore) -> None:
+    def _persist_job(self, fam: Family, r: Restore, **changes) -> None:
+        """Record the job with ``changes``; apply them to ``r`` once committed."""
         with self.committer.transaction() as tx:
-            tx.put_job(self._job_record(fam, r))
+            tx.put_job(dataclasses.replace(self._job_record(fam, r), **changes))
+            tx.then(lambda: [setattr(r, k, v) for k, v in changes.items()])
 
-    def pause(self, source: str) -> dict:
-        fam, r = self._restore_of(source)
-        r.state = PAUSED
-        self._persist_job(fam, r)
-        return self.engine.describe(source)
+    async def pause(self, source: str) -> dict:
+        async with self.admin:
+            fam, r = self._restore_of(source)
+            self._persist_job(fam, r, state=PAUSED)
+            return self.engine.describe(source)
 
     def pause_with_error(self, fam: Family, message: str | None) -> None:
-        """Pause in memory at once; persist if the metadata can take it (on
-        a full disk it may not: after a restart the job then runs again)."""
+        """Pause in memory at once (the job stops retrying); persist if the
+        metadata can take it (on a full disk it may not: after a restart the
+        job then runs again)."""
         r = fam.restore
         if r is None:
             return
@@ -506,25 +669,52 @@ class Lifecycle:
         log.error("restore of %s paused: %s; 'lunclone restore resume %s' goes on",
                   fam.source.name, message, fam.source.name)
 
-    def resume(self, source: str) -> dict:
-        fam, r = self._restore_of(source)
-        r.state, r.error = RUNNING, None
-        self._persist_job(fam, r)
-        if not is_running(self.jobs.get(f"restore:{source}")):
-            self._start_restore_job(fam)
-        return self.engine.describe(source)
+    async def resume(self, source: str) -> dict:
+        async with self.admin:
+            units.check_name(source)
+            if source in self.engine.broken and source in self.engine.records:
+                self._bring_back(source)
+            fam, r = self._restore_of(source)
+            self._persist_job(fam, r, state=RUNNING, error=None)
+            if not is_running(self.jobs.get(f"restore:{source}")):
+                self._start_restore_job(fam)
+            return self.engine.describe(source)
 
-    def set_rate(self, source: str, limit) -> dict:
-        fam, r = self._restore_of(source)
-        limit = units.parse_size(limit)
-        if limit < 0:
-            raise InvalidArgument("rate must be 0 (unlimited) or a positive number of bytes/s")
-        r.rate_limit = limit
-        job = self.jobs.get(f"restore:{source}")
-        if job is not None:
-            job.throttle.set(limit)
-        self._persist_job(fam, r)
-        return self.engine.describe(source)
+    def _bring_back(self, source: str) -> None:
+        """A source kept unserved because its restore's clone was missing:
+        open its volumes again; if the clone is back, serve the family and
+        let the restore go on."""
+        eng = self.engine
+        names = [source] + [n for n, rec in eng.records.items() if rec.source == source]
+        for name in names:
+            if name in eng.broken:
+                eng.serve_again(name)
+        job = next((j for j in eng.md.jobs() if j.source == source), None)
+        if source not in eng.volumes:
+            raise NotFound(f"volume {source!r} is not served: {eng.broken[source]}")
+        self._load_family(source)
+        if job is not None and source in self.families:
+            self._load_restore(job)
+        if source in eng.broken:
+            raise NotFound(f"volume {source!r} is not served: {eng.broken[source]}")
+        fam = self.families.get(source)
+        if fam is not None:
+            for clone in fam.clones.values():
+                if clone.state == SYNCHRONIZING:
+                    self._start_sync(fam, clone)
+        log.info("volume %s is served again", source)
+
+    async def set_rate(self, source: str, limit) -> dict:
+        async with self.admin:
+            fam, r = self._restore_of(source)
+            limit = units.parse_size(limit)
+            if limit < 0:
+                raise InvalidArgument("rate must be 0 (unlimited) or a positive number of bytes/s")
+            self._persist_job(fam, r, rate_limit=limit)
+            job = self.jobs.get(f"restore:{source}")
+            if job is not None:
+                job.throttle.set(limit)
+            return self.engine.describe(source)
 
     # -- views ----------------------------------------------------------------
     def describe_clones(self, name: str) -> list[dict]:

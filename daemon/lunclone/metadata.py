@@ -30,6 +30,7 @@ from dataclasses import dataclass, asdict
 from typing import Iterator
 
 from .bitmap import Bitmap
+from . import faults
 from .errors import MetadataError
 
 SCHEMA_VERSION = 1
@@ -100,6 +101,14 @@ class Transaction:
 
     def __init__(self, db: sqlite3.Connection):
         self._db = db
+        self.after_commit: list = []
+
+    def then(self, change) -> None:
+        """Run ``change()`` (an in-memory change) once the transaction has
+        committed; never if it fails.  Memory never runs ahead of the
+        database: compute the new state into copies inside the transaction,
+        save them, and assign them here."""
+        self.after_commit.append(change)
 
     def put_volume(self, rec: VolumeRecord) -> None:
         self._db.execute(
@@ -186,6 +195,8 @@ class Metadata:
                 raise MetadataError(f"metadata {self.path}: {e}") from e
             try:
                 yield Transaction(self._db)
+                if faults.armed is not None:
+                    faults.hit("metadata.commit")
                 self._db.execute("COMMIT")
             except BaseException as e:
                 with contextlib.suppress(sqlite3.Error):

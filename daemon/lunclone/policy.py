@@ -44,7 +44,7 @@ and a host write never starts on an extent in flight: that is claim 1.
 """
 from __future__ import annotations
 
-import itertools
+import errno
 import logging
 import os
 import threading
@@ -55,7 +55,7 @@ from . import volume as vf
 from .bitmap import Bitmap, extent_range
 from .commit import Batch, Committer
 from .errors import ReadOnly
-from .iopath import Volume, drain
+from .iopath import Volume, WriteBarrier
 from .store import Store, copy_range, is_local
 
 log = logging.getLogger("lunclone.policy")
@@ -101,6 +101,10 @@ class Clone:
         self.sync = Progress()
         self.error: str | None = None
         self.hot: set[int] = set()  # extents written since the last intent sweep
+        self.mirror_failures = 0  # mirror writes or flushes to it that failed
+        # While a fracture waits for mirrored writes to end: extents written
+        # under the fractured rules (their bits are real differences).
+        self.fracturing: set[int] | None = None
 
     @property
     def state(self) -> str:
@@ -127,6 +131,14 @@ class Restore:
         self.rate_limit = 0
         self.error: str | None = None
         self.ready = threading.Event()  # set once the start is committed
+        # An unprotected restore whose mirror failed goes on protected: the
+        # clone is no longer written, and is resynchronized once it is done.
+        self.mirror_lost = False
+
+    @property
+    def mirrored(self) -> bool:
+        """Are host writes mirrored to the clone (``--unprotected``)?"""
+        return not self.protected_mode and not self.mirror_lost
 
 
 class Family:
@@ -146,8 +158,7 @@ class Family:
         self.fast_maps: list[bytearray] | None = None
         self.plain_reads = True  # no restore: a read is a plain read
         self.host_requests = 0  # jobs back off while this moves
-        self._fast_begun = itertools.count()
-        self._fast_ended = itertools.count()
+        self.fast_writes = WriteBarrier()  # writes that may take the fast path
         self.inflight: dict[int, threading.Event] = {}
         self.writers: dict[int, int] = {}
         self.writer_done: dict[int, threading.Event] = {}
@@ -183,10 +194,10 @@ class Family:
         else:
             self.fast_maps = None
 
-    def drain_fast(self, timeout: float = 60.0) -> None:
-        """Wait for fast-path writes that began before the fast path was
-        switched off (they passed their check under the old state)."""
-        drain(self._fast_begun, self._fast_ended, timeout, self.source.name)
+    def switch_fast(self) -> list[None]:
+        """After a state change under the lock: the generation of writes
+        that may have passed the fast path under the old state (quiesce it)."""
+        return self.fast_writes.switch()
 
     # -- host requests on the source -----------------------------------------
     def pread(self, vol: Volume, buf, offset: int) -> None:
@@ -197,9 +208,11 @@ class Family:
 
     def pwrite(self, vol: Volume, buf, offset: int, fua: bool) -> None:
         # Fast path: one extent whose delta bits are committed in every
-        # (fractured) clone.  Counted first, then checked, so that a state
-        # change followed by ``drain_fast`` never misses a write in progress.
-        next(self._fast_begun)
+        # (fractured) clone.  Entered in the barrier first, then checked, so
+        # that a state change followed by a quiesce of ``switch_fast``'s
+        # generation never misses a write in progress.
+        gen = self.fast_writes.current
+        gen.append(None)
         try:
             maps = self.fast_maps
             if maps is not None:
@@ -215,13 +228,45 @@ class Family:
                             os.fdatasync(vol.fd)
                         return
         finally:
-            next(self._fast_ended)
+            gen.pop()
         self._write(offset, len(buf), fua, lambda store: store.pwrite(buf, offset))
 
     def trim(self, vol: Volume, count: int, offset: int, fua: bool) -> None:
         self._write(offset, count, fua, lambda store: store.zero(offset, count))
 
-    zero = trim
+    def zero(self, vol: Volume, count: int, offset: int, fua: bool,
+             may_trim: bool = True, fast: bool = False) -> None:
+        if fast and self._needs_copy(offset, count):
+            raise OSError(errno.ENOTSUP, "a fast zero here would need a copy on demand")
+        source = self.source.store
+        self._write(offset, count, fua,
+                    lambda store: store.zero(offset, count, may_trim or store is not source))
+
+    def _needs_copy(self, offset: int, length: int) -> bool:
+        if self._restore is None:
+            return False
+        exts = extent_range(offset, length, self.shift)
+        with self.lock:
+            return bool(self._copies_needed(exts, offset, length, True)
+                        or any(i in self.inflight for i in exts))
+
+    def extents(self, vol: Volume, count: int, offset: int,
+                one: bool) -> list[tuple[int, int, bool]]:
+        """Block status of the source as a read sees it: during a restore a
+        pending extent reads the clone's data, so it is never a hole.  The
+        pending bits are read first: an extent whose bit is clear by then
+        was copied already, and the file's holes read after that are true."""
+        r = self._restore
+        if r is None:
+            return vol.store.extents(offset, count, one)
+        first, last = offset >> self.shift, (offset + count - 1) >> self.shift
+        with self.lock:
+            pending = [i for i in _set_bits_between(r.pending, first, last)
+                       if not r.protected.test(i)]
+        runs = vol.store.extents(offset, count, False)
+        if pending:
+            runs = _as_data(runs, pending, self.shift)
+        return runs[:1] if one else runs
 
     def flush(self, vol: Volume) -> None:
         """The source's data, then each mirror's; a mirror that cannot flush
@@ -271,11 +316,25 @@ class Family:
             self._mirror_broken(clone, "write", e)
 
     def _mirror_broken(self, clone: Clone, what: str, e: OSError) -> None:
-        log.error("mirror %s to clone %s failed: %s; it will be resynchronized",
-                  what, clone.name, e)
+        """A mirror write or flush failed; the clone's bits record where it
+        may differ.  A synchronized clone goes back to synchronizing.  The
+        clone of an unprotected restore is the restore's data source: it is
+        never written by a copy, so the restore goes on protected and the
+        clone is resynchronized from the source once the restore is done."""
+        r = self._restore
         with self.lock:
+            clone.mirror_failures += 1
+            if r is not None and r.clone is clone:
+                r.mirror_lost = True
+                r.error = (f"mirror {what} to {clone.name} failed ({e.strerror or e}); the "
+                           f"restore goes on protected and {clone.name} is resynchronized "
+                           "when it is done")
+                log.error("restore of %s: %s", self.source.name, r.error)
+                return
             if clone.state == SYNCHRONIZED:
                 clone.state = SYNCHRONIZING
+        log.error("mirror %s to clone %s failed: %s; it will be resynchronized",
+                  what, clone.name, e)
         clone.error = f"mirror {what} failed: {e.strerror or e}"
         if self.on_mirror_failed:
             self.on_mirror_failed(clone)
@@ -314,7 +373,7 @@ class Family:
     def _mirrors(self) -> list[Clone]:
         mirrors = [c for c in self.clones.values() if c.state == SYNCHRONIZED]
         r = self.restore
-        if r is not None and not r.protected_mode:
+        if r is not None and r.mirrored:
             mirrors.append(r.clone)
         return mirrors
 
@@ -399,13 +458,15 @@ class Family:
                 mirrors.append(clone)
             elif st in (FRACTURED, SYNCHRONIZING):
                 batches += [req(clone.delta, i) for i in exts]
+                if clone.fracturing is not None:
+                    clone.fracturing.update(exts)
             elif st == RESTORING and r is not None and r.clone is clone:
                 for i in exts:
                     if r.pending.test(i) and not r.protected.test(i):
                         late.append(i)
                     else:
                         batches.append(req(r.protected, i))
-                if not r.protected_mode:
+                if r.mirrored:
                     mirrors.append(clone)
         return batches, mirrors, late
 
@@ -521,7 +582,16 @@ class CloneExport:
         if fua:
             vol.store.flush()
 
-    zero = trim
+    def zero(self, vol: Volume, count: int, offset: int, fua: bool,
+             may_trim: bool = True, fast: bool = False) -> None:
+        self._writable(offset, count)
+        vol.store.zero(offset, count, may_trim)
+        if fua:
+            vol.store.flush()
+
+    def extents(self, vol: Volume, count: int, offset: int,
+                one: bool) -> list[tuple[int, int, bool]]:
+        return vol.store.extents(offset, count, one)
 
     def flush(self, vol: Volume) -> None:
         vol.store.flush()
@@ -534,3 +604,44 @@ def _wait(batches: list[Batch | None]) -> None:
             seen.add(id(b))
             b.wait()
 
+
+
+def _set_bits_between(bm: Bitmap, first: int, last: int):
+    for i in bm.iter_set(first):
+        if i > last:
+            return
+        yield i
+
+
+def _as_data(runs: list[tuple[int, int, bool]], data_extents: list[int],
+             shift: int) -> list[tuple[int, int, bool]]:
+    """``runs`` with the given extents turned from hole into data, merged."""
+    marks: list[tuple[int, int]] = [(i << shift, (i + 1) << shift) for i in data_extents]
+    out: list[tuple[int, int, bool]] = []
+
+    def add(off: int, n: int, hole: bool) -> None:
+        if n <= 0:
+            return
+        if out and out[-1][2] == hole and out[-1][0] + out[-1][1] == off:
+            o, m, _ = out.pop()
+            out.append((o, m + n, hole))
+        else:
+            out.append((off, n, hole))
+    k = 0
+    for off, n, hole in runs:
+        end = off + n
+        if not hole:
+            add(off, n, False)
+            continue
+        pos = off
+        while k < len(marks) and marks[k][1] <= pos:
+            k += 1
+        j = k
+        while pos < end and j < len(marks) and marks[j][0] < end:
+            a, b = max(marks[j][0], pos), min(marks[j][1], end)
+            add(pos, a - pos, True)
+            add(a, b - a, False)
+            pos = b
+            j += 1
+        add(pos, end - pos, True)
+    return out

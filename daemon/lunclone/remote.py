@@ -104,7 +104,7 @@ class NbdStore:
         for r in reqs:
             r.wait()
 
-    def zero(self, offset: int, length: int) -> None:
+    def zero(self, offset: int, length: int, may_trim: bool = True) -> None:
         for r in self._zero_requests(offset, length):
             r.wait()
 

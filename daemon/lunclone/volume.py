@@ -18,6 +18,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 
 
 def create_sparse(path: str, size: int) -> None:
@@ -76,6 +77,19 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    """Zero a range and keep it allocated (NBD WRITE_ZEROES without MAY_TRIM);
+    where the filesystem cannot, write zeroes."""
+    if _libc.fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        raise OSError(err, f"fallocate(ZERO_RANGE): {os.strerror(err)}")
+    chunk = bytes(min(length, 1 << 20))
+    for pos in range(offset, offset + length, len(chunk)):
+        write_from(fd, memoryview(chunk)[:min(len(chunk), offset + length - pos)], pos)
 
 
 def data_ranges(fd: int, offset: int, end: int) -> Iterator[tuple[int, int]]:

@@ -1,0 +1,196 @@
+"""The real engine in this process: real files, real SQLite, real committer,
+jobs on a real asyncio loop, admin commands through the control server's
+own command table.  Host requests are made the way nbdkit's worker threads
+make them (``Volume.pread``/``pwrite``... from test threads), so a test can
+hold one at a chosen point (``Hold``) while jobs and admin commands move.
+
+No nbdkit here: what only nbdkit shows is tested with ``helpers.Daemon``.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import threading
+import time
+from typing import Callable
+
+from lunclone.engine import Engine
+from lunclone.iopath import Volume
+
+MiB = 1 << 20
+EXT = 64 * 1024
+
+
+class LiveEngine:
+    def __init__(self, workdir: str):
+        self.state_dir = os.path.join(workdir, "state")
+        self.run_dir = os.path.join(workdir, "run")
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.engine = self._boot()
+
+    def _boot(self) -> Engine:
+        eng = Engine(self.state_dir, self.run_dir)
+        eng.start()
+        return eng
+
+    # -- admin commands, on the loop as the control server runs them -----------
+    def cmd(self, _cmd: str, _timeout: float = 60.0, **args):
+        fn = self.engine._server.commands[_cmd]
+
+        async def run():
+            result = fn(**args)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        return asyncio.run_coroutine_threadsafe(run(), self.engine.loop).result(_timeout)
+
+    def cmd_in_thread(self, _cmd: str, **args) -> "Async":
+        return Async(lambda: self.cmd(_cmd, **args))
+
+    def on_loop(self, fn: Callable, timeout: float = 30.0):
+        """Run ``fn()`` on the loop thread and return its result."""
+        async def run():
+            return fn()
+        return asyncio.run_coroutine_threadsafe(run(), self.engine.loop).result(timeout)
+
+    # -- host side ------------------------------------------------------------
+    def volume(self, name: str) -> Volume:
+        return self.engine.volumes[name]
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.volume(name).pread(buf, offset)
+        return bytes(buf)
+
+    def write(self, name: str, data: bytes, offset: int, fua: bool = False) -> None:
+        self.volume(name).pwrite(data, offset, fua)
+
+    def whole(self, name: str) -> bytes:
+        return self.read(name, 0, self.volume(name).size)
+
+    def file(self, name: str) -> bytes:
+        """The bytes of a local volume file, read past the engine."""
+        with open(self.engine.volume_path(name), "rb") as f:
+            return f.read()
+
+    # -- states -----------------------------------------------------------------
+    def family(self, source: str):
+        return self.engine.lifecycle.families[source]
+
+    def clone(self, name: str):
+        fam, clone = self.engine.lifecycle.find_clone(name)
+        return clone
+
+    def wait(self, pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def wait_clone(self, name: str, state: str, timeout: float = 30.0) -> None:
+        self.wait(lambda: self.clone(name).state == state, timeout, f"{name} {state}")
+
+    def fractured_clone(self, source: str = "src", clone: str = "c1", size: int = 4 * MiB,
+                        data: bytes | None = None) -> None:
+        self.cmd("create", name=source, size=size)
+        if data is not None:
+            self.write(source, data, 0)
+        self.cmd("clone_create", source=source, name=clone)
+        self.wait_clone(clone, "synchronized")
+        self.cmd("clone_fracture", name=clone)
+
+    # -- ends ---------------------------------------------------------------------
+    def commit(self) -> None:
+        self.engine.committer.commit_now()
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    def crash(self) -> None:
+        """As SIGKILL leaves things (the page cache kept): no final commit,
+        no flush; threads stopped, descriptors and the lock dropped."""
+        eng = self.engine
+        eng.committer._stop = True
+        eng.committer._wake.set()
+        if eng.committer._thread:
+            eng.committer._thread.join(10)
+        eng.loop.call_soon_threadsafe(eng.loop.stop)
+        eng._thread.join(30)
+        for vol in eng.volumes.values():
+            vol.close()
+        eng.md.close()
+        eng.lock.release()
+        for path in (eng.control_socket,):
+            if os.path.exists(path):
+                os.unlink(path)
+
+    def restart(self) -> None:
+        self.crash()
+        self.engine = self._boot()
+
+
+class Async:
+    """Run ``fn`` in a thread; ``result()`` joins and re-raises."""
+
+    def __init__(self, fn: Callable):
+        self.box: dict = {}
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn):
+        try:
+            self.box["result"] = fn()
+        except BaseException as e:
+            self.box["error"] = e
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def result(self, timeout: float = 30.0):
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise AssertionError("still running")
+        if "error" in self.box:
+            raise self.box["error"]
+        return self.box.get("result")
+
+
+class Hold:
+    """Hold calls of a module's function at a chosen point.
+
+    ``Hold(monkeypatch, module, "name", when)`` replaces ``module.name`` by
+    a wrapper: a call for which ``when(*args)`` is true blocks (``arrived``
+    is set) until ``release()``, then runs the real function.  The real
+    system call still runs; only its timing is chosen by the test."""
+
+    def __init__(self, monkeypatch, module, name: str, when: Callable[..., bool],
+                 before: bool = True):
+        self.real = getattr(module, name)
+        self.arrived = threading.Event()
+        self.released = threading.Event()
+        self.when = when
+        self.armed = True
+        real, hold = self.real, self
+
+        def wrapper(*args, **kwargs):
+            if hold.armed and when(*args, **kwargs):
+                hold.armed = False
+                if before:
+                    hold.arrived.set()
+                    hold.released.wait(60)
+                    return real(*args, **kwargs)
+                result = real(*args, **kwargs)
+                hold.arrived.set()
+                hold.released.wait(60)
+                return result
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    def wait_arrived(self, timeout: float = 10.0) -> None:
+        assert self.arrived.wait(timeout), "the held call never came"
+
+    def release(self) -> None:
+        self.released.set()

@@ -1,0 +1,257 @@
+"""Requests held at a chosen point while jobs and admin commands move.
+
+Each test reproduces one way the engine could lose data, modify a clone,
+report zeroes or hang, against the real engine in this process (real
+files, SQLite, committer and jobs; ``live.LiveEngine``), and checks what
+must hold instead.  ``live.Hold`` holds a real call (a write, a copy) at
+the point the test chooses; ``faults`` fails a real call.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+
+import pytest
+
+from lunclone import faults, jobs, policy
+from lunclone import volume as vf
+from lunclone.errors import LuncloneError
+from helpers import read_bitmap
+from live import EXT, MiB, Async, Hold, LiveEngine
+
+SIZE = 4 * MiB
+NEXT = SIZE // EXT
+
+
+@pytest.fixture
+def live(workdir):
+    eng = LiveEngine(workdir)
+    yield eng
+    faults.disarm()
+    try:
+        eng.stop()
+    except Exception:
+        pass
+
+
+def pattern(tag: bytes, n: int = SIZE) -> bytes:
+    return (tag * (n // len(tag) + 1))[:n]
+
+
+def delta_in_db(live, clone: str) -> set[int]:
+    live.commit()
+    return read_bitmap(live.state_dir, clone, "delta")
+
+
+def test_fracture_leaves_no_stale_intent_bits(live):
+    """A write just before a fracture leaves a write-intent bit; the
+    fracture clears it (both copies equal), so the delta map is exact."""
+    live.cmd("create", name="src", size=SIZE)
+    live.write("src", pattern(b"a"), 0)
+    live.cmd("clone_create", source="src", name="c1")
+    live.wait_clone("c1", "synchronized")
+    live.write("src", b"x" * 4096, 3 * EXT)  # mirrored, intent bit 3 set
+    live.cmd("clone_fracture", name="c1")
+    assert live.clone("c1").delta.count() == 0
+    assert delta_in_db(live, "c1") == set()
+    live.write("src", b"y" * 4096, 5 * EXT)  # after the fracture: a real difference
+    assert set(live.clone("c1").delta.iter_set()) == {5}
+
+
+def test_fast_path_write_in_flight_across_clone_sync(live, monkeypatch):
+    """A write that passed the fractured fast path is still running when
+    'clone sync' switches the rules: the sync must not copy (and clear)
+    that extent before the write has landed."""
+    live.fractured_clone(data=pattern(b"a"))
+    live.write("src", b"b" * EXT, 0)  # delta bit 0 committed: the fast path is on
+    assert live.family("src").fast_maps is not None
+    hold = Hold(monkeypatch, vf, "write_from", lambda fd, buf, off: bytes(buf[:4]) == b"HOLD")
+    w1 = Async(lambda: live.write("src", b"HOLD" * (EXT // 4), 0))
+    hold.wait_arrived()
+    sync = live.cmd_in_thread("clone_sync", name="c1")
+    import time
+    time.sleep(0.1)
+    live.write("src", b"c" * 4096, 9 * EXT)  # a write that begins and ends meanwhile
+    time.sleep(0.5)
+    synced_early = live.clone("c1").state == "synchronized"
+    hold.release()
+    w1.result()
+    sync.result()
+    live.wait_clone("c1", "synchronized")
+    assert not synced_early, "the clone was synchronized while a source write was in flight"
+    assert live.file("c1") == live.file("src")
+
+
+def test_new_clone_bit_set_before_its_map_is_registered_is_saved(live, monkeypatch):
+    """A host write between 'the new clone is in the family' and the create
+    transaction: its delta bit must reach the database."""
+    live.cmd("create", name="src", size=SIZE)  # all holes: the initial delta is empty
+    real = live.engine.lifecycle._initial_delta
+
+    def initial_delta_then_write(fam, store):
+        differ = real(fam, store)
+        live.write("src", b"w" * 4096, 7 * EXT)  # committed by the group commit
+        return differ
+    monkeypatch.setattr(live.engine.lifecycle, "_initial_delta", initial_delta_then_write)
+    hold = Hold(monkeypatch, policy, "copy_range", lambda src, dst, off, n: True)
+    live.cmd("clone_create", source="src", name="c1")
+    hold.wait_arrived()  # the sync job has not copied anything yet
+    try:
+        assert 7 in delta_in_db(live, "c1"), "the new clone's delta bit was never saved"
+    finally:
+        hold.release()
+    live.wait_clone("c1", "synchronized")
+
+
+def test_clone_sync_of_another_clone_refused_during_restore(live):
+    live.fractured_clone(data=pattern(b"a"))
+    live.cmd("clone_create", source="src", name="c2")
+    live.wait_clone("c2", "synchronized")
+    live.cmd("clone_fracture", name="c2")
+    live.write("src", pattern(b"b", 8 * EXT), 0)
+    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    with pytest.raises(LuncloneError, match="restore"):
+        live.cmd("clone_sync", name="c2")
+    assert live.clone("c2").state == "fractured"
+
+
+def test_unprotected_restore_survives_a_mirror_failure(live):
+    """A mirror write to the restoring clone fails: the restore goes on
+    protected, the clone is never written with the source's old data, and
+    the source ends with the clone's data plus the host's writes."""
+    clone_data = pattern(b"clone-")
+    live.fractured_clone(data=clone_data)
+    live.write("src", pattern(b"old-", 32 * EXT), 0)  # 32 extents to restore
+    live.cmd("restore", source="src", clone_name="c1", protected=False, rate_limit="64K")
+    store = live.clone("c1").volume.store
+    real_pwrite = store.pwrite
+
+    def failing(buf, offset):
+        raise OSError(errno.EIO, "injected mirror failure")
+    store.pwrite = failing
+    live.write("src", b"h" * EXT, 40 * EXT)  # not pending: protected and mirrored
+    store.pwrite = real_pwrite
+    model = bytearray(clone_data)
+    model[40 * EXT:41 * EXT] = b"h" * EXT
+    import time
+    time.sleep(0.3)
+    assert live.file("c1")[:32 * EXT] == clone_data[:32 * EXT], \
+        "the clone's data was overwritten by the source's pre-restore data"
+    live.cmd("restore_rate", source="src", limit="0")
+    live.wait(lambda: live.family("src").restore is None, what="restore done")
+    assert live.whole("src") == bytes(model)
+    live.wait_clone("c1", "synchronized")
+    assert live.file("c1") == bytes(model)
+
+
+def test_cancelled_copies_release_their_extents(live, monkeypatch):
+    """Copies in flight when their job stops (here: a restore from another
+    clone fractures the synchronizing one while two runs are in flight)
+    release their extents: host requests on them go on and the restore
+    finishes."""
+    monkeypatch.setattr(jobs.CopyJob, "window", lambda self: 8)  # as to a remote clone
+    monkeypatch.setattr(jobs, "RUN_EXTENTS", 4)
+    live.fractured_clone(clone="c2", data=pattern(b"a"))
+    live.write("src", pattern(b"b", 16 * EXT), 0)
+    c1_path = live.engine.volume_path("c1")
+
+    def copy_to_c1_at(offset):
+        return lambda src, dst, off, n: getattr(dst, "path", None) == c1_path and off == offset
+    first = Hold(monkeypatch, policy, "copy_range", copy_to_c1_at(0))
+    second = Hold(monkeypatch, policy, "copy_range", copy_to_c1_at(4 * EXT))
+    live.cmd("clone_create", source="src", name="c1")
+    first.wait_arrived()
+    second.wait_arrived()
+    live.cmd("restore", source="src", clone_name="c2")  # c1 becomes fractured: its job stops
+    second.release()
+    import time
+    time.sleep(0.2)
+    first.release()
+    reader = Async(lambda: live.read("src", 0, SIZE))
+    assert reader.result(10) == pattern(b"a")
+    live.wait(lambda: live.family("src").restore is None, 20, "restore done")
+    assert not live.family("src").inflight
+
+
+def test_admin_drain_does_not_block_the_copy_it_waits_for(live, monkeypatch):
+    """A host write waits for an extent in flight; an admin command waits
+    for that write.  The copy's end runs on the loop: the command must not
+    block the loop while it waits."""
+    live.cmd("create", name="src", size=SIZE)
+    live.write("src", pattern(b"a"), 0)
+    hold = Hold(monkeypatch, policy, "copy_range", lambda src, dst, off, n: off == 0)
+    live.cmd("clone_create", source="src", name="c1")
+    hold.wait_arrived()  # extents from 0 are in flight
+    writer = Async(lambda: live.write("src", b"w" * 4096, 100))
+    import time
+    time.sleep(0.2)
+    creating = live.cmd_in_thread("clone_create", source="src", name="c2")
+    time.sleep(0.2)
+    hold.release()
+    creating.result(15)
+    writer.result(5)
+    live.wait_clone("c1", "synchronized")
+    live.wait_clone("c2", "synchronized")
+    assert live.file("c1") == live.file("src") == live.file("c2")
+
+
+def test_failed_delete_commit_changes_nothing(live):
+    live.fractured_clone(data=pattern(b"a"))
+    live.write("src", b"b" * EXT, 2 * EXT)
+
+    def full():
+        raise sqlite3.OperationalError("database or disk is full")
+    faults.arm("metadata.commit", full)
+    with pytest.raises(LuncloneError):
+        live.cmd("clone_delete", name="c1")
+    faults.disarm()
+    assert "c1" in live.family("src").clones and "c1" in live.engine.volumes
+    assert live.clone("c1").delta.test(2)
+    live.restart()
+    assert "c1" in live.family("src").clones and live.clone("c1").delta.test(2)
+    live.cmd("clone_delete", name="c1")
+    assert "c1" not in live.engine.records
+
+
+def test_failed_restore_finish_commit_changes_nothing(live):
+    live.fractured_clone(data=pattern(b"a"))
+    live.write("src", b"b" * EXT, 2 * EXT)
+    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    armed = []
+
+    def full():
+        import traceback
+        if any("finish_restore" in f.name for f in traceback.extract_stack()):
+            armed.append(1)
+            raise sqlite3.OperationalError("database or disk is full")
+    faults.arm("metadata.commit", full)
+    live.cmd("restore_rate", source="src", limit="0")
+    live.wait(lambda: armed, what="a finish attempt")
+    faults.disarm()
+    import time
+    time.sleep(0.2)
+    fam = live.family("src")
+    if fam.restore is None:  # it finished on a later attempt: memory must match the DB
+        assert live.engine.md.jobs()[0].state == "done"
+    else:
+        assert live.clone("c1").state == "restoring"
+    live.wait(lambda: live.family("src").restore is None
+              or live.family("src").restore.state == "paused", what="finish or pause")
+    if live.family("src").restore is not None:
+        live.cmd("restore_resume", source="src")
+    live.wait(lambda: live.family("src").restore is None, what="restore done")
+    assert live.whole("src") == pattern(b"a")
+    assert live.engine.md.jobs()[0].state == "done"
+
+
+def test_block_status_answers_for_what_a_read_returns(live):
+    """A pending extent that is a hole on the source but data on the clone
+    is not reported as a hole (backup tools would copy zeroes)."""
+    live.fractured_clone(data=pattern(b"a"))
+    vol = live.volume("src")
+    vol.trim(8 * EXT, 0, False)  # holes on the source, data on the clone
+    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    for off, n, hole in vol.extents(SIZE, 0, False):
+        if hole:
+            assert live.read("src", off, n) == bytes(n), f"hole reported at {off}+{n} reads data"
