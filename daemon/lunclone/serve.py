@@ -1,8 +1,10 @@
 """`lunclone serve`: build nbdkit's command line and exec it.
 
 The daemon is nbdkit itself running our plugin in the foreground; this
-module only finds the plugin file, checks the state directory is free and
-prepares the run directory, so the admin gets one clear line on error.
+module only finds the plugin file, checks the state directory (free, its
+database ours, read-only) and prepares the run directory, so that every
+refusal is one clear line before nbdkit starts.  The engine repeats these
+checks inside nbdkit as a second line of defence.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import sys
 
 import lunclone
 from .errors import Busy, InvalidArgument, LuncloneError
+from .metadata import check_state_dir
 
 PLUGIN_NAME = "lunclone_plugin.py"
 
@@ -44,6 +47,16 @@ def check_state_dir_free(state_dir: str) -> None:
         lock_state_dir(fd, state_dir)
     finally:
         os.close(fd)
+
+
+def make_dir(path: str, mode: int, what: str) -> None:
+    """mkdir -p, or one line naming the directory and the reason."""
+    try:
+        os.makedirs(path, mode=mode, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgument(f"cannot use {path} as the {what}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"cannot use {path} as the {what}: not writable")
 
 
 def check_run_dir_free(run_dir: str) -> None:
@@ -121,9 +134,10 @@ def exec_daemon(state_dir: str, run_dir: str, tcp: str | None = None,
             raise InvalidArgument(f"no group named {group!r}") from None
     state_dir = os.path.abspath(state_dir)
     run_dir = os.path.abspath(run_dir)
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    make_dir(state_dir, 0o700, "state directory")
+    make_dir(run_dir, 0o755, "run directory")
     check_state_dir_free(state_dir)
+    check_state_dir(state_dir)
     check_run_dir_free(run_dir)
     for stale in ("nbd.sock", "control.sock"):
         path = os.path.join(run_dir, stale)
