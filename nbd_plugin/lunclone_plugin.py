@@ -4,7 +4,8 @@
 
 Holds no rules: every callback calls the engine in one line.  Engine errors
 become the errno the client sees in ``_fail``.  ``lunclone serve`` puts the
-package on PYTHONPATH, because the embedded interpreter does not see the venv.
+package on PYTHONPATH, because the embedded interpreter does not see the venv,
+and keeps the caller's Python environment away from it (serve.nbdkit_env).
 Note: the callback ``open`` shadows the builtin in this file.
 """
 import logging
@@ -49,7 +50,10 @@ def config_complete():
             _refuse(f"missing parameter {key}=")
     logging.basicConfig(stream=sys.stderr, level=_config.get("log_level", "INFO"),
                         format="lunclone: %(levelname)s %(name)s: %(message)s")
-    from lunclone.engine import Engine
+    try:
+        from lunclone.engine import Engine
+    except ImportError as e:  # e.g. no nbd: nbdkit's Python is not the system's
+        _refuse(f"nbdkit's Python ({sys.prefix}) cannot load lunclone: {e}")
     try:
         engine = Engine(_config["state_dir"], _config["run_dir"], _config.get("socket"),
                         control_group=_config.get("control_group"), tcp=_config.get("tcp"),

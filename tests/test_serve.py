@@ -1,8 +1,10 @@
 """`lunclone serve` start-up: every refusal is one line, never a traceback."""
 import fcntl
+import glob
 import os
 import sqlite3
 import subprocess
+import sys
 
 import pytest
 
@@ -107,3 +109,63 @@ def test_missing_volume_file_served_with_error(workdir):
     finally:
         assert d.stop() == 0
     assert "Traceback" not in d.log()
+
+
+# -- the caller's Python environment does not reach nbdkit's interpreter ----
+
+PYVER = f"python{sys.version_info.major}.{sys.version_info.minor}"  # nbdkit's libpython
+
+
+def fake_python_prefix(workdir: str) -> str:
+    """A bin/ with a `python3` whose prefix looks like a Python of our version
+    (the landmark lib/pythonX.Y/os.py) but holds no usable standard library."""
+    prefix = os.path.join(workdir, "otherpython")
+    os.makedirs(os.path.join(prefix, "lib", PYVER, "lib-dynload"))
+    open(os.path.join(prefix, "lib", PYVER, "os.py"), "w").close()
+    os.makedirs(os.path.join(prefix, "bin"))
+    exe = os.path.join(prefix, "bin", "python3")
+    with open(exe, "w") as f:
+        f.write("#!/bin/sh\nexit 1\n")
+    os.chmod(exe, 0o755)
+    return os.path.join(prefix, "bin")
+
+
+def pyenv_bin(workdir: str) -> str:
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    found = sorted(glob.glob(os.path.join(root, "versions", PYVER[6:] + ".*", "bin")))
+    if not found:
+        pytest.skip(f"no pyenv {PYVER} here")
+    return found[-1]
+
+
+def serves_a_volume(d: Daemon) -> None:
+    try:
+        d.start()
+        d.cli("create", "v", "--size", "1M")
+        h = d.connect("v")
+        h.pwrite(b"z" * 8192, 4096)
+        assert h.pread(8192, 4096) == b"z" * 8192
+        del h
+    finally:
+        assert d.stop() == 0, d.log()
+    assert "Traceback" not in d.log()
+
+
+@pytest.mark.parametrize("other", [fake_python_prefix, pyenv_bin])
+def test_serve_with_another_python_first_in_path(workdir, monkeypatch, other):
+    monkeypatch.setenv("PATH", other(workdir) + os.pathsep + os.environ["PATH"])
+    serves_a_volume(Daemon(os.path.join(workdir, "state"), os.path.join(workdir, "run")))
+
+
+def test_serve_ignores_python_home_and_venv_variables(workdir):
+    """PYTHONHOME would kill any Python started with it, the `lunclone` CLI's
+    own too; the CLI runs here with -E (as a launcher immune to it would), so
+    the variables still reach `serve`, which must not pass them to nbdkit."""
+    bogus = os.path.join(workdir, "bogus")
+    launcher = ("import sys; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[2:]; "
+                "from lunclone.cli import run; run()")
+    prefix = ["env", f"PYTHONHOME={bogus}", f"PYTHONSTARTUP={bogus}/startup.py",
+              f"VIRTUAL_ENV={bogus}", f"PYTHONUSERBASE={bogus}", f"PYTHONPLATLIBDIR={bogus}",
+              sys.executable, "-E", "-c", launcher, os.path.join(ROOT, "daemon")]
+    serves_a_volume(Daemon(os.path.join(workdir, "state"), os.path.join(workdir, "run"),
+                           prefix=prefix))

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Mapping
 
 import lunclone
 from .errors import Busy, InvalidArgument, LuncloneError
@@ -122,6 +123,33 @@ def nbdkit_argv(state_dir: str, run_dir: str, tcp: str | None, verbose: bool,
     return argv
 
 
+SYSTEM_BIN = "/usr/bin"  # where the python3 of nbdkit's libpython lives
+# Variables that point an interpreter at another Python's files; the
+# embedded one must find the system's standard library and site-packages.
+MISLEADING = ("PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONPLATLIBDIR",
+              "PYTHONEXECUTABLE", "VIRTUAL_ENV")
+
+
+def nbdkit_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """nbdkit's environment, the same whatever the caller's Python.
+
+    nbdkit embeds the system's libpython, whose interpreter takes its
+    prefix from the first ``python3`` on PATH (or from PYTHONHOME): a pyenv,
+    conda or venv Python first there gives it another standard library and
+    no system site-packages (no ``nbd``).  So: /usr/bin first, the variables
+    above dropped, no user site-packages, our package first on PYTHONPATH
+    (the embedded interpreter does not see a venv)."""
+    env = {k: v for k, v in environ.items() if k not in MISLEADING}
+    rest = [p for p in env.get("PATH", "/usr/sbin:/sbin:/bin").split(os.pathsep)
+            if p and os.path.normpath(p) != SYSTEM_BIN]
+    env["PATH"] = os.pathsep.join([SYSTEM_BIN, *rest])
+    env["PYTHONNOUSERSITE"] = "1"
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(lunclone.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    return env
+
+
 def exec_daemon(state_dir: str, run_dir: str, tcp: str | None = None,
                 verbose: bool = False, group: str | None = None,
                 tls_psk: str | None = None, tls_certificates: str | None = None,
@@ -144,10 +172,7 @@ def exec_daemon(state_dir: str, run_dir: str, tcp: str | None = None,
         if os.path.exists(path):
             os.unlink(path)
     argv = nbdkit_argv(state_dir, run_dir, tcp, verbose, group, tls, remote)
-    env = dict(os.environ)
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(lunclone.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    env = nbdkit_env(os.environ)
     if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
         raise LuncloneError("nbdkit is not installed; run scripts/setup or "
                             "apt-get install nbdkit nbdkit-plugin-python")
