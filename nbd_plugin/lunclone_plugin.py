@@ -4,10 +4,12 @@
 
 Holds no rules: every callback calls the engine in one line.  Engine errors
 become the errno the client sees in ``_fail``.  ``lunclone serve`` puts the
-package on PYTHONPATH, because the embedded interpreter does not see the venv.
+package on PYTHONPATH, because the embedded interpreter does not see the venv,
+and keeps the caller's Python environment away from it (serve.nbdkit_env).
 Note: the callback ``open`` shadows the builtin in this file.
 """
 import logging
+import os
 import sys
 
 import nbdkit
@@ -26,9 +28,18 @@ def _fail(exc):
     raise exc
 
 
+def _refuse(message):
+    """A start-up refusal: one line and exit 1.  An exception would reach
+    nbdkit, which prints it with its Python traceback.  Only called before
+    nbdkit serves: no sockets, no threads yet."""
+    sys.stderr.write(f"lunclone: error: {message}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def config(key, value):
     if key not in _KEYS:
-        raise RuntimeError(f"unknown parameter {key!r}; known: {', '.join(_KEYS)}")
+        _refuse(f"unknown parameter {key!r}; known: {', '.join(_KEYS)}")
     _config[key] = value
 
 
@@ -36,10 +47,13 @@ def config_complete():
     global engine
     for key in ("state_dir", "run_dir"):
         if key not in _config:
-            raise RuntimeError(f"missing parameter {key}=")
+            _refuse(f"missing parameter {key}=")
     logging.basicConfig(stream=sys.stderr, level=_config.get("log_level", "INFO"),
                         format="lunclone: %(levelname)s %(name)s: %(message)s")
-    from lunclone.engine import Engine
+    try:
+        from lunclone.engine import Engine
+    except ImportError as e:  # e.g. no nbd: nbdkit's Python is not the system's
+        _refuse(f"nbdkit's Python ({sys.prefix}) cannot load lunclone: {e}")
     try:
         engine = Engine(_config["state_dir"], _config["run_dir"], _config.get("socket"),
                         control_group=_config.get("control_group"), tcp=_config.get("tcp"),
@@ -48,7 +62,7 @@ def config_complete():
                         remote_timeout=float(_config.get("remote_timeout", 0)),
                         remote_connections=int(_config.get("remote_connections", 0)))
     except Exception as e:  # one clear line, not a traceback
-        raise RuntimeError(getattr(e, "message", str(e))) from None
+        _refuse(getattr(e, "message", str(e)))
 
 
 def thread_model():

@@ -1,6 +1,7 @@
 """Instant protected restore against a real nbdkit, checked against a model.
 
-Claims (../shared/seeds): each test names the claims it shows.
+Each test names the numbered claims of the method it shows; the rules they
+rest on are in docs/DESIGN.md ("A host request", "Restore").
 """
 import os
 import random

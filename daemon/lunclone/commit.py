@@ -1,6 +1,6 @@
 """Group commit of map changes: crash-consistency rules 1, 2 and 4.
 
-Invariants (DESIGN.md, "Crash consistency rules"):
+Invariants (docs/DESIGN.md, "Crash consistency"):
 
 - A bit set in an in-memory map is committed.  A request that needs a bit
   set calls ``request`` (holding ``lock``) and, if the bit is not set yet,

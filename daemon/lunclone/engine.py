@@ -72,7 +72,6 @@ class Engine:
         self.remote_depth = remote_depth or remote.DEFAULT_DEPTH
         self.remote_timeout = remote_timeout or remote.REQUEST_TIMEOUT
         self.remote_connections = remote_connections or remote.DEFAULT_CONNECTIONS
-        self.io_flusher = set_io_flusher()
         os.makedirs(os.path.join(self.state_dir, VOLUME_DIR), exist_ok=True)
         self.lock = StateDirLock(self.state_dir)
         self.md = Metadata(self.state_dir)
@@ -89,6 +88,8 @@ class Engine:
         for rec in self.md.volumes():
             self._load_volume(rec)
         self.lifecycle.load()
+        # Last: a refusal above stays one line, without this warning before it.
+        self.io_flusher = set_io_flusher()
 
     # -- volumes ---------------------------------------------------------
     def volume_path(self, name: str) -> str:

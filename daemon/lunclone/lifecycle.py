@@ -1,7 +1,7 @@
 """Admin operations on clones and restores, each one metadata transaction.
 
 Runs on the asyncio thread (control server) and at start-up.  Every state
-change of the diagram in DESIGN.md happens here; what a state means for a
+change of the diagram in docs/DESIGN.md happens here; what a state means for a
 host request is in ``policy``.
 
 Ordering rules for a change:

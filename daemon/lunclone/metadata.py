@@ -156,7 +156,7 @@ class Metadata:
         self.path = os.path.join(state_dir, DB_NAME)
         self.lock = threading.Lock()
         if os.path.exists(self.path):
-            _check_existing(self.path)
+            check_existing(self.path)
             self._db = self._connect()
         else:
             self._db = self._connect()
@@ -231,24 +231,37 @@ class Metadata:
         return bm
 
 
-def _check_existing(path: str) -> None:
+def check_state_dir(state_dir: str) -> None:
+    """Refuse, read-only, a state directory whose database is not ours;
+    no database yet is fine (the daemon creates one)."""
+    path = os.path.join(state_dir, DB_NAME)
+    if os.path.exists(path):
+        check_existing(path)
+
+
+def check_existing(path: str) -> None:
     """Refuse, read-only, a file that is not our database of our version."""
+    not_ours = (f"{path} is not a lunclone metadata database ({{}}); "
+                "restore it from a backup or move it away")
     try:
         with open(path, "rb") as f:
             header = f.read(16)
         if header != b"SQLite format 3\x00":
-            raise MetadataError(
-                f"{path} is not a lunclone metadata database (bad header); "
-                "restore it from a backup or move it away")
+            raise MetadataError(not_ours.format("bad header"))
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise MetadataError(f"{path} is corrupt (quick_check failed); "
                                     "restore it from a backup")
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+                          ).fetchone() is None:
+                raise MetadataError(not_ours.format("no meta table"))
             row = db.execute(
                 "SELECT value FROM meta WHERE key='schema_version'").fetchone()
         finally:
             db.close()
+    except OSError as e:
+        raise MetadataError(f"cannot read {path}: {e.strerror}") from e
     except sqlite3.Error as e:
         raise MetadataError(f"{path} is corrupt or unreadable: {e}; "
                             "restore it from a backup or move it away") from e

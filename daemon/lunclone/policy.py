@@ -6,7 +6,7 @@ source's Volume; each clone's Volume gets a ``CloneExport`` policy.  All
 their maps are guarded by one lock (``Family.lock``, the engine's), and map
 bits follow ``commit.Committer``: set = committed, cleared lazily.
 
-Maps (DESIGN.md vocabulary):
+Maps (docs/DESIGN.md, "Maps"):
     clone.delta        per clone: extent may differ between source and clone
     inflight           copy-on-demand map: extent -> Event, a copy in flight
     writers            extent -> count of host writes between decision and end

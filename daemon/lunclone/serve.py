@@ -1,8 +1,10 @@
 """`lunclone serve`: build nbdkit's command line and exec it.
 
 The daemon is nbdkit itself running our plugin in the foreground; this
-module only finds the plugin file, checks the state directory is free and
-prepares the run directory, so the admin gets one clear line on error.
+module only finds the plugin file, checks the state directory (free, its
+database ours, read-only) and prepares the run directory, so that every
+refusal is one clear line before nbdkit starts.  The engine repeats these
+checks inside nbdkit as a second line of defence.
 """
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Mapping
 
 import lunclone
 from .errors import Busy, InvalidArgument, LuncloneError
+from .metadata import check_state_dir
 
 PLUGIN_NAME = "lunclone_plugin.py"
 
@@ -44,6 +48,16 @@ def check_state_dir_free(state_dir: str) -> None:
         lock_state_dir(fd, state_dir)
     finally:
         os.close(fd)
+
+
+def make_dir(path: str, mode: int, what: str) -> None:
+    """mkdir -p, or one line naming the directory and the reason."""
+    try:
+        os.makedirs(path, mode=mode, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgument(f"cannot use {path} as the {what}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"cannot use {path} as the {what}: not writable")
 
 
 def check_run_dir_free(run_dir: str) -> None:
@@ -109,6 +123,33 @@ def nbdkit_argv(state_dir: str, run_dir: str, tcp: str | None, verbose: bool,
     return argv
 
 
+SYSTEM_BIN = "/usr/bin"  # where the python3 of nbdkit's libpython lives
+# Variables that point an interpreter at another Python's files; the
+# embedded one must find the system's standard library and site-packages.
+MISLEADING = ("PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONPLATLIBDIR",
+              "PYTHONEXECUTABLE", "VIRTUAL_ENV")
+
+
+def nbdkit_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """nbdkit's environment, the same whatever the caller's Python.
+
+    nbdkit embeds the system's libpython, whose interpreter takes its
+    prefix from the first ``python3`` on PATH (or from PYTHONHOME): a pyenv,
+    conda or venv Python first there gives it another standard library and
+    no system site-packages (no ``nbd``).  So: /usr/bin first, the variables
+    above dropped, no user site-packages, our package first on PYTHONPATH
+    (the embedded interpreter does not see a venv)."""
+    env = {k: v for k, v in environ.items() if k not in MISLEADING}
+    rest = [p for p in env.get("PATH", "/usr/sbin:/sbin:/bin").split(os.pathsep)
+            if p and os.path.normpath(p) != SYSTEM_BIN]
+    env["PATH"] = os.pathsep.join([SYSTEM_BIN, *rest])
+    env["PYTHONNOUSERSITE"] = "1"
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(lunclone.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    return env
+
+
 def exec_daemon(state_dir: str, run_dir: str, tcp: str | None = None,
                 verbose: bool = False, group: str | None = None,
                 tls_psk: str | None = None, tls_certificates: str | None = None,
@@ -121,19 +162,17 @@ def exec_daemon(state_dir: str, run_dir: str, tcp: str | None = None,
             raise InvalidArgument(f"no group named {group!r}") from None
     state_dir = os.path.abspath(state_dir)
     run_dir = os.path.abspath(run_dir)
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    make_dir(state_dir, 0o700, "state directory")
+    make_dir(run_dir, 0o755, "run directory")
     check_state_dir_free(state_dir)
+    check_state_dir(state_dir)
     check_run_dir_free(run_dir)
     for stale in ("nbd.sock", "control.sock"):
         path = os.path.join(run_dir, stale)
         if os.path.exists(path):
             os.unlink(path)
     argv = nbdkit_argv(state_dir, run_dir, tcp, verbose, group, tls, remote)
-    env = dict(os.environ)
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(lunclone.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    env = nbdkit_env(os.environ)
     if shutil.which(argv[0]) is None and not os.path.exists(argv[0]):
         raise LuncloneError("nbdkit is not installed; run scripts/setup or "
                             "apt-get install nbdkit nbdkit-plugin-python")
