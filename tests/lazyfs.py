@@ -7,7 +7,8 @@ it a *durable store* holds what reached "the disk":
 - a file's data and size become durable at fsync/fdatasync of that file
   (only the ranges written since its last sync are copied, sparse-aware);
 - a directory's entries (names -> inodes) become durable at fsync of that
-  directory.  An fsync of a file does NOT make its name durable.
+  directory (a rename across directories: at fsync of either one).  An
+  fsync of a file does NOT make its name durable.
 
 ``LazyFS.power_cut()`` stops the filesystem (the mount answers ENOTCONN),
 optionally tears unsynced writes (keeps random 4 KiB pieces of them), then
@@ -33,6 +34,7 @@ needs.  The server runs as ``python lazyfs.py serve ...`` in a subprocess.
 from __future__ import annotations
 
 import argparse
+import bisect
 import ctypes
 import ctypes.util
 import errno
@@ -119,23 +121,25 @@ def copy_file(src_path: str, dst_path: str) -> None:
 
 
 class Ranges:
-    """A set of byte ranges, kept merged and sorted."""
+    """A set of byte ranges, kept merged and sorted (``runs``)."""
 
     def __init__(self) -> None:
-        self.runs: list[tuple[int, int]] = []
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        return list(zip(self.starts, self.ends))
 
     def add(self, a: int, b: int) -> None:
         if a >= b:
             return
-        out = []
-        for x, y in self.runs:
-            if y < a or x > b:
-                out.append((x, y))
-            else:
-                a, b = min(a, x), max(b, y)
-        out.append((a, b))
-        out.sort()
-        self.runs = out
+        i = bisect.bisect_left(self.ends, a)      # first run that may touch [a, b)
+        j = bisect.bisect_right(self.starts, b)   # runs i..j-1 touch it
+        if i < j:
+            a, b = min(a, self.starts[i]), max(b, self.ends[j - 1])
+        self.starts[i:j] = [a]
+        self.ends[i:j] = [b]
 
     def blocks(self) -> Iterator[int]:
         """The starts of the 4 KiB blocks these ranges touch."""
@@ -245,6 +249,7 @@ class LazyOps:
     One lock serialises every operation: simple, and the tests are small."""
 
     use_ns = True
+    flag_nullpath_ok = 1    # an unlinked open file works by its fd (hard_remove)
 
     def __init__(self, backing: str, store: str):
         self.root = os.path.realpath(backing)
@@ -256,6 +261,7 @@ class LazyOps:
         self.dirty: dict[str, Ranges] = {}  # key -> ranges not yet durable
         self.fd_keys: dict[int, str] = {}   # open fd -> key
         self.faults: list[dict] = []
+        self.renames: list[tuple[str, str]] = []  # cross-directory, not yet durable
         self.ns: dict = {}
         self._init_store()
 
@@ -449,6 +455,9 @@ class LazyOps:
 
     def rename(self, old, new):
         os.rename(self._bp(old), self._bp(new))
+        pair = (os.path.dirname(old), os.path.dirname(new))
+        if pair[0] != pair[1]:
+            self.renames.append(pair)
 
     def chmod(self, path, mode):
         os.chmod(self._bp(path), mode)
@@ -520,6 +529,13 @@ class LazyOps:
 
     def fsyncdir(self, path, datasync, fh):
         self.sync_dir(path)
+        # A rename between two directories is one journal transaction on
+        # ext4: an fsync of either side makes both sides durable.
+        for pair in [p for p in self.renames if path in p]:
+            self.renames.remove(pair)
+            other = pair[1] if pair[0] == path else pair[0]
+            if os.path.isdir(self._bp(other)):
+                self.sync_dir(other)
 
 
 class ControlServer(threading.Thread):
@@ -599,8 +615,6 @@ class LazyFS:
         self.mountpoint = os.path.abspath(mountpoint)
         self.store = store or self.backing.rstrip("/") + ".lazyfs"
         self.proc: subprocess.Popen | None = None
-        os.makedirs(self.backing, exist_ok=True)
-        os.makedirs(self.mountpoint, exist_ok=True)
 
     @property
     def control_path(self) -> str:
@@ -620,6 +634,10 @@ class LazyFS:
         """Mount (again): whatever the backing directory holds is durable."""
         if self.proc is not None:
             raise RuntimeError("already mounted")
+        if _in_mount_table(self.mountpoint):     # left by a killed test run
+            subprocess.run(["fusermount", "-u", "-z", self.mountpoint], capture_output=True)
+        os.makedirs(self.backing, exist_ok=True)
+        os.makedirs(self.mountpoint, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "serve", self.backing,

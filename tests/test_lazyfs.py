@@ -116,6 +116,16 @@ def test_unlink_without_directory_fsync_is_undone(lazy):
     assert os.listdir(lazy.mountpoint) == ["b"]
 
 
+def test_an_unlinked_open_file_still_works(lazy):
+    fd = os.open(path(lazy, "f"), os.O_RDWR | os.O_CREAT, 0o600)
+    os.unlink(path(lazy, "f"))
+    os.pwrite(fd, b"still here", 0)
+    os.fsync(fd)
+    assert os.pread(fd, 10, 0) == b"still here"
+    os.close(fd)
+    assert os.listdir(lazy.mountpoint) == []
+
+
 def test_rename(lazy):
     write_file(path(lazy, "old"), b"content")
     os.rename(path(lazy, "old"), path(lazy, "new"))
@@ -126,6 +136,18 @@ def test_rename(lazy):
     cut_and_remount(lazy)
     assert os.listdir(lazy.mountpoint) == ["new"]
     assert read(path(lazy, "new")) == b"content"
+
+
+def test_rename_across_directories_is_durable_on_either_side(lazy):
+    os.mkdir(path(lazy, "d1"))
+    os.mkdir(path(lazy, "d2"))
+    fsync_path(lazy.mountpoint)
+    write_file(path(lazy, "d1", "f"), b"moved")
+    os.rename(path(lazy, "d1", "f"), path(lazy, "d2", "f"))
+    fsync_path(path(lazy, "d2"))
+    cut_and_remount(lazy)
+    assert (os.listdir(path(lazy, "d1")), os.listdir(path(lazy, "d2"))) == ([], ["f"])
+    assert read(path(lazy, "d2", "f")) == b"moved"
 
 
 def test_rename_over_an_existing_file(lazy):
