@@ -701,9 +701,11 @@ class LazyFS:
         """Lose power: the mount goes away (its users get ENOTCONN or EIO) and the
         backing directory is reset to what was durable.  ``tear``: a random half
         of the unsynced 4 KiB blocks reach the disk too.  ``mount()`` again."""
-        self._command({"cmd": "cut", "tear": tear, "seed": seed})
-        self._stop(kill=True)
-        restore(self.backing, self.store)
+        try:
+            self._command({"cmd": "cut", "tear": tear, "seed": seed})
+        finally:    # what fsync and fsyncdir stored is on the disk already
+            self._stop(kill=True)
+            restore(self.backing, self.store)
 
     def unmount(self) -> None:
         """A clean unmount: everything written stays in the backing directory."""
