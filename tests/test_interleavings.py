@@ -255,3 +255,53 @@ def test_block_status_answers_for_what_a_read_returns(live):
     for off, n, hole in vol.extents(SIZE, 0, False):
         if hole:
             assert live.read("src", off, n) == bytes(n), f"hole reported at {off}+{n} reads data"
+
+
+def test_restore_waits_for_its_missing_clone(live):
+    """A restore whose clone is missing at start-up: the source is not
+    served (pre-restore data would show in pending extents), the others
+    are; once the clone is back, 'restore resume' goes on."""
+    live.fractured_clone(data=pattern(b"a"))
+    live.cmd("create", name="other", size=SIZE)
+    live.write("src", pattern(b"b", 8 * EXT), 0)
+    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    live.crash()
+    path = live.engine.volume_path("c1")
+    os.rename(path, path + ".away")
+    live.engine = live._boot()
+    assert "src" not in live.engine.volumes and "other" in live.engine.volumes
+    err = live.cmd("status", name="src")["error"]
+    assert "c1" in err and "restore resume" in err
+    with pytest.raises(LuncloneError, match="c1"):
+        live.engine.open_export("src", False)
+    with pytest.raises(LuncloneError, match="c1"):
+        live.cmd("restore_resume", source="src")
+    os.rename(path + ".away", path)
+    live.cmd("restore_resume", source="src")
+    live.cmd("restore_rate", source="src", limit="0")
+    live.wait(lambda: live.family("src").restore is None, what="restore done")
+    assert live.whole("src") == pattern(b"a")
+
+
+def test_zero_without_may_trim_stays_allocated(live):
+    live.cmd("create", name="v", size=SIZE)
+    live.write("v", pattern(b"d", 2 * EXT), 0)
+    vol = live.volume("v")
+    vol.zero(2 * EXT, 0, False, may_trim=False)
+    assert live.read("v", 0, 2 * EXT) == bytes(2 * EXT)
+    assert vol.extents(2 * EXT, 0, False) == [(0, 2 * EXT, False)], "zero punched a hole"
+    vol.zero(2 * EXT, 0, False, may_trim=True)
+    assert vol.extents(2 * EXT, 0, False) == [(0, 2 * EXT, True)]
+
+
+def test_fast_zero_refuses_a_copy_on_demand(live):
+    live.fractured_clone(data=pattern(b"a"))
+    live.write("src", pattern(b"b", 8 * EXT), 0)
+    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    vol = live.volume("src")
+    with pytest.raises(OSError) as e:
+        vol.zero(4096, 7 * EXT + 4096, False, may_trim=True, fast=True)  # partial pending extent
+    assert e.value.errno == errno.ENOTSUP
+    vol.zero(EXT, 6 * EXT, False, may_trim=True, fast=True)  # whole extent: no copy needed
+    assert live.read("src", 6 * EXT, EXT) == bytes(EXT)
+    assert live.read("src", 7 * EXT, EXT) == pattern(b"a")[7 * EXT:8 * EXT]

@@ -16,6 +16,14 @@ Invariants (docs/DESIGN.md, "Crash consistency"):
   database out of order; the writing itself happens without ``lock``.
 - Requests gather while a commit is in progress and share the next one;
   only the waiters of a finished batch are woken (rule 4).
+- An fdatasync that fails is never retried as if harmless: Linux reports a
+  write-back error once, and the data it lost is gone, so a retry would
+  "succeed" and commit clears for lost data (PostgreSQL's fsync problem).
+  The volume is marked failed (``failed_fds``, shown in status), every map
+  is put back to what the database holds (each clear not yet committed is
+  undone, so those extents are copied again), and from then on nothing
+  copies into that volume, no clear depends on it, and its flushes fail,
+  until the daemon is restarted.
 """
 from __future__ import annotations
 
@@ -73,6 +81,7 @@ class Committer:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.commits = 0
+        self.failed_fds: dict[int, str] = {}  # volumes whose write-back failed
 
     # -- called with ``lock`` held ------------------------------------------
     def register(self, bm: Bitmap) -> None:
@@ -101,6 +110,33 @@ class Committer:
     def copied_into(self, fd: int) -> None:
         """Data was copied into ``fd``: fdatasync it before the next commit."""
         self._sync_fds.add(fd)
+
+    def check_writable(self, fd: int) -> None:
+        """Refuse to copy into (or vouch for) a volume whose write-back failed."""
+        msg = self.failed_fds.get(fd)
+        if msg is not None:
+            raise OSError(errno.EIO, msg)
+
+    def sync_volume(self, fd: int) -> None:
+        """fdatasync a volume file; a failure marks it failed (see above)."""
+        self.check_writable(fd)
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            self._writeback_failed(fd, e)
+            raise OSError(e.errno, self.failed_fds[fd]) from e
+
+    def _writeback_failed(self, fd: int, exc: OSError) -> None:
+        with self.lock:
+            if fd in self.failed_fds:
+                return
+            self.failed_fds[fd] = (f"write-back to the volume file failed ({exc.strerror}): "
+                                   "data written since its last flush may be lost; restart "
+                                   "the daemon to copy again what the maps still need")
+            log.error("fdatasync of fd %d failed: %s; maps put back to the database", fd, exc)
+            for bm in self.maps:
+                if bm.key is not None:
+                    bm.assign(self.md.load_bitmap(*bm.key, bm.nbits))
 
     # -- the committer thread ---------------------------------------------------
     def start(self) -> None:
@@ -135,7 +171,7 @@ class Committer:
                 return
             try:
                 for fd in fds:
-                    os.fdatasync(fd)
+                    self.sync_volume(fd)
                 with self.md.transaction() as tx:
                     for (owner, kind, p), data in pages.items():
                         tx.save_page(owner, kind, p, data)
@@ -167,7 +203,7 @@ class Committer:
     def _failed(self, batch: Batch, pages, fds, exc: BaseException) -> None:
         """Nothing was committed: keep the pages dirty, fail the waiters."""
         with self.lock:
-            self._sync_fds |= fds
+            self._sync_fds |= fds - self.failed_fds.keys()
             for bm in self.maps:
                 for (owner, kind, p) in pages:
                     if bm.key == (owner, kind):
@@ -190,9 +226,9 @@ class Committer:
             fds, self._sync_fds = self._sync_fds, set()
             try:
                 for fd in fds:
-                    os.fdatasync(fd)
+                    self.sync_volume(fd)
             except BaseException:
-                self._sync_fds |= fds
+                self._sync_fds |= fds - self.failed_fds.keys()
                 raise
             with self.md.transaction() as tx:
                 yield tx

@@ -247,7 +247,8 @@ class Engine:
             "allocated": _allocated(vol.path) if vol and vol.path else None,
             "remote": rec.remote,
             "connections": vol.connections if vol else 0,
-            "error": self.broken.get(name),
+            "error": self.broken.get(name) or (
+                self.committer.failed_fds.get(vol.fd) if vol is not None and vol.fd >= 0 else None),
             "source": rec.source,
             "clone_state": rec.clone_state,
             "clones": self.lifecycle.describe_clones(name),

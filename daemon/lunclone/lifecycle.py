@@ -71,7 +71,7 @@ class Lifecycle:
                     and rec.source not in eng.volumes:
                 eng.broken[rec.name] = f"its source {rec.source!r} is not served"
         for job in eng.md.jobs():
-            if job.kind == "restore" and job.source in self.families:
+            if job.kind == "restore" and job.source in eng.volumes:
                 self._load_restore(job)
 
     def _load_family(self, source: str) -> None:
@@ -93,8 +93,8 @@ class Lifecycle:
         copies from is missing: serving the source would show pre-restore
         data in every pending extent."""
         eng = self.engine
-        fam = self.families[job.source]
-        clone = fam.clones.get(job.clone)
+        fam = self.families.get(job.source)
+        clone = fam.clones.get(job.clone) if fam is not None else None
         if job.state == DONE:
             if clone is not None:
                 fam.last_restore = self._done_restore(clone, job, fam.nextents)
@@ -114,7 +114,7 @@ class Lifecycle:
         log.info("resuming restore of %s from %s: %d extents pending",
                  job.source, clone.name, pending.count())
 
-    def _refuse_family(self, fam: Family, job: JobRecord) -> None:
+    def _refuse_family(self, fam: Family | None, job: JobRecord) -> None:
         """The clone of an unfinished restore cannot be opened: neither the
         source nor its other clones are served until it is back."""
         eng = self.engine
@@ -122,11 +122,12 @@ class Lifecycle:
         msg = (f"its restore from {job.clone} cannot go on: {job.clone} {why}; bring it "
                f"back, then run 'lunclone restore resume {job.source}'")
         log.error("volume %s not served: %s", job.source, msg)
-        for clone in list(fam.clones.values()):
-            self.committer.unregister(clone.delta)
-            eng.unserve(clone.name, f"its source {job.source!r} is not served")
+        if fam is not None:
+            for clone in list(fam.clones.values()):
+                self.committer.unregister(clone.delta)
+                eng.unserve(clone.name, f"its source {job.source!r} is not served")
+            del self.families[job.source]
         eng.unserve(job.source, msg)
-        del self.families[job.source]
 
     @staticmethod
     def _done_restore(clone: Clone, job: JobRecord, nextents: int) -> Restore:
@@ -693,7 +694,7 @@ class Lifecycle:
         if source not in eng.volumes:
             raise NotFound(f"volume {source!r} is not served: {eng.broken[source]}")
         self._load_family(source)
-        if job is not None and source in self.families:
+        if job is not None and job.kind == "restore":
             self._load_restore(job)
         if source in eng.broken:
             raise NotFound(f"volume {source!r} is not served: {eng.broken[source]}")

@@ -44,6 +44,10 @@ def render(engine: "Engine") -> str:
              int(engine.io_flusher))
     for name, vol in sorted(engine.volumes.items()):
         _volume(w, name, vol)
+        w.metric("lunclone_volume_writeback_failed", "gauge",
+                 "1 once an fdatasync of the volume failed (data may be lost; restart "
+                 "the daemon).", int(vol.fd >= 0 and vol.fd in engine.committer.failed_fds),
+                 volume=name)
     for src, fam in sorted(engine.lifecycle.families.items()):
         for c in engine.lifecycle.describe_clones(src):
             for st in STATES:

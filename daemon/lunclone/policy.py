@@ -272,7 +272,7 @@ class Family:
         """The source's data, then each mirror's; a mirror that cannot flush
         is resynchronized (its write-intent bits are set), the host's flush
         does not fail for it."""
-        os.fdatasync(self.source.fd)
+        self.committer.sync_volume(self.source.fd)
         for clone in self._mirrors():
             try:
                 clone.volume.store.flush()
@@ -303,6 +303,7 @@ class Family:
         that was never acknowledged."""
         r = self.restore
         with self.lock:
+            self.committer.check_writable(self.source.fd)
             self.committer.copied_into(self.source.fd)
             batches = [self.committer.request(r.protected, i) for i in late]
         _wait(batches)
@@ -354,7 +355,8 @@ class Family:
         """Under lock, second half: the clone was flushed after ``idle_intents``;
         clear the bits no write touched meanwhile.  The source is fdatasync'ed
         (and a local clone too) before the clear is committed (rule 2)."""
-        if clone.state != SYNCHRONIZED:
+        if clone.state != SYNCHRONIZED or any(
+                fd in self.committer.failed_fds for fd in (self.source.fd, clone.volume.fd)):
             return 0
         cleared = [i for i in idle if i not in clone.hot and not self.writers.get(i)]
         for i in cleared:
@@ -505,6 +507,7 @@ class Family:
     def copy_extents(self, src: Store, dst: Store, first: int, count: int) -> int:
         """Copy ``count`` extents from ``first``; no lock held (they are in flight)."""
         offset = first << self.shift
+        self.committer.check_writable(dst.fd)
         return copy_range(src, dst, offset, min(count << self.shift, self.source.size - offset))
 
     def _release(self, exts) -> None:
