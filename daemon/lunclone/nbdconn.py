@@ -43,6 +43,11 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0
 
 READ, WRITE, ZERO, FLUSH, STATUS = "read", "write", "zero", "flush", "block-status"
 
+# The most a ZERO request may cover: a server without zero support gets a
+# write of that many zeroes, and libnbd refuses writes over 64 MiB.
+MAX_ZERO = 32 << 20
+_ZEROES = memoryview(bytearray(MAX_ZERO))  # shared by those writes (only read)
+
 
 class RemoteError(OSError):
     """A request to a remote store failed; errno is what the host gets."""
@@ -281,7 +286,11 @@ class Connection:
         if kind == ZERO:
             if self._can_zero:
                 return h.aio_zero(req.length, req.offset, completion=done)
-            req.nbuf = nbd.Buffer.from_buffer(bytearray(req.length))
+            if req.length > MAX_ZERO:
+                req.finish(errno.EINVAL, f"remote clone {self.name}: a zero request "
+                                         f"covers at most {MAX_ZERO} bytes")
+                return None
+            req.nbuf = nbd.Buffer.from_buffer(_ZEROES[:req.length])
             return h.aio_pwrite(req.nbuf, req.offset, completion=done)
         if kind == FLUSH:
             if req.vouch and req.vouch != self.generation:

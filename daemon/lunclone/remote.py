@@ -31,8 +31,8 @@ import threading
 
 import nbd
 
-from .nbdconn import (FLUSH, READ, REQUEST_TIMEOUT, STATUS, WRITE, ZERO, Connection,
-                      RemoteError, Request)
+from .nbdconn import (FLUSH, MAX_ZERO, READ, REQUEST_TIMEOUT, STATUS, WRITE, ZERO,
+                      Connection, RemoteError, Request)
 
 __all__ = ["NbdStore", "RemoteError", "SCHEMES", "DEFAULT_DEPTH", "DEFAULT_CONNECTIONS",
            "REQUEST_TIMEOUT"]
@@ -40,7 +40,8 @@ __all__ = ["NbdStore", "RemoteError", "SCHEMES", "DEFAULT_DEPTH", "DEFAULT_CONNE
 DEFAULT_DEPTH = 32
 DEFAULT_CONNECTIONS = 4
 CHUNK = 1 << 20  # bytes per NBD request of a copy
-ZERO_CHUNK = STATUS_CHUNK = 1 << 30
+ZERO_CHUNK = MAX_ZERO  # bytes per NBD zero request (its fallback is a write)
+STATUS_CHUNK = 1 << 30  # bytes per block status request (NBD lengths are 32-bit)
 SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://")
 
 
