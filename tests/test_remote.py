@@ -22,8 +22,9 @@ from test_restore import (EXT, MiB, SIZE, host_io_during_restore, prepare, resto
 class NbdkitFile:
     """nbdkit's file plugin on a Unix socket: a stand-in storage system."""
 
-    def __init__(self, path: str, sock: str, size: int = SIZE, fill: bytes | None = None):
-        self.path, self.sock = path, sock
+    def __init__(self, path: str, sock: str, size: int = SIZE, fill: bytes | None = None,
+                 filters: tuple[str, ...] = ()):
+        self.path, self.sock, self.filters = path, sock, filters
         self.proc: subprocess.Popen | None = None
         if not os.path.exists(path):
             with open(path, "wb") as f:
@@ -39,6 +40,7 @@ class NbdkitFile:
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         self.proc = subprocess.Popen(["nbdkit", "--foreground", "--unix", self.sock,
+                                      *(f"--filter={f}" for f in self.filters),
                                       "file", self.path])
         wait_for(lambda: os.path.exists(self.sock), 10, what="remote nbdkit socket")
         return self
@@ -242,3 +244,40 @@ def test_sigkill_during_restore_from_remote(daemon, remote, long_mode):
     tried, mismatches = run_crash_points(daemon, points, seed=5, remote=remote.uri)
     print(f"remote clone: crash points tried: {tried}, mismatches: {mismatches}")
     assert tried >= points and mismatches == 0
+
+
+def test_large_trim_on_a_remote_without_zero(daemon, workdir):
+    """A remote that cannot zero gets writes of zeroes instead, at most
+    32 MiB per request (libnbd refuses more than 64 MiB): a 200 MiB trim
+    mirrored to a synchronized clone, and a 200 MiB zero sent directly,
+    read back as zeroes and break nothing."""
+    from lunclone.remote import NbdStore
+    size = 256 * MiB
+    srv = NbdkitFile(os.path.join(workdir, "nz.img"), os.path.join(workdir, "nz.sock"),
+                     size=size, filters=("nozero",)).start()
+    try:
+        direct = NbdStore("d", srv.uri, size, connections=2)
+        direct.start()
+        try:
+            direct.wait_connected()
+            direct.pwrite(b"Z" * MiB, 100 * MiB)
+            direct.zero(8 * MiB, 200 * MiB)
+            direct.flush()
+            assert srv.content(size)[8 * MiB:208 * MiB] == bytes(200 * MiB)
+        finally:
+            direct.close()
+        daemon.cli("create", "big", "--size", str(size))
+        h = daemon.connect("big")
+        for off in range(0, size, 16 * MiB):
+            h.pwrite(b"D" * MiB, off)
+        daemon.cli("clone", "create", "big", "far", "--remote", srv.uri)
+        wait_clone_state(daemon, "big", "far", "synchronized")
+        h.trim(200 * MiB, 16 * MiB)
+        h.flush()
+        c = clone_state(daemon, "big", "far")
+        assert c["state"] == "synchronized" and not c["error"], c
+        assert srv.content(size) == whole(h, size)
+        assert srv.content(size)[16 * MiB:216 * MiB] == bytes(200 * MiB)
+        del h
+    finally:
+        srv.stop()

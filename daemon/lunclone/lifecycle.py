@@ -169,10 +169,9 @@ class Lifecycle:
                     store = clone.volume.store
                     if not is_local(store):
                         try:
-                            await loop.run_in_executor(self.pool, store.flush)
-                        except OSError as e:
-                            log.warning("clone %s: flush failed, intent bits kept: %s",
-                                        clone.name, e)
+                            await loop.run_in_executor(self.pool, store.sweep_flush)
+                        except OSError as e:  # mirrored writes may be lost: re-copy
+                            fam._mirror_broken(clone, "flush", e)
                             continue
                     with self.lock:
                         fam.clear_intents(clone, idle)

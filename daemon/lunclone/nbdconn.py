@@ -13,8 +13,14 @@ Failure model, what a request can see:
   While the remote is away, new requests fail at once with EIO instead of
   hanging.
 - writes that completed on a connection that was then lost before a flush
-  covered them may not be durable: the next flush on this connection fails
-  once to say so, so that no caller takes them for durable.
+  covered them may not be durable (the server may drop a dead connection's
+  unflushed writes), and a write in flight when it was lost may or may not
+  be applied.  Each connection is numbered (``generation``, one more per
+  connect) and every request records the generation it went out on; a
+  flush can be asked to vouch for one generation (``Request.vouch``) and
+  then fails if the connection is no longer that one.  ``lost_unflushed``
+  counts the connections lost with writes no flush covered (completed or in
+  flight), for callers that cannot name their writes (``remote.NbdStore``).
 """
 from __future__ import annotations
 
@@ -37,6 +43,11 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 10.0
 
 READ, WRITE, ZERO, FLUSH, STATUS = "read", "write", "zero", "flush", "block-status"
 
+# The most a ZERO request may cover: a server without zero support gets a
+# write of that many zeroes, and libnbd refuses writes over 64 MiB.
+MAX_ZERO = 32 << 20
+_ZEROES = memoryview(bytearray(MAX_ZERO))  # shared by those writes (only read)
+
 
 class RemoteError(OSError):
     """A request to a remote store failed; errno is what the host gets."""
@@ -46,10 +57,14 @@ class Request:
     """One NBD command: submitted by any thread, finished by the I/O thread."""
 
     __slots__ = ("kind", "offset", "length", "buf", "nbuf", "done", "error", "extents",
-                 "deadline", "cookie")
+                 "deadline", "cookie", "lane", "gen", "vouch")
 
-    def __init__(self, kind: str, offset: int = 0, length: int = 0, buf=None):
+    def __init__(self, kind: str, offset: int = 0, length: int = 0, buf=None,
+                 vouch: int = 0):
         self.kind, self.offset, self.length, self.buf = kind, offset, length, buf
+        self.vouch = vouch  # a FLUSH: the connection generation it must run on (0: any)
+        self.lane: "Connection | None" = None  # where it was submitted
+        self.gen = 0  # the generation of the connection it went out on
         self.nbuf = None
         self.done = threading.Event()
         self.error: tuple[int, str] | None = None
@@ -81,12 +96,14 @@ class Connection:
         self.connected = False
         self.error: str | None = None
         self.reconnects = 0
+        self.generation = 0  # one more per connect: which connection a request used
+        self.lost_unflushed = 0  # connections lost with writes no flush covered
         self._ever_connected = False
         self._lock = threading.Lock()
         self._queue: collections.deque[Request] = collections.deque()
         self._inflight: dict[int, Request] = {}
         self._h: nbd.NBD | None = None
-        self._can_zero = self._can_flush = self._has_status = False
+        self._can_zero = self._has_status = False
         self._next_try = 0.0
         self._backoff = BACKOFF_MIN
         self._attempted = threading.Event()  # the first connection attempt ended
@@ -94,11 +111,9 @@ class Connection:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread: threading.Thread | None = None
         # Flush bookkeeping (I/O thread only): writes completed on this
-        # connection, how many of them a completed flush covers, and whether
-        # a lost connection had writes no flush covered.
+        # connection and how many of them a completed flush covers.
         self._writes_done = 0
         self._flushed_upto = 0
-        self._lost_unflushed = False
 
     def start(self) -> None:
         """Start the I/O thread (inside nbdkit: only after it forked)."""
@@ -122,6 +137,7 @@ class Connection:
             raise RemoteError(errno.EIO, self.error or f"no answer from {self.uri}")
 
     def submit(self, req: Request) -> Request:
+        req.lane = self
         with self._lock:
             if self._stop:
                 req.finish(errno.EIO, f"remote clone {self.name}: store closed")
@@ -204,10 +220,14 @@ class Connection:
             raise ValueError(f"the export is {size} bytes, the clone must be {self.size}")
         if h.is_read_only():
             raise ValueError("the export is read-only; a clone must be writable")
-        self._can_zero, self._can_flush = h.can_zero(), h.can_flush()
+        if not h.can_flush():
+            raise ValueError("the export does not support flush, so no write to it "
+                             "could be known durable")
+        self._can_zero = h.can_zero()
         self._has_status = h.can_meta_context("base:allocation")
         with self._lock:
             self._h = h
+            self.generation += 1
             self.connected = True
             if self._ever_connected:
                 self.reconnects += 1
@@ -237,6 +257,7 @@ class Connection:
                 if not self._queue:
                     return
                 req = self._queue.popleft()
+            req.gen = self.generation
             try:
                 cookie = self._start(h, req)
             except nbd.Error as e:
@@ -265,19 +286,18 @@ class Connection:
         if kind == ZERO:
             if self._can_zero:
                 return h.aio_zero(req.length, req.offset, completion=done)
-            req.nbuf = nbd.Buffer.from_buffer(bytearray(req.length))
+            if req.length > MAX_ZERO:
+                req.finish(errno.EINVAL, f"remote clone {self.name}: a zero request "
+                                         f"covers at most {MAX_ZERO} bytes")
+                return None
+            req.nbuf = nbd.Buffer.from_buffer(_ZEROES[:req.length])
             return h.aio_pwrite(req.nbuf, req.offset, completion=done)
         if kind == FLUSH:
-            if self._lost_unflushed:
-                self._lost_unflushed = False
+            if req.vouch and req.vouch != self.generation:
                 req.finish(errno.EIO, f"remote clone {self.name}: the connection was lost "
-                                      "before a flush; earlier writes may not be durable")
+                                      "before a flush; writes sent on it may not be durable")
                 return None
             req.length = self._writes_done  # the writes this flush covers
-            if not self._can_flush:
-                self._flushed_upto = req.length
-                req.finish()
-                return None
             return h.aio_flush(completion=done)
         if not self._has_status:
             req.finish()
@@ -338,8 +358,9 @@ class Connection:
         reason = reason or "connection closed"
         log.error("remote clone %s: connection to %s lost: %s", self.name, self.uri, reason)
         self._h = None  # closes the socket; libnbd calls no completion after this
-        if self._writes_done > self._flushed_upto:
-            self._lost_unflushed = True
+        if self._writes_done > self._flushed_upto or any(
+                r.kind in (WRITE, ZERO) for r in self._inflight.values()):
+            self.lost_unflushed += 1
         self._writes_done = self._flushed_upto = 0
         self._down(f"connection lost: {reason}")
 

@@ -5,22 +5,34 @@ with its own I/O thread keeping up to ``depth / connections`` commands in
 flight, so a copy of many extents pays the network's round trip once, not
 per request, and TLS runs on more than one core.
 
-Durability across connections: an NBD FLUSH covers the writes completed on
-its own connection (on all of them only if the server offers multi-conn),
-so ``flush`` flushes every connection, and a connection that was lost with
-writes not yet flushed makes the next flush fail (``nbdconn``).
+Durability: an NBD FLUSH covers the writes completed on its own connection
+(on all of them only if the server offers multi-conn), and a server may
+drop the unflushed writes of a connection that is lost; NBD has no fencing
+either, so a write in flight when its connection was lost may be applied
+or not.  The rule, per kind of caller:
+- a copy (``copy_from_file``) knows its writes: it flushes each connection
+  they went out on, and that flush must run on the same connection (the
+  same generation, ``nbdconn``) they completed on.  If one of those
+  connections was lost first, the copy fails, whatever other flushes did.
+- the intent sweep (``sweep_flush``) flushes every connection and fails if
+  any connection was lost with unflushed writes since its previous call:
+  mirrored writes may have been lost, so no intent bit may be cleared.
+- any other flush (the host's, the shutdown's) flushes every connection and
+  fails if one was lost with unflushed writes since the previous such flush
+  (each loss is reported to one of them, as fsync reports a write error).
 
 Nothing here clears a map bit: the policy and the jobs do that only after
 the data call (and, into a remote store, a flush) returned without error.
 """
 from __future__ import annotations
 
+import errno
 import threading
 
 import nbd
 
-from .nbdconn import (FLUSH, READ, REQUEST_TIMEOUT, STATUS, WRITE, ZERO, Connection,
-                      RemoteError, Request)
+from .nbdconn import (FLUSH, MAX_ZERO, READ, REQUEST_TIMEOUT, STATUS, WRITE, ZERO,
+                      Connection, RemoteError, Request)
 
 __all__ = ["NbdStore", "RemoteError", "SCHEMES", "DEFAULT_DEPTH", "DEFAULT_CONNECTIONS",
            "REQUEST_TIMEOUT"]
@@ -28,7 +40,8 @@ __all__ = ["NbdStore", "RemoteError", "SCHEMES", "DEFAULT_DEPTH", "DEFAULT_CONNE
 DEFAULT_DEPTH = 32
 DEFAULT_CONNECTIONS = 4
 CHUNK = 1 << 20  # bytes per NBD request of a copy
-ZERO_CHUNK = STATUS_CHUNK = 1 << 30
+ZERO_CHUNK = MAX_ZERO  # bytes per NBD zero request (its fallback is a write)
+STATUS_CHUNK = 1 << 30  # bytes per block status request (NBD lengths are 32-bit)
 SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://")
 
 
@@ -68,6 +81,8 @@ class NbdStore:
                       for k in range(max(1, connections))]
         self.depth = per_lane * len(self.lanes)
         self._buffers = BufferPool()
+        # ``lost_unflushed`` as the last flush / sweep flush saw it.
+        self._flush_seen = self._sweep_seen = 0
 
     def start(self) -> None:
         for lane in self.lanes:
@@ -112,11 +127,49 @@ class NbdStore:
         return [self.submit(Request(ZERO, offset + i, min(ZERO_CHUNK, length - i)))
                 for i in range(0, length, ZERO_CHUNK)]
 
+    @property
+    def lost_unflushed(self) -> int:
+        """Connections lost so far with writes that no flush covered."""
+        return sum(lane.lost_unflushed for lane in self.lanes)
+
     def flush(self) -> None:
-        """Every connection: each covers only the writes completed on it."""
-        reqs = [lane.submit(Request(FLUSH)) for lane in self.lanes]
-        for r in reqs:
-            r.wait()
+        """Every connection; fails if one was lost with unflushed writes
+        since the previous call (see the module docstring)."""
+        self._flush_checked("_flush_seen", "the previous flush")
+
+    def sweep_flush(self) -> None:
+        """The intent sweep's flush: fails if a connection was lost with
+        unflushed writes since the previous sweep flush, for those may be
+        mirrored writes whose intent bits the sweep is about to clear."""
+        self._flush_checked("_sweep_seen", "the previous intent sweep")
+
+    def _flush_checked(self, mark: str, since: str) -> None:
+        """Flush every connection, then compare ``lost_unflushed`` with the
+        value kept in attribute ``mark`` (and keep the new one)."""
+        seen = getattr(self, mark)
+        try:
+            reqs = [lane.submit(Request(FLUSH)) for lane in self.lanes]
+            self._wait_all(reqs)
+        finally:
+            now = self.lost_unflushed
+            setattr(self, mark, now)
+        if now != seen:
+            raise RemoteError(errno.EIO, f"remote clone {self.name}: a connection was lost "
+                                         f"with unflushed writes since {since}; they may "
+                                         "not be durable")
+
+    def _flush_writes(self, writes: list[Request]) -> None:
+        """Flush each connection these completed writes went out on, on that
+        very connection (generation): a flush on a newer one vouches for
+        nothing, so the copy fails if one of them was lost."""
+        gens: dict[Connection, set[int]] = {}
+        for w in writes:
+            gens.setdefault(w.lane, set()).add(w.gen)
+        if any(len(g) > 1 for g in gens.values()):
+            raise RemoteError(errno.EIO, f"remote clone {self.name}: a connection was lost "
+                                         "during a copy; its writes may not be durable")
+        reqs = [lane.submit(Request(FLUSH, vouch=g.pop())) for lane, g in gens.items()]
+        self._wait_all(reqs)
 
     def extents(self, offset: int, count: int, one: bool) -> list[tuple[int, int, bool]]:
         """For the clone's own export: all data (the remote keeps its own map)."""
@@ -153,7 +206,8 @@ class NbdStore:
 
     def copy_from_file(self, src, offset: int, length: int) -> None:
         """local -> remote: holes become NBD zero requests, data is written
-        ``depth`` deep.  The caller flushes (``store.copy_range``)."""
+        ``depth`` deep, then flushed on the connections that carried it
+        (``_flush_writes``): when this returns, the range is durable."""
         pending: list[Request] = []
         pos, end = offset, offset + length
         for start, stop in src.data_ranges(offset, end):
@@ -167,6 +221,7 @@ class NbdStore:
         if pos < end:
             pending += self._zero_requests(pos, end - pos)
         self._wait_all(pending)
+        self._flush_writes(pending)
 
     def _wait_all(self, pending: list[Request], then=None) -> None:
         """Wait for every request (then ``then(req)``), give the buffers

@@ -10,8 +10,11 @@ Durability, the one difference that matters to the crash rules:
   fdatasyncs every volume that data was copied into before it commits the
   cleared bits (``Committer.copied_into``): one fdatasync for many copies;
 - a remote store cannot be fdatasync'ed from here, so ``copy_range`` into
-  it ends with an NBD FLUSH, and a copy that returned is durable.  A failed
-  flush fails the copy: no bit is cleared for data that may not be there.
+  it ends with an NBD FLUSH on each connection its writes went out on, on
+  that very connection (``remote.NbdStore.copy_from_file``), and a copy
+  that returned is durable.  A failed flush, or a connection lost between
+  the writes and their flush, fails the copy: no bit is cleared for data
+  that may not be there.
 """
 from __future__ import annotations
 
@@ -95,8 +98,7 @@ def copy_range(src: Store, dst: Store, offset: int, length: int) -> int:
     elif is_local(dst):
         src.copy_into_file(dst, offset, length)
     elif is_local(src):
-        dst.copy_from_file(src, offset, length)
-        dst.flush()
+        dst.copy_from_file(src, offset, length)  # ends with its own flush
     else:
         raise ValueError("a copy between two remote stores is not supported")
     return length
