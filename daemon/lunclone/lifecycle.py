@@ -171,7 +171,7 @@ class Lifecycle:
                         try:
                             await loop.run_in_executor(self.pool, store.sweep_flush)
                         except OSError as e:  # mirrored writes may be lost: re-copy
-                            fam._mirror_broken(clone, "flush", e)
+                            fam.mirror_broken(clone, "flush", e)
                             continue
                     with self.lock:
                         fam.clear_intents(clone, idle)

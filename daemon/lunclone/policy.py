@@ -277,7 +277,7 @@ class Family:
             try:
                 clone.volume.store.flush()
             except OSError as e:
-                self._mirror_broken(clone, "flush", e)
+                self.mirror_broken(clone, "flush", e)
 
     def _write(self, offset: int, length: int, fua: bool, do: Callable[[Store], None]) -> None:
         self.host_requests += 1
@@ -314,9 +314,9 @@ class Family:
         try:
             do(clone.volume.store)
         except OSError as e:
-            self._mirror_broken(clone, "write", e)
+            self.mirror_broken(clone, "write", e)
 
-    def _mirror_broken(self, clone: Clone, what: str, e: OSError) -> None:
+    def mirror_broken(self, clone: Clone, what: str, e: OSError) -> None:
         """A mirror write or flush failed; the clone's bits record where it
         may differ.  A synchronized clone goes back to synchronizing.  The
         clone of an unprotected restore is the restore's data source: it is
