@@ -174,7 +174,7 @@ class Lifecycle:
         except BaseException:
             store.close()
             if store.path:
-                os.unlink(store.path)
+                vf.remove(store.path)
             raise
         return eng.describe(name)
 

@@ -14,6 +14,7 @@ import sys
 
 import lunclone
 from .errors import Busy, InvalidArgument, LuncloneError
+from .volume import make_dirs
 
 PLUGIN_NAME = "lunclone_plugin.py"
 
@@ -121,7 +122,7 @@ def exec_daemon(state_dir: str, run_dir: str, tcp: str | None = None,
             raise InvalidArgument(f"no group named {group!r}") from None
     state_dir = os.path.abspath(state_dir)
     run_dir = os.path.abspath(run_dir)
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    make_dirs(state_dir, 0o700)
     os.makedirs(run_dir, mode=0o755, exist_ok=True)
     check_state_dir_free(state_dir)
     check_run_dir_free(run_dir)
