@@ -135,12 +135,13 @@ def test_names_in_the_state_dir_are_durable_before_the_reply(traced_daemon):
     d.cli("delete", "gone")
     assert stop_traced(d) == 0, d.log()
     with open(trace) as f:
-        calls = parse(f.read())
+        text = f.read()
+    calls = parse(text)
     state = os.path.normpath(d.state_dir)
     changes = [p for _, p in name_changes(calls, state)]
     # the trace saw what the test did (else the check below proves nothing)
     for p in ("volumes", "lock", "lunclone.db", "volumes/gone.img", "volumes/kc.img"):
-        assert os.path.join(state, p) in changes, (p, changes)
+        assert os.path.join(state, p) in changes, (p, changes, len(text), text[:600])
     assert sum(c.name.startswith("unlink") and p.endswith("gone.img")
                for c, p in name_changes(calls, state)) == 1
     bad = unsynced(calls, state)
