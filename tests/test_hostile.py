@@ -1,6 +1,7 @@
 """Hostile requests: odd shapes, many connections, clients that vanish.
 Correct results or errors, no leak of threads or file descriptors, other
 clients unaffected."""
+import errno
 import os
 import threading
 import time
@@ -44,8 +45,17 @@ def test_unaligned_and_straddling_requests(daemon):
     assert h.pread(4 * MiB, 0) == model
     with pytest.raises(nbd.Error):
         h.pwrite(b"xxxx", 4 * MiB - 2)
-    big = h.pread(32 * MiB if h.get_size() >= 32 * MiB else 4 * MiB, 0)
-    assert len(big) == 4 * MiB
+    # requests past the end reach the server (libnbd would refuse them
+    # itself) and are refused there: EINVAL for a read, ENOSPC for a write
+    h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_BOUNDS)
+    for length, off in [(4, 4 * MiB - 2), (32 * MiB, 0), (1, 4 * MiB)]:
+        with pytest.raises(nbd.Error) as e:
+            h.pread(length, off)
+        assert e.value.errnum == errno.EINVAL, (length, off, e.value)
+    with pytest.raises(nbd.Error) as e:
+        h.pwrite(b"xxxx", 4 * MiB - 2)
+    assert e.value.errnum == errno.ENOSPC, e.value
+    assert h.get_size() == 4 * MiB and h.pread(4 * MiB, 0) == model
 
 
 def test_64_connections_no_leak(daemon):

@@ -38,10 +38,33 @@ def test_unknown_export_refused(daemon):
 
 def test_flags_advertised(daemon):
     daemon.cli("create", "v", "--size", "4M")
-    h = daemon.connect("v")
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_uri(daemon.uri("v"))
     assert h.can_multi_conn() and h.can_flush() and h.can_fua()
     assert h.can_trim() and h.can_zero() and h.can_fast_zero()
-    assert h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION) or True
+    assert h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    # the plugin's own extents, not nbdkit's stand-in (all data) for a
+    # plugin without them: a hole, then the written MiB
+    h.pwrite(b"d" * MiB, MiB)
+    assert block_status(h, 2 * MiB, 0) == [(MiB, nbd.STATE_HOLE | nbd.STATE_ZERO), (MiB, 0)]
+
+
+def block_status(h, length, offset):
+    """[(length, flags)] of base:allocation over the range, runs merged."""
+    runs = []
+
+    def got(metacontext, off, entries, err):
+        if metacontext == nbd.CONTEXT_BASE_ALLOCATION:
+            runs.extend(zip(entries[0::2], entries[1::2]))
+    h.block_status(length, offset, got)
+    merged = []
+    for n, flags in runs:
+        if merged and merged[-1][1] == flags:
+            merged[-1] = (merged[-1][0] + n, flags)
+        else:
+            merged.append((n, flags))
+    return merged
 
 
 def test_random_io_matches_backing_file(daemon):

@@ -72,9 +72,10 @@ class Engine:
         self.remote_depth = remote_depth or remote.DEFAULT_DEPTH
         self.remote_timeout = remote_timeout or remote.REQUEST_TIMEOUT
         self.remote_connections = remote_connections or remote.DEFAULT_CONNECTIONS
-        os.makedirs(os.path.join(self.state_dir, VOLUME_DIR), exist_ok=True)
+        vf.make_dirs(os.path.join(self.state_dir, VOLUME_DIR))
         self.lock = StateDirLock(self.state_dir)
         self.md = Metadata(self.state_dir)
+        vf.fsync_dir(self.state_dir)  # the lock file and the database, if new
         self.records: dict[str, VolumeRecord] = {}
         self.volumes: dict[str, Volume] = {}
         self.broken: dict[str, str] = {}
@@ -179,7 +180,7 @@ class Engine:
             with self.md.transaction() as tx:
                 tx.put_volume(rec)
         except BaseException:
-            os.unlink(path)
+            vf.remove(path)
             raise
         self._load_volume(rec)
         log.info("created volume %s (%d bytes, extent %d)", name, size, extent)
@@ -216,16 +217,14 @@ class Engine:
         return {"deleted": name}
 
     def forget_volume(self, name: str) -> None:
-        """Drop a deleted volume from memory and remove its file."""
+        """Drop a deleted volume from memory and remove its file (for good:
+        its directory is fsynced, a power cut does not bring it back)."""
         self.records.pop(name, None)
         self.broken.pop(name, None)
         vol = self.volumes.pop(name, None)
         if vol is not None:
             vol.close()
-        try:
-            os.unlink(self.volume_path(name))
-        except FileNotFoundError:
-            pass
+        vf.remove(self.volume_path(name), missing_ok=True)
 
     # -- views -----------------------------------------------------------
     def export_uri(self, name: str) -> str:

@@ -211,8 +211,7 @@ class Lifecycle:
             except BaseException:
                 store.close()
                 if store.path:
-                    os.unlink(store.path)
-                    vf.fsync_dir(os.path.dirname(store.path))
+                    vf.remove(store.path)
                 raise
             return eng.describe(name)
 

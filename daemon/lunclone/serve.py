@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import lunclone
 from .errors import Busy, InvalidArgument, LuncloneError
 from .metadata import check_state_dir
+from .volume import make_dirs
 
 PLUGIN_NAME = "lunclone_plugin.py"
 
@@ -53,7 +54,7 @@ def check_state_dir_free(state_dir: str) -> None:
 def make_dir(path: str, mode: int, what: str) -> None:
     """mkdir -p, or one line naming the directory and the reason."""
     try:
-        os.makedirs(path, mode=mode, exist_ok=True)
+        make_dirs(path, mode)
     except OSError as e:
         raise InvalidArgument(f"cannot use {path} as the {what}: {e.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):

@@ -29,13 +29,41 @@ def create_sparse(path: str, size: int) -> None:
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        os.unlink(path)
+        remove(path)
         raise
     os.close(fd)
     fsync_dir(os.path.dirname(path))
 
 
+def remove(path: str, missing_ok: bool = False) -> None:
+    """Unlink ``path`` and fsync its directory: a power cut after this
+    returns cannot bring the file back."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+    fsync_dir(os.path.dirname(path))
+
+
+def make_dirs(path: str, mode: int = 0o777) -> None:
+    """``os.makedirs(path, mode, exist_ok=True)`` whose new directories
+    survive a power cut: the parent of each directory made is fsynced."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    make_dirs(os.path.dirname(path))
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    fsync_dir(os.path.dirname(path))
+
+
 def fsync_dir(path: str) -> None:
+    """Make the names in directory ``path`` (made, renamed, removed) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
