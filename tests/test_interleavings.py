@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import threading
+import time
 
 import pytest
 
@@ -305,3 +307,130 @@ def test_fast_zero_refuses_a_copy_on_demand(live):
     vol.zero(EXT, 6 * EXT, False, may_trim=True, fast=True)  # whole extent: no copy needed
     assert live.read("src", 6 * EXT, EXT) == bytes(EXT)
     assert live.read("src", 7 * EXT, EXT) == pattern(b"a")[7 * EXT:8 * EXT]
+
+
+# Found by review of the first fixes (each failed on that code).
+def test_fast_path_write_during_fracture_loses_delta_bit(live, monkeypatch):
+    live.cmd("create", name="src", size=SIZE)
+    live.write("src", pattern(b"a"), 0)
+    live.cmd("clone_create", source="src", name="c1")
+    live.wait_clone("c1", "synchronized")
+    live.write("src", b"x" * 4096, 3 * EXT)  # mirrored: intent bit 3 set
+    assert live.clone("c1").delta.test(3)
+    hold = Hold(monkeypatch, vf, "write_from", lambda fd, buf, off: bytes(buf[:4]) == b"HOLD")
+    w1 = Async(lambda: live.write("src", b"HOLD" * 1024, 9 * EXT))  # old-gen mirrored write
+    hold.wait_arrived()
+    frac = live.cmd_in_thread("clone_fracture", name="c1")
+    live.wait(lambda: live.clone("c1").state == "fractured", what="switch")
+    live.write("src", b"z" * 4096, 3 * EXT)  # bit 3 set already: the fast path, if it were on
+    hold.release()
+    w1.result()
+    frac.result()
+    src, c1 = live.file("src"), live.file("c1")
+    differs = src[3 * EXT:4 * EXT] != c1[3 * EXT:4 * EXT]
+    assert not (differs and not live.clone("c1").delta.test(3)), \
+        "extent 3 differs but its delta bit was cleared"
+
+
+def test_clone_export_write_during_fracture_loses_delta_bit(live, monkeypatch):
+    live.cmd("create", name="src", size=SIZE)
+    live.write("src", pattern(b"a"), 0)
+    live.cmd("clone_create", source="src", name="c1")
+    live.wait_clone("c1", "synchronized")
+    hold = Hold(monkeypatch, vf, "write_from", lambda fd, buf, off: bytes(buf[:4]) == b"HOLD")
+    w1 = Async(lambda: live.write("src", b"HOLD" * 1024, 9 * EXT))  # old-gen mirrored write
+    hold.wait_arrived()
+    frac = live.cmd_in_thread("clone_fracture", name="c1")
+    live.wait(lambda: live.clone("c1").state == "fractured", what="switch")
+    live.write("c1", b"q" * 4096, 5 * EXT)  # the clone's own export, bit 5 committed
+    assert live.clone("c1").delta.test(5)
+    hold.release()
+    w1.result()
+    frac.result()
+    src, c1 = live.file("src"), live.file("c1")
+    assert src[5 * EXT:6 * EXT] != c1[5 * EXT:6 * EXT]
+    assert live.clone("c1").delta.test(5), "clone export write lost its delta bit"
+    assert 5 in delta_in_db(live, "c1")
+
+
+def test_source_flush_during_clone_delete(live, monkeypatch):
+    """A host flush that reaches a synchronized clone's file is waited for
+    by that clone's delete: no fdatasync of a closed (or reused) fd."""
+    live.cmd("create", name="src", size=SIZE)
+    live.write("src", pattern(b"a"), 0)
+    live.cmd("clone_create", source="src", name="c1")
+    live.wait_clone("c1", "synchronized")
+    cfd = live.volume("c1").fd
+    hold = Hold(monkeypatch, os, "fdatasync",
+                lambda fd: fd == cfd and threading.current_thread().name == "flusher")
+    box = {}
+
+    def flusher():
+        try:
+            live.volume("src").flush()
+        except BaseException as e:
+            box["e"] = e
+    t = threading.Thread(target=flusher, name="flusher")
+    t.start()
+    hold.wait_arrived()
+    deleting = live.cmd_in_thread("delete", name="c1")
+    time.sleep(0.3)
+    assert not deleting.done(), "the delete closed the clone under a flush of its mirror"
+    hold.release()
+    t.join(10)
+    deleting.result()
+    assert "e" not in box, f"host flush failed: {box.get('e')!r}"
+
+
+def test_failed_restore_start_clobbers_other_clone_state(live, monkeypatch):
+    import traceback
+    live.fractured_clone(data=pattern(b"a"))
+    live.write("src", b"b" * EXT, 0)
+    copy_hold = Hold(monkeypatch, policy, "copy_range", lambda *a: True)
+    live.cmd("clone_create", source="src", name="c2")
+    copy_hold.wait_arrived()
+    wr_hold = Hold(monkeypatch, vf, "write_from", lambda fd, buf, off: bytes(buf[:4]) == b"HOLD")
+    w = Async(lambda: live.write("c1", b"HOLD" * 1024, 3 * EXT))
+    wr_hold.wait_arrived()
+    rs = live.cmd_in_thread("restore", source="src", clone_name="c1")
+    live.wait(lambda: live.clone("c1").state == "restoring", what="gate")
+    copy_hold.release()
+    live.wait_clone("c2", "synchronized")
+
+    def full():
+        if any("_commit_restore_start" in f.name for f in traceback.extract_stack()):
+            raise sqlite3.OperationalError("database or disk is full")
+    faults.arm("metadata.commit", full)
+    wr_hold.release()
+    w.result()
+    with pytest.raises(LuncloneError):
+        rs.result()
+    faults.disarm()
+    st = live.clone("c2").state
+    running = live.engine.lifecycle.jobs.get("sync:c2")
+    assert st == "synchronized" or jobs.is_running(running), \
+        f"c2 is {st} in memory with no sync job (db: synchronized)"
+
+
+def test_failed_source_write_does_not_let_the_sweep_clear_its_intent(live):
+    """A source write that fails part-way (ENOSPC, EIO) skips its mirrors:
+    the clone may differ there, so it resynchronizes instead of having the
+    intent bit swept as if both copies were equal."""
+    live.cmd("create", name="src", size=SIZE)
+    live.write("src", pattern(b"a"), 0)
+    live.cmd("clone_create", source="src", name="c1")
+    live.wait_clone("c1", "synchronized")
+    store = live.volume("src").store
+    real = store.pwrite
+
+    def half_then_fail(buf, offset):
+        real(memoryview(buf)[:len(buf) // 2], offset)
+        raise OSError(errno.ENOSPC, "injected: no space after half the write")
+    store.pwrite = half_then_fail
+    with pytest.raises(OSError):
+        live.write("src", b"n" * EXT, 4 * EXT)
+    store.pwrite = real
+    assert live.clone("c1").state == "synchronizing"
+    live.wait_clone("c1", "synchronized")
+    assert live.file("c1") == live.file("src")
+

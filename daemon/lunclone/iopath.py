@@ -207,11 +207,18 @@ class Volume:
             gen.pop()
 
     def flush(self) -> None:
-        policy = self.policy
-        if policy is None:
-            os.fdatasync(self.fd)
-        else:
-            policy.flush(self)
+        """In the barrier too: a switch (a clone's delete) waits for flushes
+        that may still reach the mirrors of the old rules."""
+        gen = self.barrier.current
+        gen.append(None)
+        try:
+            policy = self.policy
+            if policy is None:
+                os.fdatasync(self.fd)
+            else:
+                policy.flush(self)
+        finally:
+            gen.pop()
 
     def extents(self, count: int, offset: int, one: bool) -> list[tuple[int, int, bool]]:
         """Block status: (offset, length, is_hole) runs.  During a restore

@@ -104,7 +104,7 @@ class CopyJob:
                         empty = run is None and not self.bitmap().any()
                     if run is not None:
                         cursor = run[0] + run[1]
-                        running.add(asyncio.create_task(self._copy(*run)))
+                        running.add(asyncio.create_task(self._copy(self._start_copy(*run))))
                         continue
                     if not running:
                         if empty and self.finish():
@@ -118,32 +118,36 @@ class CopyJob:
                 t.cancel()
             await asyncio.gather(*running, return_exceptions=True)
 
-    async def _copy(self, first: int, n: int) -> None:
-        """Copy one run (marked in flight by ``take_run``) on the pool, then
-        clear its bits; a failure leaves them set for a later pass."""
-        fam = self.family
-        seen = fam.host_requests
+    def _start_copy(self, first: int, n: int) -> asyncio.Future:
+        """Copy one run (marked in flight by ``take_run``) on the pool.  The
+        run is finished in the future's done callback, on the loop, exactly
+        once and only after the thread returned: its bits are cleared if it
+        succeeded and the job is still active, else left set; its extents
+        are released either way, even if the task awaiting it is cancelled
+        before it ever ran."""
+        fam, bm = self.family, self.bitmap()
         src, dst = self.stores()
         copy = asyncio.get_running_loop().run_in_executor(
             self.pool, fam.copy_extents, src, dst, first, n)
+
+        def finished(f: asyncio.Future) -> None:
+            ok = not f.cancelled() and f.exception() is None and self.active()
+            with fam.lock:
+                fam.finish_run(bm, first, n, dst, ok=ok)
+                if ok:
+                    self.progress().add(f.result())
+        copy.add_done_callback(finished)
+        return copy
+
+    async def _copy(self, copy: asyncio.Future) -> None:
+        """Wait for a copy (never cancelling it: the thread would go on), then
+        account for it; a failure is retried on a later pass."""
+        seen = self.family.host_requests
         try:
             copied = await asyncio.shield(copy)
-        except asyncio.CancelledError:
-            # The job stops, but the thread still copies into these extents:
-            # release them (bits left set) only once it has returned, so no
-            # host write lands under a copy still in progress.
-            await asyncio.gather(copy, return_exceptions=True)
-            with fam.lock:
-                fam.finish_run(self.bitmap(), first, n, dst, ok=False)
-            raise
         except OSError as e:
-            with fam.lock:
-                fam.finish_run(self.bitmap(), first, n, dst, ok=False)
             await self._retry_or_pause(e)
             return
-        with fam.lock:
-            fam.finish_run(self.bitmap(), first, n, dst, ok=self.active())
-            self.progress().add(copied)
         self.failures = 0
         await self.throttle.account(copied)
         await self._yield_to_host(seen)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -315,10 +316,13 @@ class Lifecycle:
             if clone.state != SYNCHRONIZED:
                 raise Busy(f"clone {name} is {clone.state}; it can be fractured once "
                            f"synchronized (see 'lunclone status {fam.source.name}')")
-            failures = clone.mirror_failures
             with self.lock:
+                if clone.state != SYNCHRONIZED:  # a mirror failed meanwhile
+                    raise Busy(f"clone {name} is {clone.state}; it can be fractured once "
+                               "synchronized")
+                failures = clone.mirror_failures
+                clone.fracturing = set()  # before the state: keeps the fast path off
                 clone.state = FRACTURED
-                clone.fracturing = set()
                 older_writes = fam.source.barrier.switch()
             try:
                 await quiesce(older_writes, DRAIN_TIMEOUT, fam.source.name)
@@ -326,10 +330,12 @@ class Lifecycle:
                 with self.committer.transaction() as tx:
                     self._commit_fracture(fam, clone, failures, tx)
             except BaseException:
-                self._fracture_failed(fam, clone)
+                await self._fracture_failed(fam, clone)
                 raise
             finally:
-                clone.fracturing = None
+                with self.lock:
+                    clone.fracturing = None
+                    fam.refresh_fast()
             log.info("clone %s fractured", name)
             return self.engine.describe(name)
 
@@ -363,16 +369,20 @@ class Lifecycle:
                     delta.clear(i)
         tx.then(clear)
 
-    def _fracture_failed(self, fam: Family, clone: Clone) -> None:
+    async def _fracture_failed(self, fam: Family, clone: Clone) -> None:
         """Writes since the switch were not mirrored: the clone is no longer
         a mirror.  Its bits (all committed) record where it may differ, so
-        it resynchronizes; the database's 'synchronized with intent bits'
-        means the same after a restart."""
+        it resynchronizes once writes that took the old rules have ended;
+        the database's 'synchronized with intent bits' means the same after
+        a restart."""
         with self.lock:
-            if clone.state == FRACTURED and self.engine.records[clone.name].clone_state != FRACTURED:
-                clone.state = SYNCHRONIZING
-        if clone.state == SYNCHRONIZING:
-            self._start_sync(fam, clone)
+            if clone.state != FRACTURED or \
+                    self.engine.records[clone.name].clone_state == FRACTURED:
+                return
+            clone.state = SYNCHRONIZING
+            older = fam.switch_fast()
+        await quiesce(older, float("inf"), fam.source.name)
+        self._start_sync(fam, clone)
 
     async def sync(self, name: str) -> dict:
         async with self.admin:
@@ -417,18 +427,20 @@ class Lifecycle:
         if fam.restore is not None and fam.restore.clone is clone:
             raise Busy(f"clone {name} is the source of a running restore of "
                        f"{fam.source.name}; wait for it to finish")
-        if clone.volume.connections:
-            raise Busy(f"clone {name} has {clone.volume.connections} open connection(s); "
-                       "disconnect them first")
         with self.committer.transaction() as tx:
+            if clone.volume.connections:  # under the lock: no open can slip in
+                raise Busy(f"clone {name} has {clone.volume.connections} open "
+                           "connection(s); disconnect them first")
             tx.delete_volume(name)
 
             def forget() -> None:
                 fam.remove_clone(name)
                 self.committer.unregister(clone.delta)
+                self.engine.volumes.pop(name, None)  # no new connection from now on
             tx.then(forget)
-            older_writes = fam.source.barrier.switch()
-        await quiesce(older_writes, float("inf"), fam.source.name)
+            older = (fam.source.barrier.switch(), clone.volume.barrier.switch())
+        for gen in older:
+            await quiesce(gen, float("inf"), name)
         job = self.jobs.pop(f"sync:{name}", None)
         if job is not None and job.task is not None:
             await asyncio.gather(job.task, return_exceptions=True)
@@ -438,9 +450,11 @@ class Lifecycle:
         return {"deleted": name}
 
     def _drop_family_if_unused(self, fam: Family) -> None:
+        """Back to the hot path; writes still in the family (no clones) are
+        harmless, so nothing waits for them."""
         if not fam.clones and fam.restore is None and \
                 self.families.get(fam.source.name) is fam:
-            fam.source.set_policy(None)
+            fam.source.switch_policy(None)
             del self.families[fam.source.name]
 
     def finish_sync(self, clone: Clone) -> bool:
@@ -459,8 +473,10 @@ class Lifecycle:
     def _mirror_failed(self, clone: Clone) -> None:
         """A mirror write failed (nbdkit thread): resynchronize that clone,
         if it is still the synchronizing clone of this family by then."""
-        fam, _ = self.find_clone(clone.name)
+        fam = clone.family
         loop = self.engine.loop
+        if fam is None:  # deleted meanwhile
+            return
         if loop is None:
             return
 
@@ -518,7 +534,7 @@ class Lifecycle:
         try:
             self._commit_restore_start(fam, r)
         except BaseException:
-            self._undo_restore_start(fam, states, reload_deltas=True)
+            self._undo_restore_start(fam, clone, states[clone])
             raise
         finally:
             r.ready.set()
@@ -548,23 +564,19 @@ class Lifecycle:
                     raise Busy(f"host writes to {fam.source.name} did not finish; try again")
                 await asyncio.sleep(0.0005)
         except BaseException:
-            self._undo_restore_start(fam, states, reload_deltas=False)
+            self._undo_restore_start(fam, clone, states[clone])
             r.ready.set()
             raise
         return r
 
-    def _undo_restore_start(self, fam: Family, states: dict[Clone, str],
-                            reload_deltas: bool) -> None:
-        """The start did not commit: put every clone's state back and, if the
-        transaction had begun, reload the delta maps from the metadata (their
-        in-memory union was never committed, and a set bit must be)."""
+    def _undo_restore_start(self, fam: Family, clone: Clone, state: str) -> None:
+        """The start did not commit: take the restore out and put its clone's
+        state back.  Only these two changed before the commit (the gate);
+        every other change waits for it (``tx.then``), and other clones may
+        have changed state meanwhile (a sync finished): they are left alone."""
         with self.lock:
             fam.restore = None
-            for c, st in states.items():
-                c.state = st
-                self.engine.records[c.name].clone_state = st
-                if reload_deltas:
-                    c.delta.assign(self.engine.md.load_bitmap(c.name, "delta", fam.nextents))
+            clone.state = state
 
     def _commit_restore_start(self, fam: Family, r: Restore) -> None:
         clone = r.clone
@@ -577,14 +589,16 @@ class Lifecycle:
                     continue
                 if other.state in MIRRORED:
                     self._set_state(fam, other, FRACTURED, tx)
-                other.delta.union(r.pending)
-                tx.save_bitmap(other.name, "delta", other.delta)
+                grown = other.delta.copy(other.delta.key)
+                grown.union(r.pending)
+                tx.save_bitmap(other.name, "delta", grown, pages=list(range(grown.page_count())))
+                tx.then(functools.partial(other.delta.union, r.pending))
             tx.delete_bitmap(fam.source.name, "pending")
             tx.delete_bitmap(fam.source.name, "protected")
             tx.save_bitmap(fam.source.name, "pending", r.pending)
             tx.put_job(self._job_record(fam, r))
-            self.committer.register(r.pending)
-            self.committer.register(r.protected)
+            tx.then(functools.partial(self.committer.register, r.pending))
+            tx.then(functools.partial(self.committer.register, r.protected))
 
     def _job_record(self, fam: Family, r: Restore) -> JobRecord:
         return JobRecord(fam.source.name, "restore", r.clone.name, r.state, r.protected_mode,

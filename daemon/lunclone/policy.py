@@ -189,7 +189,8 @@ class Family:
         restored: then a write whose delta bits are all committed needs no
         lock, no map change and no copy (the steady state of rule 4)."""
         self.plain_reads = self._restore is None
-        if self._restore is None and all(c.state == FRACTURED for c in self.clones.values()):
+        if self._restore is None and all(c.state == FRACTURED and c.fracturing is None
+                                         for c in self.clones.values()):
             self.fast_maps = [c.delta.bits for c in self.clones.values()]
         else:
             self.fast_maps = None
@@ -283,7 +284,14 @@ class Family:
         self.host_requests += 1
         exts, mirrors, late = self._prepare(offset, length, write=True)
         try:
-            do(self.source.store)
+            try:
+                do(self.source.store)
+            except OSError as e:
+                # Part of it may have landed: the mirrors' intent bits must
+                # not be swept as if both copies were equal.
+                for clone in mirrors:
+                    self.mirror_broken(clone, "write (source failed)", e)
+                raise
             for clone in mirrors:
                 self._mirror(clone, exts, do)
             if late:
@@ -345,7 +353,7 @@ class Family:
         synchronized clone that no write touched since the last sweep and
         none is writing now.  Their writes ended before this call, so a
         flush of the clone started after it makes them durable."""
-        if clone.state != SYNCHRONIZED:
+        if clone.state != SYNCHRONIZED or self.clones.get(clone.name) is not clone:
             clone.hot = set()
             return []
         hot, clone.hot = clone.hot, set()
@@ -355,7 +363,7 @@ class Family:
         """Under lock, second half: the clone was flushed after ``idle_intents``;
         clear the bits no write touched meanwhile.  The source is fdatasync'ed
         (and a local clone too) before the clear is committed (rule 2)."""
-        if clone.state != SYNCHRONIZED or any(
+        if clone.state != SYNCHRONIZED or self.clones.get(clone.name) is not clone or any(
                 fd in self.committer.failed_fds for fd in (self.source.fd, clone.volume.fd)):
             return 0
         cleared = [i for i in idle if i not in clone.hot and not self.writers.get(i)]
@@ -570,6 +578,8 @@ class CloneExport:
                                "read-only until it is fractured")
             exts = extent_range(offset, length, self.family.shift)
             batches = [self.family.committer.request(clone.delta, i) for i in exts]
+            if clone.fracturing is not None:  # a real difference, not a mirrored write
+                clone.fracturing.update(exts)
         _wait(batches)
         return exts
 
