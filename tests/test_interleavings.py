@@ -434,3 +434,54 @@ def test_failed_source_write_does_not_let_the_sweep_clear_its_intent(live):
     live.wait_clone("c1", "synchronized")
     assert live.file("c1") == live.file("src")
 
+
+
+def open_files() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
+def test_clone_delete_closes_its_file(live):
+    live.fractured_clone(data=pattern(b"a"))
+    path = live.engine.volume_path("c1")
+    live.cmd("clone_delete", name="c1")
+    assert not [p for p in open_files() if p.startswith(path)], "the deleted clone's file is open"
+
+
+def test_failed_fracture_waits_for_writes_to_the_clone_before_resyncing(live, monkeypatch):
+    """A fracture whose commit fails sends the clone back to synchronizing;
+    a write to its own export accepted in the window lands before the sync
+    copies that extent."""
+    import traceback
+    live.cmd("create", name="src", size=SIZE)
+    live.write("src", pattern(b"a"), 0)
+    live.cmd("clone_create", source="src", name="c1")
+    live.wait_clone("c1", "synchronized")
+    src_hold = Hold(monkeypatch, vf, "write_from", lambda fd, buf, off: bytes(buf[:4]) == b"HOLD")
+    clone_hold = Hold(monkeypatch, vf, "write_from", lambda fd, buf, off: bytes(buf[:4]) == b"CLON")
+    w1 = Async(lambda: live.write("src", b"HOLD" * 1024, 9 * EXT))  # mirrored, old rules
+    src_hold.wait_arrived()
+    frac = live.cmd_in_thread("clone_fracture", name="c1")
+    live.wait(lambda: live.clone("c1").state == "fractured", what="switch")
+    w2 = Async(lambda: live.write("c1", b"CLON" * 1024, 5 * EXT))  # the clone's own export
+    clone_hold.wait_arrived()
+
+    def full():
+        if any(f.name == "fracture" for f in traceback.extract_stack()):
+            raise sqlite3.OperationalError("database or disk is full")
+    faults.arm("metadata.commit", full)
+    src_hold.release()
+    w1.result()
+    time.sleep(0.3)  # the fracture failed; a resync now would copy under the held write
+    faults.disarm()
+    clone_hold.release()
+    w2.result()
+    with pytest.raises(LuncloneError):
+        frac.result()
+    live.wait_clone("c1", "synchronized")
+    assert live.file("c1") == live.file("src")

@@ -111,6 +111,12 @@ class Committer:
         """Data was copied into ``fd``: fdatasync it before the next commit."""
         self._sync_fds.add(fd)
 
+    def forget_fd(self, fd: int) -> None:
+        """A volume is closed (under ``commit_lock`` and ``lock``): its fd
+        number may be reused by another file."""
+        self._sync_fds.discard(fd)
+        self.failed_fds.pop(fd, None)
+
     def check_writable(self, fd: int) -> None:
         """Refuse to copy into (or vouch for) a volume whose write-back failed."""
         msg = self.failed_fds.get(fd)

@@ -210,20 +210,27 @@ class Engine:
                            "delete them first or use --force")
             for clone in list(fam.clones):
                 await self.lifecycle.delete_clone_locked(clone)
-        with self.md.transaction() as tx:
+        with self.committer.transaction() as tx:
+            if vol is not None and vol.connections:  # under the lock: none can slip in
+                raise Busy(f"volume {name!r} has {vol.connections} open connection(s); "
+                           "detach or disconnect its clients first")
             tx.delete_volume(name)
-        self.forget_volume(name)
+            tx.then(lambda: self.volumes.pop(name, None))
+        self.forget_volume(name, vol)
         log.info("deleted volume %s", name)
         return {"deleted": name}
 
-    def forget_volume(self, name: str) -> None:
-        """Drop a deleted volume from memory and remove its file (for good:
-        its directory is fsynced, a power cut does not bring it back)."""
+    def forget_volume(self, name: str, vol: Volume | None = None) -> None:
+        """Drop a deleted volume from memory, close it (``vol``, if it was
+        taken out of ``volumes`` already) and remove its file (for good: its
+        directory is fsynced, a power cut does not bring it back)."""
         self.records.pop(name, None)
         self.broken.pop(name, None)
-        vol = self.volumes.pop(name, None)
+        vol = self.volumes.pop(name, None) or vol
         if vol is not None:
-            vol.close()
+            with self.committer.commit_lock, self.maps_lock:
+                self.committer.forget_fd(vol.fd)  # the number may be reused
+                vol.close()
         vf.remove(self.volume_path(name), missing_ok=True)
 
     # -- views -----------------------------------------------------------
@@ -262,8 +269,10 @@ class Engine:
 
     # -- connections (called from nbdkit threads) ------------------------
     def open_export(self, name: str, readonly: bool) -> Volume:
-        vol = self.get_volume(name)
+        """Look up and count in one step under the lock: a delete that
+        found no connection cannot be followed by one."""
         with self.maps_lock:
+            vol = self.get_volume(name)
             vol.connections += 1
         return vol
 

@@ -73,6 +73,7 @@ class CopyJob:
         self._backoff_until = 0.0
         self.stopped = False
         self.task: asyncio.Task | None = None
+        self._copies: set[asyncio.Future] = set()  # copies whose thread has not returned
         self.run_extents = max(1, min(RUN_EXTENTS, MAX_RUN_BYTES >> family.shift))
 
     # subclass hooks -------------------------------------------------------
@@ -117,6 +118,8 @@ class CopyJob:
             for t in running:
                 t.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+            if self._copies:  # the threads: the job ends when its copies have
+                await asyncio.wait(self._copies)
 
     def _start_copy(self, first: int, n: int) -> asyncio.Future:
         """Copy one run (marked in flight by ``take_run``) on the pool.  The
@@ -133,10 +136,12 @@ class CopyJob:
         def finished(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None and self.active()
             with fam.lock:
-                fam.finish_run(bm, first, n, dst, ok=ok)
+                fam.finish_run(bm, first, n, dst, ok=ok, src=src)
                 if ok:
                     self.progress().add(f.result())
         copy.add_done_callback(finished)
+        self._copies.add(copy)
+        copy.add_done_callback(self._copies.discard)
         return copy
 
     async def _copy(self, copy: asyncio.Future) -> None:
@@ -204,7 +209,7 @@ class SyncJob(CopyJob):
 
     def active(self) -> bool:
         return (not self.stopped and self.clone.state == SYNCHRONIZING
-                and self.clone.name in self.family.clones)
+                and self.family.clones.get(self.clone.name) is self.clone)
 
     def paused(self) -> bool:
         return False

@@ -255,7 +255,7 @@ class Lifecycle:
             with self.lock:
                 fam.remove_clone(name)
                 self.committer.unregister(delta)
-            self._drop_family_if_unused(fam)
+            await self._drop_family_if_unused(fam)
             raise
         eng.records[name] = rec
         eng.volumes[name] = vol
@@ -379,9 +379,10 @@ class Lifecycle:
             if clone.state != FRACTURED or \
                     self.engine.records[clone.name].clone_state == FRACTURED:
                 return
-            clone.state = SYNCHRONIZING
-            older = fam.switch_fast()
-        await quiesce(older, float("inf"), fam.source.name)
+            clone.state = SYNCHRONIZING  # its own export refuses writes from now on
+            older = (clone.volume.barrier.switch(), fam.switch_fast())
+        for gen in older:
+            await quiesce(gen, float("inf"), clone.name)
         self._start_sync(fam, clone)
 
     async def sync(self, name: str) -> dict:
@@ -438,24 +439,25 @@ class Lifecycle:
                 self.committer.unregister(clone.delta)
                 self.engine.volumes.pop(name, None)  # no new connection from now on
             tx.then(forget)
+        with self.lock:  # after forget(): new writes and flushes no longer see it
             older = (fam.source.barrier.switch(), clone.volume.barrier.switch())
         for gen in older:
             await quiesce(gen, float("inf"), name)
         job = self.jobs.pop(f"sync:{name}", None)
         if job is not None and job.task is not None:
             await asyncio.gather(job.task, return_exceptions=True)
-        self.engine.forget_volume(name)
-        self._drop_family_if_unused(fam)
+        self.engine.forget_volume(name, clone.volume)
+        await self._drop_family_if_unused(fam)
         log.info("clone %s deleted", name)
         return {"deleted": name}
 
-    def _drop_family_if_unused(self, fam: Family) -> None:
-        """Back to the hot path; writes still in the family (no clones) are
-        harmless, so nothing waits for them."""
+    async def _drop_family_if_unused(self, fam: Family) -> None:
+        """Back to the hot path, once writes that still follow the family's
+        rules have ended (a new clone's scan must see their data)."""
         if not fam.clones and fam.restore is None and \
                 self.families.get(fam.source.name) is fam:
-            fam.source.switch_policy(None)
             del self.families[fam.source.name]
+            await quiesce(fam.source.switch_policy(None), float("inf"), fam.source.name)
 
     def finish_sync(self, clone: Clone) -> bool:
         """The sync job found the delta map empty: synchronized, if still so."""

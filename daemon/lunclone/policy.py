@@ -287,10 +287,14 @@ class Family:
             try:
                 do(self.source.store)
             except OSError as e:
-                # Part of it may have landed: the mirrors' intent bits must
-                # not be swept as if both copies were equal.
+                # Part of it may have landed: synchronized mirrors' intent
+                # bits must not be swept as if both copies were equal.  (The
+                # restoring clone needs nothing: its protected or pending
+                # bit covers the extent.)
+                r = self._restore
                 for clone in mirrors:
-                    self.mirror_broken(clone, "write (source failed)", e)
+                    if r is None or r.clone is not clone:
+                        self.mirror_broken(clone, "write (source failed)", e)
                 raise
             for clone in mirrors:
                 self._mirror(clone, exts, do)
@@ -381,7 +385,7 @@ class Family:
             self.committer.copied_into(store.fd)
 
     def _mirrors(self) -> list[Clone]:
-        mirrors = [c for c in self.clones.values() if c.state == SYNCHRONIZED]
+        mirrors = [c for c in list(self.clones.values()) if c.state == SYNCHRONIZED]
         r = self.restore
         if r is not None and r.mirrored:
             mirrors.append(r.clone)
@@ -510,6 +514,7 @@ class Family:
             r.on_demand += len(todo)
             r.progress.add(copied)
             self.committer.copied_into(self.source.fd)
+            self._copied_into(r.clone.volume.store)  # what was read is durable too
             self._release_locked(todo)
 
     def copy_extents(self, src: Store, dst: Store, first: int, count: int) -> int:
@@ -549,12 +554,18 @@ class Family:
             return i, n
         return None
 
-    def finish_run(self, bm: Bitmap, first: int, n: int, dst: Store, ok: bool) -> None:
-        """Under lock: the copy of a run returned; clear its bits (rule 2)."""
+    def finish_run(self, bm: Bitmap, first: int, n: int, dst: Store, ok: bool,
+                   src: Store | None = None) -> None:
+        """Under lock: the copy of a run returned; clear its bits (rule 2).
+        Both ends must be durable before the clear is committed: the copy
+        may have read a host write to ``src`` that was never flushed, and a
+        power cut would then take it from the source but not from the copy."""
         if ok:
             for i in range(first, first + n):
                 bm.clear(i)
             self._copied_into(dst)
+            if src is not None:
+                self._copied_into(src)
         self._release_locked(range(first, first + n))
 
 
