@@ -504,32 +504,6 @@ def check_persisted_delta(run: Run, state_dir: str) -> None:
 
 # ---------------------------------------------------------------- runs
 
-# Problems already reported (/work/notes/powercut-findings.txt), by phase:
-# message fragments.  A run whose problems all match is counted as "known"
-# and does not fail CI; LUNCLONE_POWERCUT_STRICT=1 makes them fail too.
-# Remove an entry once its fix is in.
-KNOWN = {
-    # F1: a sync clears a delta bit after fdatasync of the clone only; the
-    # source data it copied (an unflushed host write) may be lost.
-    "initial-sync": ("without a delta bit (clone synchroniz",
-                     "synchronized clone differs from the source",
-                     "after stop: extents"),
-    "resync": ("without a delta bit (clone synchroniz",
-               "synchronized clone differs from the source",
-               "after stop: extents"),
-    # F2: forget_volume unlinks the clone's file without a directory fsync.
-    "clone-delete": ("is no volume after the cut but its file is there",
-                     "clone create c1 after the cut"),
-}
-
-
-def is_known(run: Run) -> bool:
-    if os.environ.get("LUNCLONE_POWERCUT_STRICT"):
-        return False
-    frags = KNOWN.get(run.phase, ())
-    return all(any(f in msg for f in frags) for msg in run.problems)
-
-
 def run_phase(name: str, cuts: int, seed: int, stop_at_first: bool = False,
               verbose: bool = False, out=print) -> tuple[int, list[Run]]:
     """``cuts`` cuts of one phase (half with FUA writes); returns (cuts, runs with problems)."""
@@ -543,8 +517,7 @@ def run_phase(name: str, cuts: int, seed: int, stop_at_first: bool = False,
             out(f"{name} seed {s}: {'; '.join(run.notes)}")
         if run.problems:
             failed.append(run)
-            out(f"{name} seed {s}: {'KNOWN' if is_known(run) else 'MISMATCH'} "
-                f"{run.problems} ({'; '.join(run.notes)})")
+            out(f"{name} seed {s}: MISMATCH {run.problems} ({'; '.join(run.notes)})")
             if stop_at_first:
                 break
     return done, failed
@@ -563,13 +536,9 @@ def test_power_cut(lazy_ok, long_mode, phase):
     cuts = 45 if long_mode else 3
     t0 = time.monotonic()
     done, failed = run_phase(phase, cuts, seed=1 + list(PHASES).index(phase))
-    new = [r for r in failed if not is_known(r)]
-    print(f"power cuts {phase}: {done} cuts, {len(new)} with mismatches, "
-          f"{len(failed) - len(new)} with known findings, {time.monotonic() - t0:.1f} s")
-    assert not new, "\n".join(f"seed {r.seed}: {r.problems}" for r in new)
-    if failed:
-        pytest.xfail(f"{len(failed)} of {done} cuts hit known findings "
-                     f"(notes/powercut-findings.txt): {failed[0].problems[0]}")
+    print(f"power cuts {phase}: {done} cuts, {len(failed)} with mismatches, "
+          f"{time.monotonic() - t0:.1f} s")
+    assert not failed, "\n".join(f"seed {r.seed}: {r.problems}" for r in failed)
 
 
 def main() -> None:
