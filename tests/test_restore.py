@@ -5,6 +5,7 @@ rest on are in docs/DESIGN.md ("A host request", "Restore").
 """
 import os
 import random
+import subprocess
 import threading
 import time
 
@@ -261,3 +262,22 @@ def test_fio_verify_during_restore(daemon):
     got = whole(src, SIZE)
     # Outside fio's range the clone's data is back.
     assert got[:4 * MiB] == clone_data[:4 * MiB] and got[12 * MiB:] == clone_data[12 * MiB:]
+
+
+def test_backup_with_nbdcopy_during_a_restore_gets_the_clones_data(daemon, workdir):
+    """Block status answers for what a read returns: nbdcopy (which skips
+    what the server calls holes) copies the clone's data mid-restore, also
+    where the source file has a hole and the clone has data."""
+    rng = random.Random(11)
+    clone_data, src = prepare(daemon, rng)
+    src.trim(4 * MiB, 0)  # holes on the source, data on the clone: all pending
+    clone_data = whole(daemon.connect("c1"), SIZE)
+    daemon.cli("restore", "src", "--from", "c1", "--rate", "64K")
+    daemon.cli("restore", "pause", "src")
+    out = os.path.join(workdir, "backup.img")
+    subprocess.run(["nbdcopy", daemon.uri("src"), out], check=True, timeout=120)
+    with open(out, "rb") as f:
+        assert f.read() == clone_data
+    daemon.cli("restore", "resume", "src")
+    daemon.cli("restore", "rate", "src", "0")
+    wait_restore_done(daemon, "src")
