@@ -485,3 +485,36 @@ def test_failed_fracture_waits_for_writes_to_the_clone_before_resyncing(live, mo
         frac.result()
     live.wait_clone("c1", "synchronized")
     assert live.file("c1") == live.file("src")
+
+
+def test_fault_points_pause_and_fail_where_named(live):
+    """The named points are reached where their names say (a test may pause
+    or fail there); one injected copy failure leaves its bits set and the
+    sync finishes on a later pass."""
+    reached = []
+    for point in ("write.bits_committed", "copy.data_written", "commit.before_fdatasync",
+                  "commit.after_fdatasync", "restore.gated", "restore.finish",
+                  "clone.delete_committed"):
+        faults.arm(point, lambda p=point: reached.append(p))
+    live.fractured_clone(data=pattern(b"a"))
+    live.write("src", b"b" * 4096, 0)
+    live.cmd("restore", source="src", clone_name="c1")
+    live.wait(lambda: live.family("src").restore is None, what="restore done")
+    live.commit()
+    live.cmd("clone_create", source="src", name="c2")
+    live.wait_clone("c2", "synchronized")
+    live.cmd("clone_delete", name="c2")
+    assert set(reached) >= {"write.bits_committed", "copy.data_written",
+                            "commit.before_fdatasync", "commit.after_fdatasync",
+                            "restore.gated", "restore.finish", "clone.delete_committed"}
+    faults.disarm()
+    failed = []
+
+    def fail_once():
+        if not failed:
+            failed.append(1)
+            raise OSError(errno.EIO, "injected copy failure")
+    faults.arm("copy.data_written", fail_once)
+    live.cmd("clone_create", source="src", name="c3")
+    live.wait_clone("c3", "synchronized")
+    assert failed and live.file("c3") == live.file("src")

@@ -34,6 +34,7 @@ import os
 import threading
 from typing import Iterator
 
+from . import faults
 from .bitmap import PAGE_BITS, Bitmap
 from .errors import MetadataError, NoSpace
 from .metadata import Metadata, Transaction
@@ -176,8 +177,12 @@ class Committer:
                 batch.event.set()
                 return
             try:
+                if faults.armed is not None:
+                    faults.hit("commit.before_fdatasync")
                 for fd in fds:
                     self.sync_volume(fd)
+                if faults.armed is not None:
+                    faults.hit("commit.after_fdatasync")
                 with self.md.transaction() as tx:
                     for (owner, kind, p), data in pages.items():
                         tx.save_page(owner, kind, p, data)

@@ -13,6 +13,17 @@ with an errno, a ``sqlite3.Error``), or kill the process.
 """
 from __future__ import annotations
 
+# The points, where they are and what a test can do there:
+#   write.bits_committed     a slow-path host write, its map bits committed, data not written
+#   copy.data_written        a copy's data written, not yet fdatasync'ed nor its bits cleared
+#   commit.before_fdatasync  a group commit with its pages taken, before fdatasync of volumes
+#   commit.after_fdatasync   volumes fdatasync'ed, pages not yet written to the database
+#   metadata.commit          any transaction, just before SQLite's COMMIT
+#   restore.gated            a restore start: gate closed and old writes drained, not committed
+#   restore.finish           a restore's end, before its transaction
+#   clone.delete_committed   a clone's delete committed, its writes not yet drained
+#   remote.write, remote.flush   a write or flush to a remote clone, before it is sent
+
 from typing import Callable
 
 armed: dict[str, Callable[[], None]] | None = None

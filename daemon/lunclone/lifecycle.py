@@ -28,7 +28,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from . import units
+from . import faults, units
 from . import volume as vf
 from .bitmap import Bitmap
 from .errors import AlreadyExists, Busy, InvalidArgument, LuncloneError, NotFound
@@ -439,6 +439,8 @@ class Lifecycle:
                 self.committer.unregister(clone.delta)
                 self.engine.volumes.pop(name, None)  # no new connection from now on
             tx.then(forget)
+        if faults.armed is not None:
+            faults.hit("clone.delete_committed")
         with self.lock:  # after forget(): new writes and flushes no longer see it
             older = (fam.source.barrier.switch(), clone.volume.barrier.switch())
         for gen in older:
@@ -534,6 +536,9 @@ class Lifecycle:
         r = await self._gate_restore(fam, clone, protected, states)
         r.rate_limit = rate_limit
         try:
+            if faults.armed is not None:
+                faults.hit("restore.gated")
+
             self._commit_restore_start(fam, r)
         except BaseException:
             self._undo_restore_start(fam, clone, states[clone])
@@ -619,6 +624,8 @@ class Lifecycle:
         (``--unprotected``, or a restore whose mirror failed: synchronizing,
         so the protected extents are copied to it)."""
         r = fam.restore
+        if faults.armed is not None:
+            faults.hit("restore.finish")
         with self.committer.transaction() as tx:
             if (r is None or r.pending.any() or fam.inflight
                     or self.committer.has_requests(r.protected)):

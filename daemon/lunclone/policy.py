@@ -51,6 +51,7 @@ import threading
 import time
 from typing import Callable
 
+from . import faults
 from . import volume as vf
 from .bitmap import Bitmap, extent_range
 from .commit import Batch, Committer
@@ -284,6 +285,8 @@ class Family:
         self.host_requests += 1
         exts, mirrors, late = self._prepare(offset, length, write=True)
         try:
+            if faults.armed is not None:
+                faults.hit("write.bits_committed")
             try:
                 do(self.source.store)
             except OSError as e:
@@ -521,7 +524,10 @@ class Family:
         """Copy ``count`` extents from ``first``; no lock held (they are in flight)."""
         offset = first << self.shift
         self.committer.check_writable(dst.fd)
-        return copy_range(src, dst, offset, min(count << self.shift, self.source.size - offset))
+        n = copy_range(src, dst, offset, min(count << self.shift, self.source.size - offset))
+        if faults.armed is not None:
+            faults.hit("copy.data_written")
+        return n
 
     def _release(self, exts) -> None:
         with self.lock:

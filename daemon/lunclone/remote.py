@@ -29,6 +29,8 @@ from __future__ import annotations
 import errno
 import threading
 
+from . import faults
+
 import nbd
 
 from .nbdconn import (FLUSH, MAX_ZERO, READ, REQUEST_TIMEOUT, STATUS, WRITE, ZERO,
@@ -109,6 +111,8 @@ class NbdStore:
         self._chunked(READ, buf, offset)
 
     def pwrite(self, buf, offset: int) -> None:
+        if faults.armed is not None:
+            faults.hit("remote.write")
         self._chunked(WRITE, buf, offset)
 
     def _chunked(self, kind: str, buf, offset: int) -> None:
@@ -135,6 +139,8 @@ class NbdStore:
     def flush(self) -> None:
         """Every connection; fails if one was lost with unflushed writes
         since the previous call (see the module docstring)."""
+        if faults.armed is not None:
+            faults.hit("remote.flush")
         self._flush_checked("_flush_seen", "the previous flush")
 
     def sweep_flush(self) -> None:
