@@ -24,7 +24,7 @@ TRACED = ("mkdir,mkdirat,open,openat,unlink,unlinkat,rename,renameat,renameat2,"
 # rebuilt at open, and the WAL it removes at a clean close was checkpointed.
 SQLITE_SIDE = ("-wal", "-shm", "-journal")
 
-_LINE = re.compile(r"^(\d+) (.*)$")
+_LINE = re.compile(r"^(\d+) +(.*)$")  # strace pads the pid to 5 columns
 _CALL = re.compile(r"^(\w+)\((.*)\) += (-?\d+)")
 _STR = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _FD_PATH = re.compile(r"^\d+<(.*)>$")
