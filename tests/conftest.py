@@ -32,3 +32,32 @@ def daemon(workdir):
     yield d
     rc = d.stop()
     assert rc == 0, f"daemon exit {rc}: {d.log()}"
+
+
+@pytest.fixture
+def live(workdir):
+    """The real engine in this process (``live.LiveEngine``); fault points
+    are disarmed after the test."""
+    from live import LiveEngine
+    from lunclone import faults
+    eng = LiveEngine(workdir)
+    yield eng
+    faults.disarm()
+    try:
+        eng.stop()
+    except Exception:
+        pass
+
+
+@pytest.fixture
+def lazy():
+    """A mounted LazyFS (``lazyfs.py``) in a short temporary directory."""
+    from lazyfs import LazyFS, unavailable
+    why = unavailable()
+    if why:
+        pytest.skip(f"LazyFS cannot run here: {why}")
+    d = short_tmpdir("lz")
+    fs = LazyFS(os.path.join(d, "disk"), os.path.join(d, "mnt")).mount()
+    yield fs
+    fs.unmount()
+    shutil.rmtree(d, ignore_errors=True)

@@ -15,20 +15,9 @@ import pytest
 
 from lunclone import faults
 from lunclone.errors import LuncloneError
-from live import EXT, MiB, LiveEngine
+from live import EXT, MiB
 
 SIZE = 4 * MiB
-
-
-@pytest.fixture
-def live(workdir):
-    eng = LiveEngine(workdir)
-    yield eng
-    faults.disarm()
-    try:
-        eng.stop()
-    except Exception:
-        pass
 
 
 def data(tag: bytes, n: int = SIZE) -> bytes:

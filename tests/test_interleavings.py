@@ -20,21 +20,10 @@ from lunclone import faults, jobs, policy
 from lunclone import volume as vf
 from lunclone.errors import LuncloneError
 from helpers import read_bitmap
-from live import EXT, MiB, Async, Hold, LiveEngine
+from live import EXT, MiB, Async, Hold
 
 SIZE = 4 * MiB
 NEXT = SIZE // EXT
-
-
-@pytest.fixture
-def live(workdir):
-    eng = LiveEngine(workdir)
-    yield eng
-    faults.disarm()
-    try:
-        eng.stop()
-    except Exception:
-        pass
 
 
 def pattern(tag: bytes, n: int = SIZE) -> bytes:

@@ -11,24 +11,12 @@ import sys
 import pytest
 
 from helpers import ROOT, Daemon, short_tmpdir
-from lazyfs import LazyFS, fallocate, unavailable
+from lazyfs import LazyFS, fallocate
 
 sys.path.insert(0, os.path.join(ROOT, "daemon"))
 from lunclone import volume  # noqa: E402
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def lazy():
-    why = unavailable()
-    if why:
-        pytest.skip(f"LazyFS cannot run here: {why}")
-    d = short_tmpdir("lz")
-    fs = LazyFS(os.path.join(d, "disk"), os.path.join(d, "mnt")).mount()
-    yield fs
-    fs.unmount()
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def path(fs: LazyFS, *names: str) -> str:

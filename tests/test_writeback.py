@@ -16,22 +16,9 @@ import shutil
 import pytest
 
 from helpers import Daemon, short_tmpdir, wait_for
-from lazyfs import LazyFS, unavailable
 
 MiB = 1 << 20
 SIZE = 4 * MiB
-
-
-@pytest.fixture
-def lazy():
-    why = unavailable()
-    if why:
-        pytest.skip(f"LazyFS cannot run here: {why}")
-    d = short_tmpdir("lzw")
-    fs = LazyFS(os.path.join(d, "disk"), os.path.join(d, "mnt")).mount()
-    yield fs
-    fs.unmount()
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def restore_of(d, name="src"):
