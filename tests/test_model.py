@@ -82,6 +82,8 @@ def reported(fn):
             if not FIRST_FAILURE:
                 FIRST_FAILURE.append(traceback.format_exc())
                 FIRST_FAILURE_AT.update(examples=SEEN["examples"], steps=STEPS["count"])
+                print(f"first failure (example {SEEN['examples']}, step {STEPS['count']}), "
+                      f"shrinking follows:\n{FIRST_FAILURE[0]}", flush=True)
             raise
         finally:
             took = time.monotonic() - t0
