@@ -358,14 +358,18 @@ class EngineModel(RuleBasedStateMachine):
         self.observe()
         states = {n: self.live.clone(n).state for n in self.clones}
         expect = self.restore is None and self.fractured(name)
+        old = self.fam().restore
         try:
             self.admin("restore", source="src", clone_name=name, protected=protected,
                        rate_limit=RATE)
         except Busy:
             assert not expect, f"restore from fractured {name} refused"
             return
-        assert expect or (self.ended_meanwhile() and self.fractured(name)), \
-            f"restore from {name} accepted"
+        if not expect:  # only right if the old restore ended just before
+            assert self.restore is not None and self.fam().restore is not old, \
+                f"restore from {name} accepted"
+            self.observe(running=False)
+            assert self.fractured(name), f"restore from {name} accepted"
         self.start_restore_model(name, protected, states)
 
     @rule(protected=st.booleans(), write_first=st.booleans())
@@ -483,6 +487,7 @@ class EngineModel(RuleBasedStateMachine):
                 "pause": ("restore_pause", {"source": "src"})}
         cmd, args = cmds[what]
         states = {n: self.live.clone(n).state for n in self.clones}
+        old = self.fam().restore
         mp = pytest.MonkeyPatch()
         try:
             hold = Hold(mp, vf, "write_from",
@@ -500,7 +505,8 @@ class EngineModel(RuleBasedStateMachine):
                 ok = False
         finally:
             mp.undo()
-        self.observe()  # first: a restore may have ended before the write
+        # First: a restore may have ended before the write (and a new one began).
+        self.observe(running=self.fam().restore is old is not None)
         self.apply_src(offset, data)
         if what == "restore" and before[0] is None:
             assert ok == before[1], f"restore from {name} (fractured: {before[1]}): ok={ok}"
