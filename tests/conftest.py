@@ -14,6 +14,13 @@ def pytest_addoption(parser):
                      help="run the long modes (crash points, big models)")
 
 
+def pytest_configure(config):
+    """--long for code that cannot take the fixture (tests/test_model.py's
+    settings are fixed at import)."""
+    if config.getoption("--long", default=False):
+        os.environ["LUNCLONE_LONG"] = "1"
+
+
 @pytest.fixture
 def long_mode(request) -> bool:
     return request.config.getoption("--long")
