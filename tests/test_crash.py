@@ -9,6 +9,7 @@ import threading
 import time
 
 import nbd
+import pytest
 
 from helpers import read_bitmap, wait_for
 from test_clones import whole
@@ -177,6 +178,7 @@ def prepare_cycle(daemon, rng, cycle, remote=None):
     return whole(daemon.connect("c1"), SIZE), src
 
 
+@pytest.mark.timeout(1800)  # --long: hundreds of crash points
 def test_sigkill_during_restore(daemon, long_mode):
     points = 300 if long_mode else 20
     tried, mismatches = run_crash_points(daemon, points, seed=1)
@@ -198,6 +200,7 @@ class SourceWriter(ReconnectingClient):
             h.flush()
 
 
+@pytest.mark.timeout(1800)  # --long: hundreds of crash points
 def test_sigkill_during_sync_and_mirroring(daemon, long_mode):
     """Kill -9 during initial sync, re-sync and mirrored writes: after the
     restarts the clone converges to the source, byte for byte."""
