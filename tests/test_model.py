@@ -506,7 +506,8 @@ class EngineModel(RuleBasedStateMachine):
         finally:
             mp.undo()
         # First: a restore may have ended before the write (and a new one began).
-        self.observe(running=self.fam().restore is old is not None)
+        fam = self.fam()  # None once the last clone was deleted
+        self.observe(running=fam is not None and fam.restore is old is not None)
         self.apply_src(offset, data)
         if what == "restore" and before[0] is None:
             assert ok == before[1], f"restore from {name} (fractured: {before[1]}): ok={ok}"
