@@ -68,3 +68,14 @@ def lazy():
     yield fs
     fs.unmount()
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def lazy_daemon(lazy):
+    """A daemon (not started) whose whole state directory is the lazy mount;
+    killed and its run directory removed after the test."""
+    run = short_tmpdir("lzr")
+    d = Daemon(lazy.mountpoint, run)
+    yield d
+    d.kill()
+    shutil.rmtree(run, ignore_errors=True)

@@ -4,13 +4,12 @@ flushed writes across SIGKILL + power cut."""
 import errno
 import fcntl
 import os
-import shutil
 import sqlite3
 import sys
 
 import pytest
 
-from helpers import ROOT, Daemon, short_tmpdir
+from helpers import ROOT
 from lazyfs import LazyFS, fallocate
 
 sys.path.insert(0, os.path.join(ROOT, "daemon"))
@@ -306,29 +305,24 @@ def test_remount_keeps_a_clean_unmount(lazy):
     assert read(path(lazy, "f")) == b"x"
 
 
-def test_daemon_keeps_flushed_writes_across_a_power_cut(lazy):
+def test_daemon_keeps_flushed_writes_across_a_power_cut(lazy, lazy_daemon):
     """The real daemon with its whole state directory on the lazy mount:
     SIGKILL + power cut keeps what the client flushed."""
-    run = short_tmpdir("lzr")
-    d = Daemon(lazy.mountpoint, run)
-    try:
-        d.start()
-        d.cli("create", "vol", "--size", str(16 * MiB))
-        h = d.connect("vol")
-        flushed = os.urandom(MiB)
-        h.pwrite(flushed, 0)
-        h.flush()
-        h.pwrite(b"\xee" * MiB, 4 * MiB)        # never flushed
-        del h
-        d.kill()
-        lazy.power_cut()
-        lazy.mount()
-        d.start()
-        h = d.connect("vol")
-        assert h.get_size() == 16 * MiB
-        assert h.pread(MiB, 0) == flushed
-        del h
-        assert d.stop() == 0, d.log()
-    finally:
-        d.kill()
-        shutil.rmtree(run, ignore_errors=True)
+    d = lazy_daemon
+    d.start()
+    d.cli("create", "vol", "--size", str(16 * MiB))
+    h = d.connect("vol")
+    flushed = os.urandom(MiB)
+    h.pwrite(flushed, 0)
+    h.flush()
+    h.pwrite(b"\xee" * MiB, 4 * MiB)        # never flushed
+    del h
+    d.kill()
+    lazy.power_cut()
+    lazy.mount()
+    d.start()
+    h = d.connect("vol")
+    assert h.get_size() == 16 * MiB
+    assert h.pread(MiB, 0) == flushed
+    del h
+    assert d.stop() == 0, d.log()

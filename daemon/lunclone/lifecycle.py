@@ -249,7 +249,7 @@ class Lifecycle:
                 new_delta.union(differ)
                 tx.delete_bitmap(name, "delta")  # rows a failed create may have left
                 tx.put_volume(rec)
-                tx.save_bitmap(name, "delta", new_delta, pages=list(range(new_delta.page_count())))
+                tx.replace_bitmap(name, "delta", new_delta)
                 tx.then(lambda: delta.union(differ))
         except BaseException:
             with self.lock:
@@ -311,15 +311,12 @@ class Lifecycle:
         writes are cleared in the same transaction: the delta map is exact."""
         async with self.admin:
             fam, clone = self.find_clone(name)
-            if clone.state == FRACTURED:
-                return self.engine.describe(name)
-            if clone.state != SYNCHRONIZED:
-                raise Busy(f"clone {name} is {clone.state}; it can be fractured once "
-                           f"synchronized (see 'lunclone status {fam.source.name}')")
-            with self.lock:
-                if clone.state != SYNCHRONIZED:  # a mirror failed meanwhile
+            with self.lock:  # the state checked where a mirror failure changes it
+                if clone.state == FRACTURED:
+                    return self.engine.describe(name)
+                if clone.state != SYNCHRONIZED:
                     raise Busy(f"clone {name} is {clone.state}; it can be fractured once "
-                               "synchronized")
+                               f"synchronized (see 'lunclone status {fam.source.name}')")
                 failures = clone.mirror_failures
                 clone.fracturing = set()  # before the state: keeps the fast path off
                 clone.state = FRACTURED
@@ -360,13 +357,12 @@ class Lifecycle:
         exact = delta.copy(delta.key)
         for i in idle:
             exact.clear(i)
-        tx.save_bitmap(clone.name, "delta", exact, pages=list(range(exact.page_count())))
+        tx.replace_bitmap(clone.name, "delta", exact)
         self._set_state(fam, clone, FRACTURED, tx)
 
-        def clear() -> None:
+        def clear() -> None:  # under the lock since ``idle`` was picked: no write came
             for i in idle:
-                if i not in (clone.fracturing or ()):
-                    delta.clear(i)
+                delta.clear(i)
         tx.then(clear)
 
     async def _fracture_failed(self, fam: Family, clone: Clone) -> None:
@@ -477,11 +473,8 @@ class Lifecycle:
     def _mirror_failed(self, clone: Clone) -> None:
         """A mirror write failed (nbdkit thread): resynchronize that clone,
         if it is still the synchronizing clone of this family by then."""
-        fam = clone.family
-        loop = self.engine.loop
-        if fam is None:  # deleted meanwhile
-            return
-        if loop is None:
+        fam, loop = clone.family, self.engine.loop
+        if fam is None or loop is None:  # deleted meanwhile, or not started
             return
 
         def resync() -> None:
@@ -532,8 +525,8 @@ class Lifecycle:
         if clone.state != FRACTURED:
             raise Busy(f"clone {clone_name} is {clone.state}; only a fractured clone (a "
                        f"point-in-time copy) can be restored: 'lunclone clone fracture {clone_name}'")
-        states = {c: c.state for c in fam.clones.values()}
-        r = await self._gate_restore(fam, clone, protected, states)
+        old_state = clone.state
+        r = await self._gate_restore(fam, clone, protected, old_state)
         r.rate_limit = rate_limit
         try:
             if faults.armed is not None:
@@ -541,7 +534,7 @@ class Lifecycle:
 
             self._commit_restore_start(fam, r)
         except BaseException:
-            self._undo_restore_start(fam, clone, states[clone])
+            self._undo_restore_start(fam, clone, old_state)
             raise
         finally:
             r.ready.set()
@@ -551,7 +544,7 @@ class Lifecycle:
         return self.engine.describe(source)
 
     async def _gate_restore(self, fam: Family, clone: Clone, protected: bool,
-                            states: dict[Clone, str]) -> Restore:
+                            old_state: str) -> Restore:
         """Install the restore with its gate closed, then let old writes end."""
         n = fam.nextents
         r = Restore(clone, protected, Bitmap(n, key=(fam.source.name, "pending")),
@@ -571,7 +564,7 @@ class Lifecycle:
                     raise Busy(f"host writes to {fam.source.name} did not finish; try again")
                 await asyncio.sleep(0.0005)
         except BaseException:
-            self._undo_restore_start(fam, clone, states[clone])
+            self._undo_restore_start(fam, clone, old_state)
             r.ready.set()
             raise
         return r
@@ -598,7 +591,7 @@ class Lifecycle:
                     self._set_state(fam, other, FRACTURED, tx)
                 grown = other.delta.copy(other.delta.key)
                 grown.union(r.pending)
-                tx.save_bitmap(other.name, "delta", grown, pages=list(range(grown.page_count())))
+                tx.replace_bitmap(other.name, "delta", grown)
                 tx.then(functools.partial(other.delta.union, r.pending))
             tx.delete_bitmap(fam.source.name, "pending")
             tx.delete_bitmap(fam.source.name, "protected")
@@ -635,7 +628,7 @@ class Lifecycle:
             # --unprotected those writes were mirrored, but a crash may have
             # cut one short, so the clone resynchronizes them (cheaply).
             delta = r.protected.copy(clone.delta.key)
-            tx.save_bitmap(clone.name, "delta", delta, pages=list(range(delta.page_count())))
+            tx.replace_bitmap(clone.name, "delta", delta)
             self._set_state(fam, clone, FRACTURED if r.protected_mode else SYNCHRONIZING, tx)
             tx.delete_bitmap(fam.source.name, "pending")
             tx.delete_bitmap(fam.source.name, "protected")

@@ -136,6 +136,11 @@ class Transaction:
         for p in (bm.take_dirty() if pages is None else pages):
             self.save_page(owner, kind, p, bm.page(p))
 
+    def replace_bitmap(self, owner: str, kind: str, bm: Bitmap) -> None:
+        """Write every page of ``bm``: the stored map becomes exactly ``bm``
+        (for a map computed as a copy, whose changes are not tracked)."""
+        self.save_bitmap(owner, kind, bm, pages=list(range(bm.page_count())))
+
     def save_page(self, owner: str, kind: str, page: int, data: bytes) -> None:
         """Store one page; an all-zero page is stored as no row."""
         if data.count(0) == len(data):

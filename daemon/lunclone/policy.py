@@ -607,10 +607,7 @@ class CloneExport:
             vol.store.flush()
 
     def trim(self, vol: Volume, count: int, offset: int, fua: bool) -> None:
-        self._writable(offset, count)
-        vol.store.zero(offset, count)
-        if fua:
-            vol.store.flush()
+        self.zero(vol, count, offset, fua)
 
     def zero(self, vol: Volume, count: int, offset: int, fua: bool,
              may_trim: bool = True, fast: bool = False) -> None:
