@@ -102,6 +102,7 @@ class Connection:
         self._lock = threading.Lock()
         self._queue: collections.deque[Request] = collections.deque()
         self._inflight: dict[int, Request] = {}
+        self._starting = 0  # 1 while the I/O thread moves a request from queue to flight
         self._h: nbd.NBD | None = None
         self._can_zero = self._has_status = False
         self._next_try = 0.0
@@ -124,8 +125,8 @@ class Connection:
 
     # -- the caller's side ---------------------------------------------------
     def load(self) -> int:
-        """Requests queued or in flight: where to send the next one."""
-        return len(self._queue) + len(self._inflight)
+        """Requests queued, being started or in flight: where to send the next one."""
+        return len(self._queue) + self._starting + len(self._inflight)
 
     def in_flight(self) -> int:
         return len(self._inflight)
@@ -257,6 +258,7 @@ class Connection:
                 if not self._queue:
                     return
                 req = self._queue.popleft()
+                self._starting = 1
             req.gen = self.generation
             try:
                 cookie = self._start(h, req)
@@ -269,10 +271,13 @@ class Connection:
                 # nbd.Error.errno is the name ("EINVAL"); errnum is the number.
                 req.finish(e.errnum or errno.EIO, f"remote clone {self.name}: {e.string}")
                 continue
-            if cookie is not None and not req.done.is_set():
-                req.deadline = time.monotonic() + self.timeout
-                req.cookie = cookie
-                self._inflight[cookie] = req
+            else:
+                if cookie is not None and not req.done.is_set():
+                    req.deadline = time.monotonic() + self.timeout
+                    req.cookie = cookie
+                    self._inflight[cookie] = req
+            finally:
+                self._starting = 0
 
     def _start(self, h: nbd.NBD, req: Request) -> int | None:
         done = functools.partial(self._complete, req)
