@@ -56,7 +56,7 @@ class LiveEngine:
 
     # -- host side ------------------------------------------------------------
     def volume(self, name: str) -> Volume:
-        return self.engine.volumes[name]
+        return self.engine.volumes.served[name]
 
     def read(self, name: str, offset: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -71,15 +71,15 @@ class LiveEngine:
 
     def file(self, name: str) -> bytes:
         """The bytes of a local volume file, read past the engine."""
-        with open(self.engine.volume_path(name), "rb") as f:
+        with open(self.engine.volumes.path(name), "rb") as f:
             return f.read()
 
     # -- states -----------------------------------------------------------------
     def family(self, source: str):
-        return self.engine.lifecycle.families[source]
+        return self.engine.families.by_source[source]
 
     def clone(self, name: str):
-        fam, clone = self.engine.lifecycle.find_clone(name)
+        fam, clone = self.engine.families.find_clone(name)
         return clone
 
     def wait(self, pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition"):
@@ -119,7 +119,7 @@ class LiveEngine:
             eng.committer._thread.join(10)
         eng.loop.call_soon_threadsafe(eng.loop.stop)
         eng._thread.join(30)
-        for vol in eng.volumes.values():
+        for vol in eng.volumes.served.values():
             vol.close()
         eng.md.close()
         eng.lock.release()

@@ -38,10 +38,10 @@ def assert_memory_is_database(live, resyncing: str | None = None) -> None:
     that resynchronizes too), as a failed fracture leaves it."""
     eng = live.engine
     recs = {r.name: r for r in eng.md.volumes()}
-    assert set(recs) == set(eng.records), "volume records differ"
+    assert set(recs) == set(eng.volumes.records), "volume records differ"
     for name, rec in recs.items():
-        assert eng.records[name].clone_state == rec.clone_state, name
-    for src, fam in eng.lifecycle.families.items():
+        assert eng.volumes.records[name].clone_state == rec.clone_state, name
+    for src, fam in eng.families.by_source.items():
         assert set(fam.clones) == {n for n, r in recs.items() if r.source == src}
         for clone in fam.clones.values():
             if clone.name == resyncing and clone.state == "synchronizing":
@@ -52,7 +52,7 @@ def assert_memory_is_database(live, resyncing: str | None = None) -> None:
             missing = set(clone.delta.iter_set()) - set(in_db.iter_set())
             assert not missing, f"{clone.name}: bits set in memory only: {sorted(missing)}"
     jobs = {j.source: j for j in eng.md.jobs()}
-    for src, fam in eng.lifecycle.families.items():
+    for src, fam in eng.families.by_source.items():
         r, job = fam.restore, jobs.get(src)
         if r is None:
             assert job is None or job.state == "done", f"{src}: restore in the database only"
@@ -97,7 +97,7 @@ CASES = {
 def test_failed_admin_commit_changes_nothing(live, case):
     setup, cmd, args = CASES[case]
     setup(live)
-    live.write("src", b"w" * 4096, 2 * EXT) if "src" in live.engine.volumes else None
+    live.write("src", b"w" * 4096, 2 * EXT) if "src" in live.engine.volumes.served else None
     assert_memory_is_database(live)
     admin_commit_fails()
     with pytest.raises((LuncloneError, OSError)):

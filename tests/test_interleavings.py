@@ -78,13 +78,13 @@ def test_new_clone_bit_set_before_its_map_is_registered_is_saved(live, monkeypat
     """A host write between 'the new clone is in the family' and the create
     transaction: its delta bit must reach the database."""
     live.cmd("create", name="src", size=SIZE)  # all holes: the initial delta is empty
-    real = live.engine.lifecycle._initial_delta
+    real = live.engine.clones._initial_delta
 
     def initial_delta_then_write(fam, store):
         differ = real(fam, store)
         live.write("src", b"w" * 4096, 7 * EXT)  # committed by the group commit
         return differ
-    monkeypatch.setattr(live.engine.lifecycle, "_initial_delta", initial_delta_then_write)
+    monkeypatch.setattr(live.engine.clones, "_initial_delta", initial_delta_then_write)
     hold = Hold(monkeypatch, policy, "copy_range", lambda src, dst, off, n: True)
     live.cmd("clone_create", source="src", name="c1")
     hold.wait_arrived()  # the sync job has not copied anything yet
@@ -145,7 +145,7 @@ def test_cancelled_copies_release_their_extents(live, monkeypatch):
     monkeypatch.setattr(jobs, "RUN_EXTENTS", 4)
     live.fractured_clone(clone="c2", data=pattern(b"a"))
     live.write("src", pattern(b"b", 16 * EXT), 0)
-    c1_path = live.engine.volume_path("c1")
+    c1_path = live.engine.volumes.path("c1")
 
     def copy_to_c1_at(offset):
         return lambda src, dst, off, n: getattr(dst, "path", None) == c1_path and off == offset
@@ -162,7 +162,7 @@ def test_cancelled_copies_release_their_extents(live, monkeypatch):
     reader = Async(lambda: live.read("src", 0, SIZE))
     assert reader.result(10) == pattern(b"a")
     live.wait(lambda: live.family("src").restore is None, 20, "restore done")
-    assert not live.family("src").inflight
+    assert not live.family("src").guard.inflight
 
 
 def test_admin_drain_does_not_block_the_copy_it_waits_for(live, monkeypatch):
@@ -197,12 +197,12 @@ def test_failed_delete_commit_changes_nothing(live):
     with pytest.raises(LuncloneError):
         live.cmd("clone_delete", name="c1")
     faults.disarm()
-    assert "c1" in live.family("src").clones and "c1" in live.engine.volumes
+    assert "c1" in live.family("src").clones and "c1" in live.engine.volumes.served
     assert live.clone("c1").delta.test(2)
     live.restart()
     assert "c1" in live.family("src").clones and live.clone("c1").delta.test(2)
     live.cmd("clone_delete", name="c1")
-    assert "c1" not in live.engine.records
+    assert "c1" not in live.engine.volumes.records
 
 
 def test_failed_restore_finish_commit_changes_nothing(live):
@@ -213,7 +213,7 @@ def test_failed_restore_finish_commit_changes_nothing(live):
 
     def full():
         import traceback
-        if any("finish_restore" in f.name for f in traceback.extract_stack()):
+        if any(f.name == "finish" and f.filename.endswith("restores.py") for f in traceback.extract_stack()):
             armed.append(1)
             raise sqlite3.OperationalError("database or disk is full")
     faults.arm("metadata.commit", full)
@@ -257,10 +257,10 @@ def test_restore_waits_for_its_missing_clone(live):
     live.write("src", pattern(b"b", 8 * EXT), 0)
     live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
     live.crash()
-    path = live.engine.volume_path("c1")
+    path = live.engine.volumes.path("c1")
     os.rename(path, path + ".away")
     live.engine = live._boot()
-    assert "src" not in live.engine.volumes and "other" in live.engine.volumes
+    assert "src" not in live.engine.volumes.served and "other" in live.engine.volumes.served
     err = live.cmd("status", name="src")["error"]
     assert "c1" in err and "restore resume" in err
     with pytest.raises(LuncloneError, match="c1"):
@@ -387,7 +387,7 @@ def test_failed_restore_start_clobbers_other_clone_state(live, monkeypatch):
     live.wait_clone("c2", "synchronized")
 
     def full():
-        if any("_commit_restore_start" in f.name for f in traceback.extract_stack()):
+        if any("_commit_start" in f.name for f in traceback.extract_stack()):
             raise sqlite3.OperationalError("database or disk is full")
     faults.arm("metadata.commit", full)
     wr_hold.release()
@@ -396,7 +396,7 @@ def test_failed_restore_start_clobbers_other_clone_state(live, monkeypatch):
         rs.result()
     faults.disarm()
     st = live.clone("c2").state
-    running = live.engine.lifecycle.jobs.get("sync:c2")
+    running = live.engine.jobs.get(jobs.JobKey("sync", "c2"))
     assert st == "synchronized" or jobs.is_running(running), \
         f"c2 is {st} in memory with no sync job (db: synchronized)"
 
@@ -437,7 +437,7 @@ def open_files() -> list[str]:
 
 def test_clone_delete_closes_its_file(live):
     live.fractured_clone(data=pattern(b"a"))
-    path = live.engine.volume_path("c1")
+    path = live.engine.volumes.path("c1")
     live.cmd("clone_delete", name="c1")
     assert not [p for p in open_files() if p.startswith(path)], "the deleted clone's file is open"
 

@@ -157,7 +157,7 @@ class EngineModel(RuleBasedStateMachine):
         return m.data is not None and not (self.restore and self.restore[0] == name)
 
     def fam(self):
-        return self.live.engine.lifecycle.families.get("src")
+        return self.live.engine.families.get("src")
 
     def observe(self, running: bool | None = None) -> None:
         """Things the jobs do by themselves: a restore ends (its clone goes
@@ -456,10 +456,10 @@ class EngineModel(RuleBasedStateMachine):
     def wait_jobs(self):
         """Let synchronizing clones reach synchronized."""
         self.step()
-        lc = self.live.engine.lifecycle
+        fams = self.live.engine.families
         self.live.wait(lambda: all(c.state != "synchronizing"
-                                   for c in (lc.families["src"].clones.values()
-                                             if "src" in lc.families else ())),
+                                   for c in (fams.by_source["src"].clones.values()
+                                             if "src" in fams.by_source else ())),
                        30.0, "syncs to finish")
         self.observe()
 
@@ -534,7 +534,7 @@ class EngineModel(RuleBasedStateMachine):
         bits, states, r = {}, {}, None
         pending = protected = None
         if fam is not None:
-            with fam.lock:  # bits first: a job only clears bits after its copy
+            with fam.maps_lock:  # bits first: a job only clears bits after its copy
                 bits = {n: set(c.delta.iter_set()) for n, c in fam.clones.items()}
                 states = {n: c.state for n, c in fam.clones.items()}
                 r = fam.restore

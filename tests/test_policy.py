@@ -67,22 +67,22 @@ def in_thread(fn, *args):
 
 
 def test_claim_1_3_request_on_inflight_extent_waits(family):
-    with family.lock:
+    with family.maps_lock:
         assert family.take_run(family.restore.pending, 2, 1) == (2, 1)  # extent 2 in flight
     buf = bytearray(4096)
     t, box = in_thread(family.source.pread, buf, 2 * EXT + 100)
     time.sleep(0.2)
     assert t.is_alive(), "the read did not wait for the in-flight copy"
     vf.copy_range(family.restore.clone.volume.fd, family.source.fd, 2 * EXT, EXT)
-    with family.lock:
-        family.finish_run(family.restore.pending, 2, 1, family.source.store, ok=True)
+    with family.maps_lock:
+        family.finish_run(family.restore.pending, 2, 1, family.source.store, copied=True)
     t.join(5)
     assert not t.is_alive() and bytes(buf) == b"C" * 4096
 
 
 def test_claim_7_9_job_skips_extent_being_written(family):
-    with family.lock:
-        family.writers[5] = 1  # a host write decided and in progress
+    with family.maps_lock:
+        family.guard.writers[5] = 1  # a host write decided and in progress
         run = family.take_run(family.restore.pending, 5, 4)
     assert run == (6, 4)  # extent 5 is skipped while it is written
 

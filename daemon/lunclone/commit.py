@@ -3,7 +3,7 @@
 Invariants (docs/DESIGN.md, "Crash consistency"):
 
 - A bit set in an in-memory map is committed.  A request that needs a bit
-  set calls ``request`` (holding ``lock``) and, if the bit is not set yet,
+  set calls ``request`` (holding ``maps_lock``) and, if the bit is not set yet,
   waits on the returned Batch; the bit becomes visible in memory only once
   its commit is durable, so a second writer to the same extent waits for
   the same commit instead of passing an uncommitted bit (dm-era's bug).
@@ -13,7 +13,7 @@ Invariants (docs/DESIGN.md, "Crash consistency"):
   every commit fdatasyncs those volumes *before* writing the pages, so a
   cleared bit never claims data that is not durable (rule 2).
 - Every commit runs under ``commit_lock``, so pages never go to the
-  database out of order; the writing itself happens without ``lock``.
+  database out of order; the writing itself happens without ``maps_lock``.
 - Requests gather while a commit is in progress and share the next one;
   only the waiters of a finished batch are woken (rule 4).
 - An fdatasync that fails is never retried as if harmless: Linux reports a
@@ -24,6 +24,22 @@ Invariants (docs/DESIGN.md, "Crash consistency"):
   undone, so those extents are copied again), and from then on nothing
   copies into that volume, no clear depends on it, and its flushes fail,
   until the daemon is restarted.
+
+The locks (one of each in the daemon; this module owns both):
+
+- ``maps_lock`` (an RLock) guards every in-memory map and every state a
+  host request reads to decide its rules: bitmaps, ``Family`` (clones,
+  restore, in-flight copies, writers), clone states, a volume's connection
+  count.  Whoever holds it only looks and changes memory: it never waits
+  on a Batch, an Event, a write generation or a copy.  Waiting is done
+  after releasing it, then the decision is made again.  The only I/O under
+  it is an admin ``transaction`` (fdatasync and SQLite, below) and the
+  reload of maps after a failed write-back: host requests stall for those,
+  which is why admin commands do their slow scans before the transaction.
+- ``commit_lock`` orders commits.  Lock order: ``commit_lock`` before
+  ``maps_lock``, never the other way.  ``transaction()`` holds both for the
+  whole SQLite transaction, so an admin change and the in-memory maps it
+  reads cannot move apart; a host request never takes ``commit_lock``.
 """
 from __future__ import annotations
 
@@ -70,9 +86,9 @@ def commit_error(exc: BaseException) -> Exception:
 
 
 class Committer:
-    def __init__(self, md: Metadata, lock: threading.RLock):
+    def __init__(self, md: Metadata, maps_lock: threading.RLock | None = None):
         self.md = md
-        self.lock = lock
+        self.maps_lock = maps_lock if maps_lock is not None else threading.RLock()
         self.commit_lock = threading.Lock()
         self.maps: set[Bitmap] = set()
         self._open = Batch()
@@ -84,7 +100,7 @@ class Committer:
         self.commits = 0
         self.failed_fds: dict[int, str] = {}  # volumes whose write-back failed
 
-    # -- called with ``lock`` held ------------------------------------------
+    # -- called with ``maps_lock`` held ------------------------------------------
     def register(self, bm: Bitmap) -> None:
         self.maps.add(bm)
 
@@ -113,7 +129,7 @@ class Committer:
         self._sync_fds.add(fd)
 
     def forget_fd(self, fd: int) -> None:
-        """A volume is closed (under ``commit_lock`` and ``lock``): its fd
+        """A volume is closed (under ``commit_lock`` and ``maps_lock``): its fd
         number may be reused by another file."""
         self._sync_fds.discard(fd)
         self.failed_fds.pop(fd, None)
@@ -134,7 +150,7 @@ class Committer:
             raise OSError(e.errno, self.failed_fds[fd]) from e
 
     def _writeback_failed(self, fd: int, exc: OSError) -> None:
-        with self.lock:
+        with self.maps_lock:
             if fd in self.failed_fds:
                 return
             self.failed_fds[fd] = (f"write-back to the volume file failed ({exc.strerror}): "
@@ -169,7 +185,7 @@ class Committer:
     def commit_now(self) -> None:
         """Commit the open batch and every lazily changed page."""
         with self.commit_lock:
-            with self.lock:
+            with self.maps_lock:
                 batch, self._open = self._open, Batch()
                 pages, fds = self._compose(batch), self._sync_fds
                 self._sync_fds = set()
@@ -189,7 +205,7 @@ class Committer:
             except BaseException as e:
                 self._failed(batch, pages, fds, e)
                 raise
-            with self.lock:
+            with self.maps_lock:
                 for bm, i in batch.bits:
                     bm.set_committed(i)
                     self._requested.pop((id(bm), i), None)
@@ -213,7 +229,7 @@ class Committer:
 
     def _failed(self, batch: Batch, pages, fds, exc: BaseException) -> None:
         """Nothing was committed: keep the pages dirty, fail the waiters."""
-        with self.lock:
+        with self.maps_lock:
             self._sync_fds |= fds - self.failed_fds.keys()
             for bm in self.maps:
                 for (owner, kind, p) in pages:
@@ -228,12 +244,12 @@ class Committer:
     def transaction(self) -> Iterator[Transaction]:
         """A direct transaction (admin operations), ordered with group commits.
 
-        Holds ``commit_lock`` and ``lock`` throughout; volumes with copied
+        Holds ``commit_lock`` and ``maps_lock`` throughout; volumes with copied
         data are fdatasync'ed first, so pages it saves obey rule 2 too.
         In-memory changes are registered with ``tx.then``: they run after
         COMMIT, still under the lock, and not at all if it fails.
         """
-        with self.commit_lock, self.lock:
+        with self.commit_lock, self.maps_lock:
             fds, self._sync_fds = self._sync_fds, set()
             try:
                 for fd in fds:

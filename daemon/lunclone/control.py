@@ -6,6 +6,7 @@ request fails alone; the connection and the daemon go on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import grp
 import inspect
 import logging
@@ -13,7 +14,7 @@ import os
 from typing import Any, Awaitable, Callable
 
 from . import protocol
-from .errors import InvalidArgument, LuncloneError
+from .errors import InternalError, InvalidArgument, LuncloneError, SystemFailure
 
 log = logging.getLogger("lunclone.control")
 
@@ -24,20 +25,21 @@ class ControlServer:
         self.path = path
         self.group = group
         self._server: asyncio.base_events.Server | None = None
+        st = engine.status
         self.commands: dict[str, Callable[..., Any]] = {
             "ping": lambda: {"pid": os.getpid(), "io_flusher": engine.io_flusher},
-            "create": engine.create_volume,
-            "delete": engine.delete_volume,
-            "list": engine.list_volumes,
+            "create": _then_status(engine.create_volume, "name", st),
+            "delete": _then_deleted(engine.delete_volume),
+            "list": st.all,
             "status": self._status,
-            "clone_create": engine.lifecycle.create_clone,
-            "clone_fracture": engine.lifecycle.fracture,
-            "clone_sync": engine.lifecycle.sync,
-            "clone_delete": engine.lifecycle.delete_clone,
-            "restore": engine.lifecycle.start_restore,
-            "restore_pause": engine.lifecycle.pause,
-            "restore_resume": engine.lifecycle.resume,
-            "restore_rate": engine.lifecycle.set_rate,
+            "clone_create": _then_status(engine.clones.create, "name", st),
+            "clone_fracture": _then_status(engine.clones.fracture, "name", st),
+            "clone_sync": _then_status(engine.clones.sync, "name", st),
+            "clone_delete": _then_deleted(engine.clones.delete),
+            "restore": _then_status(engine.restores.begin, "source", st),
+            "restore_pause": _then_status(engine.restores.pause, "source", st),
+            "restore_resume": _then_status(engine.restores.resume, "source", st),
+            "restore_rate": _then_status(engine.restores.set_rate, "source", st),
             "metrics": self._metrics,
         }
 
@@ -50,8 +52,8 @@ class ControlServer:
 
     def _status(self, name: str | None = None):
         if name is None:
-            return self.engine.list_volumes()
-        return self.engine.describe(name)
+            return self.engine.status.all()
+        return self.engine.status.volume(name)
 
     async def start(self) -> None:
         if os.path.exists(self.path):
@@ -111,7 +113,26 @@ class ControlServer:
             return {"error": e.to_json()}
         except OSError as e:
             log.exception("command failed")
-            return {"error": {"code": "os-error", "message": f"{e.strerror or e}"}}
+            return {"error": SystemFailure.of(e).to_json()}
         except Exception as e:
             log.exception("command failed")
-            return {"error": {"code": "internal", "message": f"internal error: {e!r}"}}
+            return {"error": InternalError(f"internal error: {e!r}").to_json()}
+
+
+def _then_status(op: Callable[..., Any], name_arg: str, status) -> Callable[..., Any]:
+    """An admin command that answers with the named volume's status."""
+    @functools.wraps(op)
+    async def run(**args):
+        result = op(**args)
+        if inspect.isawaitable(result):
+            await result
+        return status.volume(args[name_arg])
+    return run
+
+
+def _then_deleted(op: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(op)
+    async def run(**args):
+        await op(**args)
+        return {"deleted": args["name"]}
+    return run

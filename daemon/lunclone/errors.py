@@ -4,11 +4,18 @@
      ├─ InvalidArgument      code "invalid"        (EINVAL)
      ├─ NotFound             code "not-found"      (ENOENT)
      ├─ AlreadyExists        code "exists"         (EEXIST)
-     ├─ Busy                 code "busy"           (EBUSY)
+     ├─ Busy                 code "busy"           (EBUSY)   in use; try again later
+     │   └─ WrongState       code "wrong-state"    (EBUSY)   not in a state that allows it
      ├─ ReadOnly             code "read-only"      (EROFS)
      ├─ NoSpace              code "no-space"       (ENOSPC)
      ├─ MetadataError        code "metadata"       (EIO)
+     ├─ SystemFailure        code "os-error"       (the OSError's errno)
+     ├─ InternalError        code "internal"       (EIO)      a bug: see the log
      └─ DaemonUnavailable    code "unavailable"    (CLI side only)
+
+Errors of the data path that come from a store stay ``OSError`` (a remote
+store's are ``nbdconn.RemoteError``, an OSError), so the plugin passes their
+errno on; the control server turns a stray one into ``SystemFailure``.
 
 The control server replies ``{"error": {"code", "message"}}``; the plugin
 maps an error to the errno a client sees with ``errno_of``.
@@ -50,6 +57,12 @@ class Busy(LuncloneError):
     errno = errno.EBUSY
 
 
+class WrongState(Busy):
+    """The volume, clone or restore is not in a state that allows this
+    (a restore runs, the clone is not fractured, ...): status says which."""
+    code = "wrong-state"
+
+
 class ReadOnly(LuncloneError):
     code = "read-only"
     errno = errno.EROFS
@@ -64,13 +77,28 @@ class MetadataError(LuncloneError):
     code = "metadata"
 
 
+class SystemFailure(LuncloneError):
+    code = "os-error"
+
+    @classmethod
+    def of(cls, exc: OSError) -> "SystemFailure":
+        e = cls(f"{exc.strerror or exc}")
+        if exc.errno:
+            e.errno = exc.errno
+        return e
+
+
+class InternalError(LuncloneError):
+    code = "internal"
+
+
 class DaemonUnavailable(LuncloneError):
     code = "unavailable"
 
 
 _BY_CODE = {cls.code: cls for cls in (
-    LuncloneError, InvalidArgument, NotFound, AlreadyExists, Busy, ReadOnly,
-    NoSpace, MetadataError, DaemonUnavailable)}
+    LuncloneError, InvalidArgument, NotFound, AlreadyExists, Busy, WrongState, ReadOnly,
+    NoSpace, MetadataError, SystemFailure, InternalError, DaemonUnavailable)}
 
 
 def from_json(obj: dict) -> LuncloneError:

@@ -5,8 +5,9 @@ Each job walks its map in order from a cursor, takes a run of up to
 a worker thread copy it (copy_file_range releases the GIL, so host requests
 go on meanwhile), then clears the bits (``Family.finish_run``).  Extents it
 had to skip (a host write in progress, a copy on demand in flight) are
-picked up on the next pass.  A job ends through ``lifecycle`` in one
-metadata transaction.
+picked up on the next pass.  A job ends through its ``finish`` hook (the
+clone or restore admin) in one metadata transaction.  ``JobRunner`` keeps
+the running jobs by ``JobKey``.
 
 Throttle, pause and resume apply to every job; a failing copy is retried
 ``MAX_RETRIES`` times with backoff, then the job pauses with the error in
@@ -16,11 +17,12 @@ the meantime, so a short network cut costs a pause, not a manual resume.
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import concurrent.futures
 import logging
 import time
-from typing import Callable
+from typing import Callable, Literal, NamedTuple
 
 from .bitmap import Bitmap
 from .policy import PAUSED, SYNCHRONIZING, Clone, Family, Progress, Restore
@@ -60,7 +62,7 @@ class Throttle:
             await asyncio.sleep(ahead)
 
 
-class CopyJob:
+class CopyJob(abc.ABC):
     """One pass-based copy loop over a map; subclasses say what and where."""
 
     kind = "copy"
@@ -76,15 +78,37 @@ class CopyJob:
         self._copies: set[asyncio.Future] = set()  # copies whose thread has not returned
         self.run_extents = max(1, min(RUN_EXTENTS, MAX_RUN_BYTES >> family.shift))
 
-    # subclass hooks -------------------------------------------------------
-    def active(self) -> bool: ...
+    # what a kind of job says ----------------------------------------------
+    @abc.abstractmethod
+    def active(self) -> bool:
+        """Does the job still count?  (Its copies' bits are cleared only then.)"""
+
+    @abc.abstractmethod
     def paused(self) -> bool: ...
-    def bitmap(self) -> Bitmap: ...
-    def skip(self) -> Bitmap | None: return None
-    def stores(self) -> tuple[Store, Store]: ...
+
+    @abc.abstractmethod
+    def bitmap(self) -> Bitmap:
+        """The map of extents to copy; a bit is cleared once its copy is done."""
+
+    def skip(self) -> Bitmap | None:
+        """Extents that need no copy after all (cleared from ``bitmap`` on the way)."""
+        return None
+
+    @abc.abstractmethod
+    def stores(self) -> tuple[Store, Store]:
+        """(copy from, copy to)."""
+
+    @abc.abstractmethod
     def progress(self) -> Progress: ...
-    def finish(self) -> bool: ...
-    def failed(self, message: str) -> None: ...
+
+    @abc.abstractmethod
+    def finish(self) -> bool:
+        """The map is empty: end the job in one transaction; False if it
+        found work after all (the job goes on)."""
+
+    @abc.abstractmethod
+    def failed(self, message: str) -> None:
+        """Copies kept failing: stop or pause, with ``message`` in status."""
 
     async def run(self) -> None:
         """Take runs in map order and copy them, up to ``window()`` at once
@@ -99,7 +123,7 @@ class CopyJob:
                     await asyncio.sleep(0.05)
                     continue
                 if len(running) < self.window():
-                    with self.family.lock:
+                    with self.family.maps_lock:
                         run = self.family.take_run(self.bitmap(), cursor, self._run_limit(),
                                                    self.skip())
                         empty = run is None and not self.bitmap().any()
@@ -135,8 +159,8 @@ class CopyJob:
 
         def finished(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None and self.active()
-            with fam.lock:
-                fam.finish_run(bm, first, n, dst, ok=ok, src=src)
+            with fam.maps_lock:
+                fam.finish_run(bm, first, n, dst, copied=ok, src=src)
                 if ok:
                     self.progress().add(f.result())
         copy.add_done_callback(finished)
@@ -259,7 +283,7 @@ class RestoreJob(CopyJob):
         return self.restore.protected
 
     def stores(self) -> tuple[Store, Store]:
-        return self.restore.clone.volume.store, self.family.source.store
+        return self.restore.data_source, self.family.source.store
 
     def progress(self) -> Progress:
         return self.restore.progress
@@ -273,4 +297,65 @@ class RestoreJob(CopyJob):
 
 def is_running(job: CopyJob | None) -> bool:
     return job is not None and job.task is not None and not job.task.done()
+
+
+class JobKey(NamedTuple):
+    """A job's name: ("sync", clone name) or ("restore", source name)."""
+    kind: Literal["sync", "restore"]
+    volume: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.volume}"
+
+
+class JobRunner:
+    """The running jobs, one per key, and the thread pool they copy on.
+    Copies of local files are bound by the disk; copies to or from a remote
+    clone mostly wait on the network: a few threads each."""
+
+    def __init__(self) -> None:
+        self.pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="lunclone-copy")
+        self.jobs: dict[JobKey, CopyJob] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by ``start``
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def get(self, key: JobKey) -> CopyJob | None:
+        return self.jobs.get(key)
+
+    def running(self, key: JobKey) -> bool:
+        return is_running(self.jobs.get(key))
+
+    def run(self, key: JobKey, job: CopyJob) -> None:
+        """Start ``job`` on the loop under ``key`` (replacing an ended one)."""
+        job.task = self.loop.create_task(self._run(job, key))
+        self.jobs[key] = job
+
+    async def _run(self, job: CopyJob, key: JobKey) -> None:
+        try:
+            await job.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("%s job failed", key)
+            job.failed(f"internal error: {e!r}")
+
+    async def end(self, key: JobKey) -> None:
+        """Forget a job and wait until it has stopped (its clone is gone)."""
+        job = self.jobs.pop(key, None)
+        if job is not None and job.task is not None:
+            await asyncio.gather(job.task, return_exceptions=True)
+
+    async def close(self) -> None:
+        for job in self.jobs.values():
+            if job.task is not None:
+                job.task.cancel()
+        for job in self.jobs.values():
+            if job.task is not None:
+                try:
+                    await job.task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self.pool.shutdown(wait=True)
 

@@ -7,12 +7,15 @@ Tables (schema version ``SCHEMA_VERSION``):
              a row with ``source`` set is a clone of that volume
     jobs     (source, kind, clone, state, protected, ...)   one job per source
     bitmaps  (owner, kind, page, bits)        pages of a Bitmap; no row = zeroes
+             kind is one of DELTA (owner: a clone), PENDING and PROTECTED
+             (owner: a source being restored)
 
 Invariants:
 - The database runs in WAL mode with ``synchronous=FULL``: a committed
   transaction survives power loss.
 - Every change goes through ``transaction()``; a failed commit rolls back
-  and raises MetadataError, and the caller restores its in-memory state.
+  and raises MetadataError.  In-memory changes are registered with
+  ``Transaction.then`` and run only after COMMIT, so they never get ahead.
 - Opening never writes to a database it did not create: a file that is
   not a lunclone database, or one of another schema version, is refused
   after a read-only look.
@@ -35,6 +38,11 @@ from .errors import MetadataError
 
 SCHEMA_VERSION = 1
 DB_NAME = "lunclone.db"
+
+# The kinds of map (``bitmaps.kind``)
+DELTA = "delta"          # clone delta map: extent may differ from the source
+PENDING = "pending"      # restore-pending map: still to copy clone -> source
+PROTECTED = "protected"  # protected restore map: the host wrote it meanwhile
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

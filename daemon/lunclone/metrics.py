@@ -4,11 +4,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .iopath import LATENCY_BUCKETS, LATENCY_MASK
+from .status import CLONE_STATES, RESTORE_STATES
 
 if TYPE_CHECKING:
     from .engine import Engine
-
-STATES = ("synchronizing", "synchronized", "fractured", "restoring")
 
 
 def _esc(v: str) -> str:
@@ -42,15 +41,15 @@ def render(engine: "Engine") -> str:
     w.metric("lunclone_io_flusher", "gauge",
              "1 if the daemon runs with PR_SET_IO_FLUSHER (no reclaim deadlock).",
              int(engine.io_flusher))
-    for name, vol in sorted(engine.volumes.items()):
+    for name, vol in sorted(engine.volumes.served.items()):
         _volume(w, name, vol)
         w.metric("lunclone_volume_writeback_failed", "gauge",
                  "1 once an fdatasync of the volume failed (data may be lost; restart "
                  "the daemon).", int(vol.fd >= 0 and vol.fd in engine.committer.failed_fds),
                  volume=name)
-    for src, fam in sorted(engine.lifecycle.families.items()):
-        for c in engine.lifecycle.describe_clones(src):
-            for st in STATES:
+    for src in sorted(engine.families.by_source):
+        for c in engine.status.clones(src):
+            for st in CLONE_STATES:
                 w.metric("lunclone_clone_state", "gauge", "1 for the clone's current state.",
                          int(c["state"] == st), source=src, clone=c["name"], state=st)
             w.metric("lunclone_clone_delta_extents", "gauge",
@@ -58,7 +57,7 @@ def render(engine: "Engine") -> str:
                      c["delta_extents"], source=src, clone=c["name"])
             if c.get("remote"):
                 _remote(w, src, c["name"], c["remote"])
-        r = engine.lifecycle.describe_restore(src)
+        r = engine.status.restore(src)
         if r is not None:
             _restore(w, src, r)
     return w.text()
@@ -98,7 +97,7 @@ def _remote(w: Writer, src: str, clone: str, remote: dict) -> None:
 
 def _restore(w: Writer, src: str, r: dict) -> None:
     labels = {"source": src, "clone": r["from"]}
-    for st in ("running", "paused", "done"):
+    for st in RESTORE_STATES:
         w.metric("lunclone_restore_state", "gauge", "1 for the restore's current state.",
                  int(r["state"] == st), state=st, **labels)
     w.metric("lunclone_restore_pending_extents", "gauge", "Extents still to copy.",

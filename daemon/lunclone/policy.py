@@ -3,13 +3,14 @@ restore, and the steps the background jobs take on the same maps.
 
 A ``Family`` is a source volume and its clones.  It is the Policy of the
 source's Volume; each clone's Volume gets a ``CloneExport`` policy.  All
-their maps are guarded by one lock (``Family.lock``, the engine's), and map
-bits follow ``commit.Committer``: set = committed, cleared lazily.
+their maps are guarded by one lock (``maps_lock``, owned by
+``commit.Committer``: lock order and the no-waiting rule are written
+there), and map bits follow the committer: set = committed, cleared lazily.
 
 Maps (docs/DESIGN.md, "Maps"):
     clone.delta        per clone: extent may differ between source and clone
-    inflight           copy-on-demand map: extent -> Event, a copy in flight
-    writers            extent -> count of host writes between decision and end
+    guard.inflight     copy-on-demand map: extent -> Event, a copy in flight
+    guard.writers      extent -> count of host writes between decision and end
     restore.pending    restore-pending map: extents still to copy clone->source
     restore.protected  protected restore map: extents the host wrote
 
@@ -44,7 +45,9 @@ and a host write never starts on an extent in flight: that is claim 1.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
 import logging
 import os
 import threading
@@ -66,6 +69,8 @@ SYNCHRONIZED = "synchronized"
 FRACTURED = "fractured"
 RESTORING = "restoring"
 RUNNING, PAUSED, DONE = "running", "paused", "done"
+CLONE_STATES = (SYNCHRONIZING, SYNCHRONIZED, FRACTURED, RESTORING)
+RESTORE_STATES = (RUNNING, PAUSED, DONE)
 MIRRORED = (SYNCHRONIZED, SYNCHRONIZING)  # states that follow the source
 
 
@@ -141,15 +146,89 @@ class Restore:
         """Are host writes mirrored to the clone (``--unprotected``)?"""
         return not self.protected_mode and not self.mirror_lost
 
+    @property
+    def data_source(self) -> Store:
+        """Where the restore reads the data of an extent still pending: the
+        one answer, for copies on demand and for the job alike."""
+        return self.clone.volume.store
+
+
+class ExtentGuard:
+    """Extents that are busy, under the maps lock: a copy in flight, or
+    host writes between their decision and their end.  A request on an
+    extent being copied waits for the copy (claim 1 of the design); a copy
+    never starts on an extent being written."""
+
+    def __init__(self) -> None:
+        self.inflight: dict[int, threading.Event] = {}  # set when the copy ends
+        self.writers: dict[int, int] = {}
+        # Set when an extent's last writer ends (only if someone waits).
+        self.writer_done: dict[int, threading.Event] = {}
+
+    def copy_of(self, i: int) -> threading.Event | None:
+        return self.inflight.get(i)
+
+    def copying(self) -> bool:
+        return bool(self.inflight)
+
+    def writing(self, i: int) -> bool:
+        return bool(self.writers.get(i))
+
+    def no_writers(self) -> bool:
+        return not self.writers
+
+    def busy(self, i: int) -> bool:
+        return i in self.inflight or bool(self.writers.get(i))
+
+    def writes_end(self, i: int) -> threading.Event:
+        """An event set once the writes now on extent ``i`` have ended."""
+        return self.writer_done.setdefault(i, threading.Event())
+
+    def start_copies(self, exts) -> None:
+        for i in exts:
+            self.inflight[i] = threading.Event()
+
+    def end_copies(self, exts) -> None:
+        for i in exts:
+            ev = self.inflight.pop(i, None)
+            if ev is not None:
+                ev.set()
+
+    def start_write(self, exts: range) -> None:
+        for i in exts:
+            self.writers[i] = self.writers.get(i, 0) + 1
+
+    def end_write(self, exts: range) -> None:
+        for i in exts:
+            n = self.writers[i] - 1
+            if n:
+                self.writers[i] = n
+            else:
+                del self.writers[i]
+                ev = self.writer_done.pop(i, None)
+                if ev is not None:
+                    ev.set()
+
+
+@dataclasses.dataclass
+class WritePlan:
+    """What a host write on the source does once its extents are ready."""
+    exts: range
+    batches: list[Batch | None]  # map bits committed before the data is written
+    mirrors: list[Clone]  # clones the data is written to as well
+    # Pending extents the write covers whole: no copy first; protected
+    # once the write has landed (``_protect_after_write``).
+    protect_after: list[int]
+
 
 class Family:
     """The policy of a source volume with clones (see the module docstring)."""
 
-    def __init__(self, source: Volume, committer: Committer, lock: threading.RLock,
+    def __init__(self, source: Volume, committer: Committer, maps_lock: threading.RLock,
                  on_mirror_failed: Callable[[Clone], None] | None = None):
         self.source = source
         self.committer = committer
-        self.lock = lock
+        self.maps_lock = maps_lock
         self.shift = source.shift
         self.nextents = (source.size + source.extent_size - 1) >> source.shift
         self.clones: dict[str, Clone] = {}
@@ -160,9 +239,7 @@ class Family:
         self.plain_reads = True  # no restore: a read is a plain read
         self.host_requests = 0  # jobs back off while this moves
         self.fast_writes = WriteBarrier()  # writes that may take the fast path
-        self.inflight: dict[int, threading.Event] = {}
-        self.writers: dict[int, int] = {}
-        self.writer_done: dict[int, threading.Event] = {}
+        self.guard = ExtentGuard()
         self.on_mirror_failed = on_mirror_failed
 
     # -- membership and the fast path ------------------------------------------
@@ -205,7 +282,7 @@ class Family:
     def pread(self, vol: Volume, buf, offset: int) -> None:
         self.host_requests += 1
         if self._restore is not None:
-            self._prepare(offset, len(buf), write=False)
+            self._prepare_read(offset, len(buf))
         vf.read_into(vol.fd, buf, offset)
 
     def pwrite(self, vol: Volume, buf, offset: int, fua: bool) -> None:
@@ -248,9 +325,9 @@ class Family:
         if self._restore is None:
             return False
         exts = extent_range(offset, length, self.shift)
-        with self.lock:
+        with self.maps_lock:
             return bool(self._copies_needed(exts, offset, length, True)
-                        or any(i in self.inflight for i in exts))
+                        or any(self.guard.copy_of(i) for i in exts))
 
     def extents(self, vol: Volume, count: int, offset: int,
                 one: bool) -> list[tuple[int, int, bool]]:
@@ -262,7 +339,7 @@ class Family:
         if r is None:
             return vol.store.extents(offset, count, one)
         first, last = offset >> self.shift, (offset + count - 1) >> self.shift
-        with self.lock:
+        with self.maps_lock:
             pending = [i for i in _set_bits_between(r.pending, first, last)
                        if not r.protected.test(i)]
         runs = vol.store.extents(offset, count, False)
@@ -283,7 +360,7 @@ class Family:
 
     def _write(self, offset: int, length: int, fua: bool, do: Callable[[Store], None]) -> None:
         self.host_requests += 1
-        exts, mirrors, late = self._prepare(offset, length, write=True)
+        plan = self._plan_write(offset, length)
         try:
             if faults.armed is not None:
                 faults.hit("write.bits_committed")
@@ -295,18 +372,18 @@ class Family:
                 # restoring clone needs nothing: its protected or pending
                 # bit covers the extent.)
                 r = self._restore
-                for clone in mirrors:
+                for clone in plan.mirrors:
                     if r is None or r.clone is not clone:
                         self.mirror_broken(clone, "write (source failed)", e)
                 raise
-            for clone in mirrors:
-                self._mirror(clone, exts, do)
-            if late:
-                self._protect_after_write(late)
+            for clone in plan.mirrors:
+                self._mirror(clone, do)
+            if plan.protect_after:
+                self._protect_after_write(plan.protect_after)
             if fua:
                 self.flush(self.source)
         finally:
-            self._end_write(exts)
+            self._end_write(plan.exts)
 
     def _protect_after_write(self, late: list[int]) -> None:
         """Protect pending extents a write covered whole, now that it landed.
@@ -317,13 +394,13 @@ class Family:
         A crash before the commit re-copies the clone's data over a write
         that was never acknowledged."""
         r = self.restore
-        with self.lock:
+        with self.maps_lock:
             self.committer.check_writable(self.source.fd)
             self.committer.copied_into(self.source.fd)
             batches = [self.committer.request(r.protected, i) for i in late]
         _wait(batches)
 
-    def _mirror(self, clone: Clone, exts: range, do: Callable[[Store], None]) -> None:
+    def _mirror(self, clone: Clone, do: Callable[[Store], None]) -> None:
         """Write to a mirror; if that fails, its write-intent bits (set) record
         the difference and the clone goes back to synchronizing."""
         try:
@@ -338,7 +415,7 @@ class Family:
         never written by a copy, so the restore goes on protected and the
         clone is resynchronized from the source once the restore is done."""
         r = self._restore
-        with self.lock:
+        with self.maps_lock:
             clone.mirror_failures += 1
             if r is not None and r.clone is clone:
                 r.mirror_lost = True
@@ -364,7 +441,7 @@ class Family:
             clone.hot = set()
             return []
         hot, clone.hot = clone.hot, set()
-        return [i for i in clone.delta.iter_set() if i not in hot and not self.writers.get(i)]
+        return [i for i in clone.delta.iter_set() if i not in hot and not self.guard.writing(i)]
 
     def clear_intents(self, clone: Clone, idle: list[int]) -> int:
         """Under lock, second half: the clone was flushed after ``idle_intents``;
@@ -373,7 +450,7 @@ class Family:
         if clone.state != SYNCHRONIZED or self.clones.get(clone.name) is not clone or any(
                 fd in self.committer.failed_fds for fd in (self.source.fd, clone.volume.fd)):
             return 0
-        cleared = [i for i in idle if i not in clone.hot and not self.writers.get(i)]
+        cleared = [i for i in idle if i not in clone.hot and not self.guard.writing(i)]
         for i in cleared:
             clone.delta.clear(i)
         if cleared:
@@ -394,36 +471,49 @@ class Family:
             mirrors.append(r.clone)
         return mirrors
 
-    def _prepare(self, offset: int, length: int,
-                 write: bool) -> tuple[range, list[Clone], list[int]]:
-        """Wait and copy until the extents are ready; for a write, register it
-        and wait for the commit of its bits.  Returns (extents, mirrors,
-        pending extents to protect once the write has landed)."""
+    def _prepare_read(self, offset: int, length: int) -> None:
+        """Wait for copies in flight and copy pending extents on demand
+        until the extents read what the restore says they hold."""
         exts = extent_range(offset, length, self.shift)
         while True:
-            with self.lock:
-                wait_for = self._blocker(exts)
-                if wait_for is None:
-                    todo = self._copies_needed(exts, offset, length, write)
-                    if not todo:
-                        if not write:
-                            return exts, [], []
-                        for i in exts:
-                            self.writers[i] = self.writers.get(i, 0) + 1
-                        batches, mirrors, late = self._write_bits(exts)
-                        break
-                    for i in todo:
-                        self.inflight[i] = threading.Event()
-            if wait_for is not None:
-                wait_for.wait()
-            else:
-                self.copy_on_demand(todo)
+            with self.maps_lock:
+                step = self._next_step(exts, offset, length, write=False)
+            if step is None:
+                return
+            step()
+
+    def _plan_write(self, offset: int, length: int) -> WritePlan:
+        """The same for a write; once ready, register it as a writer of its
+        extents and wait for the commit of the map bits it needs first."""
+        exts = extent_range(offset, length, self.shift)
+        while True:
+            with self.maps_lock:
+                step = self._next_step(exts, offset, length, write=True)
+                if step is None:
+                    self.guard.start_write(exts)
+                    plan = self._write_plan(exts)
+                    break
+            step()
         try:
-            _wait(batches)
+            _wait(plan.batches)
         except BaseException:
             self._end_write(exts)
             raise
-        return exts, mirrors, late
+        return plan
+
+    def _next_step(self, exts: range, offset: int, length: int,
+                   write: bool) -> Callable[[], None] | None:
+        """Under the lock: what must happen before the request can decide
+        (wait for an event, or copy extents on demand, marked in flight
+        here), to be done without the lock; None once the extents are ready."""
+        wait_for = self._blocker(exts)
+        if wait_for is not None:
+            return wait_for.wait
+        todo = self._copies_needed(exts, offset, length, write)
+        if not todo:
+            return None
+        self.guard.start_copies(todo)
+        return functools.partial(self.copy_on_demand, todo)
 
     def _blocker(self, exts: range) -> threading.Event | None:
         """What this request must wait for first, if anything.
@@ -436,12 +526,12 @@ class Family:
         if r is not None and not r.ready.is_set():
             return r.ready
         for i in exts:
-            ev = self.inflight.get(i)
+            ev = self.guard.copy_of(i)
             if ev is not None:
                 return ev
-            if (r is not None and self.writers.get(i)
+            if (r is not None and self.guard.writing(i)
                     and r.pending.test(i) and not r.protected.test(i)):
-                return self.writer_done.setdefault(i, threading.Event())
+                return self.guard.writes_end(i)
         return None
 
     def _copies_needed(self, exts: range, offset: int, length: int, write: bool) -> list[int]:
@@ -459,9 +549,9 @@ class Family:
                 todo.append(i)
         return todo
 
-    def _write_bits(self, exts: range) -> tuple[list[Batch | None], list[Clone], list[int]]:
-        """The map bits this write needs committed first, its mirrors, and
-        the pending extents it covers whole (protected after the write)."""
+    def _write_plan(self, exts: range) -> WritePlan:
+        """Under the lock: the map bits this write needs committed first,
+        its mirrors, and the pending extents it covers whole."""
         batches: list[Batch | None] = []
         mirrors: list[Clone] = []
         late: list[int] = []
@@ -485,19 +575,11 @@ class Family:
                         batches.append(req(r.protected, i))
                 if r.mirrored:
                     mirrors.append(clone)
-        return batches, mirrors, late
+        return WritePlan(exts, batches, mirrors, late)
 
     def _end_write(self, exts: range) -> None:
-        with self.lock:
-            for i in exts:
-                n = self.writers[i] - 1
-                if n:
-                    self.writers[i] = n
-                else:
-                    del self.writers[i]
-                    ev = self.writer_done.pop(i, None)
-                    if ev is not None:
-                        ev.set()
+        with self.maps_lock:
+            self.guard.end_write(exts)
 
     # -- copies ------------------------------------------------------------------
     def copy_on_demand(self, todo: list[int]) -> None:
@@ -506,19 +588,19 @@ class Family:
         try:
             copied = 0
             for i in todo:
-                copied += self.copy_extents(r.clone.volume.store, self.source.store, i, 1)
+                copied += self.copy_extents(r.data_source, self.source.store, i, 1)
         except BaseException as e:
             self._release(todo)
             log.error("copy on demand from %s failed: %s", r.clone.name, e)
             raise
-        with self.lock:
+        with self.maps_lock:
             for i in todo:
                 r.pending.clear(i)
             r.on_demand += len(todo)
             r.progress.add(copied)
             self.committer.copied_into(self.source.fd)
-            self._copied_into(r.clone.volume.store)  # what was read is durable too
-            self._release_locked(todo)
+            self._copied_into(r.data_source)  # what was read is durable too
+            self.guard.end_copies(todo)
 
     def copy_extents(self, src: Store, dst: Store, first: int, count: int) -> int:
         """Copy ``count`` extents from ``first``; no lock held (they are in flight)."""
@@ -530,49 +612,43 @@ class Family:
         return n
 
     def _release(self, exts) -> None:
-        with self.lock:
-            self._release_locked(exts)
-
-    def _release_locked(self, exts) -> None:
-        for i in exts:
-            ev = self.inflight.pop(i, None)
-            if ev is not None:
-                ev.set()
+        with self.maps_lock:
+            self.guard.end_copies(exts)
 
     def take_run(self, bm: Bitmap, start: int, limit: int,
                  skip: Bitmap | None = None) -> tuple[int, int] | None:
         """Under lock: the first run of copyable extents at or after ``start``
         set in ``bm``; marks it in flight.  Extents in ``skip`` (protected)
         are cleared from ``bm`` on the way: they need no copy."""
+        guard = self.guard
         for i in bm.iter_set(start):
             if skip is not None and skip.test(i):
                 bm.clear(i)
                 continue
-            if i in self.inflight or self.writers.get(i):
+            if guard.busy(i):
                 continue
             n = 1
             while (n < limit and i + n < self.nextents and bm.test(i + n)
-                   and i + n not in self.inflight and not self.writers.get(i + n)
-                   and (skip is None or not skip.test(i + n))):
+                   and not guard.busy(i + n) and (skip is None or not skip.test(i + n))):
                 n += 1
-            for j in range(i, i + n):
-                self.inflight[j] = threading.Event()
+            guard.start_copies(range(i, i + n))
             return i, n
         return None
 
-    def finish_run(self, bm: Bitmap, first: int, n: int, dst: Store, ok: bool,
+    def finish_run(self, bm: Bitmap, first: int, n: int, dst: Store, copied: bool,
                    src: Store | None = None) -> None:
-        """Under lock: the copy of a run returned; clear its bits (rule 2).
-        Both ends must be durable before the clear is committed: the copy
-        may have read a host write to ``src`` that was never flushed, and a
+        """Under lock: the copy of a run returned; release its extents, and
+        if it ``copied`` (and still counts) clear its bits (rule 2).  Both
+        ends must be durable before the clear is committed: the copy may
+        have read a host write to ``src`` that was never flushed, and a
         power cut would then take it from the source but not from the copy."""
-        if ok:
+        if copied:
             for i in range(first, first + n):
                 bm.clear(i)
             self._copied_into(dst)
             if src is not None:
                 self._copied_into(src)
-        self._release_locked(range(first, first + n))
+        self.guard.end_copies(range(first, first + n))
 
 
 class CloneExport:
@@ -589,7 +665,7 @@ class CloneExport:
 
     def _writable(self, offset: int, length: int) -> range:
         clone = self.clone
-        with self.family.lock:
+        with self.family.maps_lock:
             if clone.state != FRACTURED:
                 raise ReadOnly(f"clone {clone.name} is {clone.state}: its export is "
                                "read-only until it is fractured")

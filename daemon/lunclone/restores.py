@@ -1,0 +1,309 @@
+"""Admin commands on restores: start, finish, pause, resume, rate; a restore
+resumed or refused at start-up.  Undo of a restore goes here.
+
+What a restore means for a host request (pending, protected, copy on
+demand) is ``policy.Restore`` and ``policy.Family``; the copy loop is
+``jobs.RestoreJob``.  This module owns when a restore's state changes and
+how that change is committed:
+
+- start: the gate (``new_rules``) installs the restore with ``ready``
+  clear, so new host requests wait at it, and waits for writes that decided
+  under the old rules; then one transaction records the job, the pending
+  map (the clone's delta map) and the other clones' grown delta maps.  If
+  anything fails before COMMIT, the gate is undone: nothing changed.
+- finish: pending is empty; one transaction makes the clone's delta map
+  the protected restore map and the clone fractured again (or synchronizing,
+  if host writes were mirrored to it and may have been cut short).
+- pause, resume, rate: the job record, then memory (``tx.then``).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import time
+
+from . import faults, units
+from .bitmap import Bitmap
+from .clones import Clones
+from .errors import Busy, InvalidArgument, LuncloneError, NotFound, WrongState
+from .families import DRAIN_TIMEOUT, Families, new_rules
+from .jobs import JobKey, JobRunner, RestoreJob
+from .metadata import DELTA, PENDING, PROTECTED, JobRecord
+from .policy import DONE, FRACTURED, MIRRORED, PAUSED, RESTORING, RUNNING, SYNCHRONIZING
+from .policy import Clone, Family, Restore
+from .volumes import VolumeTable
+
+log = logging.getLogger("lunclone.restores")
+
+
+class Restores:
+    def __init__(self, volumes: VolumeTable, families: Families, jobs: JobRunner,
+                 admin: asyncio.Lock, clones: Clones):
+        self.volumes = volumes
+        self.families = families
+        self.committer = families.committer
+        self.md = self.committer.md
+        self.maps_lock = self.committer.maps_lock
+        self.jobs = jobs
+        self.admin = admin
+        self.clones = clones
+
+    # -- start-up ----------------------------------------------------------------
+    def load_all(self) -> None:
+        for job in self.md.jobs():
+            if job.kind == "restore" and job.source in self.volumes.served:
+                self.load(job)
+
+    def load(self, job: JobRecord) -> None:
+        """Resume a restore, or keep its source unserved if the clone it
+        copies from is missing: serving the source would show pre-restore
+        data in every pending extent."""
+        fam = self.families.get(job.source)
+        clone = fam.clones.get(job.clone) if fam is not None else None
+        if job.state == DONE:
+            if clone is not None:
+                fam.last_restore = self._done(clone, job, fam.nextents)
+            return
+        if clone is None:
+            why = self.volumes.broken.get(job.clone, "is missing")
+            msg = (f"its restore from {job.clone} cannot go on: {job.clone} {why}; bring it "
+                   f"back, then run 'lunclone restore resume {job.source}'")
+            log.error("volume %s not served: %s", job.source, msg)
+            self.families.unserve(fam, job.source, msg)
+            return
+        pending = self.md.load_bitmap(job.source, PENDING, fam.nextents)
+        protected = self.md.load_bitmap(job.source, PROTECTED, fam.nextents)
+        r = Restore(clone, job.protected, pending, protected, job.total_extents)
+        r.state, r.rate_limit, r.on_demand, r.error = job.state, job.rate_limit, job.on_demand, job.error
+        r.progress.copied_bytes = job.copied_bytes
+        r.ready.set()
+        self.committer.register(pending)
+        self.committer.register(protected)
+        fam.restore = r
+        log.info("resuming restore of %s from %s: %d extents pending",
+                 job.source, clone.name, pending.count())
+
+    @staticmethod
+    def _done(clone: Clone, job: JobRecord, nextents: int) -> Restore:
+        """A finished restore, for status: its protected map was the clone's
+        delta map at completion."""
+        r = Restore(clone, job.protected, Bitmap(nextents), clone.delta.copy(), job.total_extents)
+        r.state, r.on_demand = DONE, job.on_demand
+        r.progress.copied_bytes = job.copied_bytes
+        return r
+
+    def start(self) -> None:
+        """On the loop: resume every unfinished restore's job."""
+        for fam in self.families.by_source.values():
+            if fam.restore is not None:
+                self._run_job(fam)
+
+    # -- start -----------------------------------------------------------------------
+    async def begin(self, source: str, clone_name: str, protected: bool = True,
+                    rate_limit=0) -> None:
+        async with self.admin:
+            units.check_name(source)
+            rate_limit = units.parse_size(rate_limit or 0)
+            self.volumes.get(source)
+            fam, clone = self.families.find_clone(clone_name)
+            self._check_can_start(fam, clone, source)
+            old_state = clone.state
+            r = Restore(clone, protected, Bitmap(fam.nextents, key=(source, PENDING)),
+                        Bitmap(fam.nextents, key=(source, PROTECTED)), 0)
+            r.rate_limit = rate_limit
+
+            def install():
+                fam.restore = r
+                clone.state = RESTORING
+                return (clone.volume.barrier.switch(), fam.switch_fast())
+
+            def undo():
+                # Only these two changed before the commit (the gate); other
+                # clones may have changed state meanwhile: left alone.
+                fam.restore = None
+                clone.state = old_state
+            try:
+                async with new_rules(fam, source, install, undo):
+                    await self._writers_end(fam)
+                    if faults.armed is not None:
+                        faults.hit("restore.gated")
+                    self._commit_start(fam, r)
+            finally:
+                r.ready.set()  # open the gate: requests go on under the new rules, or the old
+            log.info("restore of %s from %s started: %d extents to copy (%s)", source,
+                     clone_name, r.total_extents, "protected" if protected else "unprotected")
+            self._run_job(fam)
+
+    @staticmethod
+    def _check_can_start(fam: Family, clone: Clone, source: str) -> None:
+        if fam.source.name != source:
+            raise InvalidArgument(f"{clone.name} is a clone of {fam.source.name}, not of {source}")
+        if fam.restore is not None:
+            raise WrongState(f"{source} is already being restored from {fam.restore.clone.name}; "
+                             f"see 'lunclone status {source}'")
+        if clone.state != FRACTURED:
+            raise WrongState(f"clone {clone.name} is {clone.state}; only a fractured clone (a "
+                             "point-in-time copy) can be restored: "
+                             f"'lunclone clone fracture {clone.name}'")
+
+    @staticmethod
+    async def _writers_end(fam: Family) -> None:
+        """Slow-path writes decided under the old rules are registered
+        writers; new ones wait at the gate (``Restore.ready``)."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while not fam.guard.no_writers():
+            if time.monotonic() > deadline:
+                raise Busy(f"host writes to {fam.source.name} did not finish; try again")
+            await asyncio.sleep(0.0005)
+
+    def _commit_start(self, fam: Family, r: Restore) -> None:
+        clone = r.clone
+        with self.committer.transaction() as tx:
+            r.pending.assign(clone.delta)
+            r.total_extents = r.pending.count()
+            self.clones.set_state(clone, RESTORING, tx)
+            for other in fam.clones.values():
+                if other is clone:
+                    continue
+                if other.state in MIRRORED:
+                    self.clones.set_state(other, FRACTURED, tx)
+                grown = other.delta.copy(other.delta.key)
+                grown.union(r.pending)
+                tx.replace_bitmap(other.name, DELTA, grown)
+                tx.then(functools.partial(other.delta.union, r.pending))
+            tx.delete_bitmap(fam.source.name, PENDING)
+            tx.delete_bitmap(fam.source.name, PROTECTED)
+            tx.save_bitmap(fam.source.name, PENDING, r.pending)
+            tx.put_job(self._record(fam, r))
+            tx.then(functools.partial(self.committer.register, r.pending))
+            tx.then(functools.partial(self.committer.register, r.protected))
+
+    def _record(self, fam: Family, r: Restore) -> JobRecord:
+        return JobRecord(fam.source.name, "restore", r.clone.name, r.state, r.protected_mode,
+                         r.total_extents, r.progress.copied_bytes, r.on_demand, r.rate_limit,
+                         r.error, time.time())
+
+    def _run_job(self, fam: Family) -> None:
+        job = RestoreJob(fam, fam.restore, self.jobs.pool, self.finish, self.pause_with_error)
+        self.jobs.run(JobKey("restore", fam.source.name), job)
+
+    # -- finish ----------------------------------------------------------------------
+    def finish(self, fam: Family) -> bool:
+        """Pending is empty: in one transaction the clone's delta map becomes
+        the protected restore map, and the clone goes back to fractured
+        (``--unprotected``, or a restore whose mirror failed: synchronizing,
+        so the protected extents are copied to it)."""
+        r = fam.restore
+        if faults.armed is not None:
+            faults.hit("restore.finish")
+        with self.committer.transaction() as tx:
+            if (r is None or r.pending.any() or fam.guard.copying()
+                    or self.committer.has_requests(r.protected)):
+                return False
+            clone = r.clone
+            # The protected map is exactly what the host changed; with
+            # --unprotected those writes were mirrored, but a crash may have
+            # cut one short, so the clone resynchronizes them (cheaply).
+            delta = r.protected.copy(clone.delta.key)
+            tx.replace_bitmap(clone.name, DELTA, delta)
+            self.clones.set_state(clone, FRACTURED if r.protected_mode else SYNCHRONIZING, tx)
+            tx.delete_bitmap(fam.source.name, PENDING)
+            tx.delete_bitmap(fam.source.name, PROTECTED)
+            tx.put_job(dataclasses.replace(self._record(fam, r), state=DONE))
+
+            def done() -> None:
+                clone.delta.assign(delta)
+                r.state = DONE
+                self.committer.unregister(r.pending)
+                self.committer.unregister(r.protected)
+                fam.restore = None
+                fam.last_restore = r
+            tx.then(done)
+        log.info("restore of %s from %s done: %d bytes copied, %d on demand, %d protected",
+                 fam.source.name, clone.name, r.progress.copied_bytes, r.on_demand,
+                 r.protected.count())
+        if clone.state == SYNCHRONIZING:
+            self.clones.start_sync(fam, clone)
+        return True
+
+    # -- pause, resume, rate -----------------------------------------------------------
+    def _restore_of(self, source: str) -> tuple[Family, Restore]:
+        units.check_name(source)
+        self.volumes.get(source)
+        fam = self.families.get(source)
+        if fam is None or fam.restore is None:
+            raise NotFound(f"no restore of {source} is in progress")
+        return fam, fam.restore
+
+    def _persist(self, fam: Family, r: Restore, **changes) -> None:
+        """Record the job with ``changes``; apply them to ``r`` once committed."""
+        with self.committer.transaction() as tx:
+            tx.put_job(dataclasses.replace(self._record(fam, r), **changes))
+            tx.then(lambda: [setattr(r, k, v) for k, v in changes.items()])
+
+    async def pause(self, source: str) -> None:
+        async with self.admin:
+            fam, r = self._restore_of(source)
+            self._persist(fam, r, state=PAUSED)
+
+    def pause_with_error(self, fam: Family, message: str | None) -> None:
+        """Pause in memory at once (the job stops retrying); persist if the
+        metadata can take it (on a full disk it may not: after a restart the
+        job then runs again)."""
+        r = fam.restore
+        if r is None:
+            return
+        r.state, r.error = PAUSED, message
+        try:
+            self._persist(fam, r)
+        except LuncloneError as e:
+            log.error("could not record the pause of %s: %s", fam.source.name, e.message)
+        log.error("restore of %s paused: %s; 'lunclone restore resume %s' goes on",
+                  fam.source.name, message, fam.source.name)
+
+    async def resume(self, source: str) -> None:
+        async with self.admin:
+            units.check_name(source)
+            if source in self.volumes.broken and source in self.volumes.records:
+                self._bring_back(source)
+            fam, r = self._restore_of(source)
+            self._persist(fam, r, state=RUNNING, error=None)
+            if not self.jobs.running(JobKey("restore", source)):
+                self._run_job(fam)
+
+    def _bring_back(self, source: str) -> None:
+        """A source kept unserved because its restore's clone was missing:
+        open its volumes again; if the clone is back, serve the family and
+        let the restore go on."""
+        vols = self.volumes
+        names = [source] + [n for n, rec in vols.records.items() if rec.source == source]
+        for name in names:
+            if name in vols.broken:
+                vols.serve_again(name)
+        job = next((j for j in self.md.jobs() if j.source == source), None)
+        if source not in vols.served:
+            raise NotFound(f"volume {source!r} is not served: {vols.broken[source]}")
+        self.families.load(source)
+        if job is not None and job.kind == "restore":
+            self.load(job)
+        if source in vols.broken:
+            raise NotFound(f"volume {source!r} is not served: {vols.broken[source]}")
+        fam = self.families.get(source)
+        if fam is not None:
+            for clone in fam.clones.values():
+                if clone.state == SYNCHRONIZING:
+                    self.clones.start_sync(fam, clone)
+        log.info("volume %s is served again", source)
+
+    async def set_rate(self, source: str, limit) -> None:
+        async with self.admin:
+            fam, r = self._restore_of(source)
+            limit = units.parse_size(limit)
+            if limit < 0:
+                raise InvalidArgument("rate must be 0 (unlimited) or a positive number of bytes/s")
+            self._persist(fam, r, rate_limit=limit)
+            job = self.jobs.get(JobKey("restore", source))
+            if job is not None:
+                job.throttle.set(limit)

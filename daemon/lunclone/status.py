@@ -1,0 +1,86 @@
+"""What status, ``--json`` and the metrics show: volumes, clones, restores.
+
+One description of each, used by the control server and by ``metrics``;
+the keys are the JSON contract of ``lunclone status --json`` (README).
+"""
+from __future__ import annotations
+
+import os
+
+from .families import Families
+from .policy import CLONE_STATES, DONE, RESTORE_STATES, SYNCHRONIZING, Family, Progress
+from .volumes import VolumeTable
+
+__all__ = ["Status", "CLONE_STATES", "RESTORE_STATES"]
+
+
+class Status:
+    def __init__(self, volumes: VolumeTable, families: Families, export_uri):
+        self.volumes = volumes
+        self.families = families
+        self.export_uri = export_uri  # name -> NBD URI
+        self.maps_lock = families.committer.maps_lock
+
+    def volume(self, name: str) -> dict:
+        rec = self.volumes.record(name)
+        vol = self.volumes.served.get(name)
+        return {
+            "name": rec.name,
+            "size": rec.size,
+            "extent_size": rec.extent_size,
+            "export": self.export_uri(rec.name),
+            "allocated": _allocated(vol.path) if vol and vol.path else None,
+            "remote": rec.remote,
+            "connections": vol.connections if vol else 0,
+            "error": self.volumes.error_of(name),
+            "source": rec.source,
+            "clone_state": rec.clone_state,
+            "clones": self.clones(name),
+            "restore": self.restore(name),
+        }
+
+    def all(self) -> list[dict]:
+        return [self.volume(n) for n in sorted(self.volumes.records)]
+
+    def clones(self, source: str) -> list[dict]:
+        fam = self.families.get(source)
+        if fam is None:
+            return []
+        out = []
+        with self.maps_lock:
+            for c in fam.clones.values():
+                d = {"name": c.name, "state": c.state, "delta_extents": c.delta.count(),
+                     "error": c.error, "remote": c.volume.store.describe()}
+                if c.state == SYNCHRONIZING:
+                    d["sync"] = _progress(c.sync, d["delta_extents"], fam.source.extent_size)
+                out.append(d)
+        return out
+
+    def restore(self, source: str) -> dict | None:
+        fam: Family | None = self.families.get(source)
+        if fam is None:
+            return None
+        r = fam.restore or fam.last_restore
+        if r is None:
+            return None
+        with self.maps_lock:
+            pending = r.pending.count() if r.state != DONE else 0
+            d = {"from": r.clone.name, "state": r.state, "protected": r.protected_mode,
+                 "total_extents": r.total_extents, "pending_extents": pending,
+                 "protected_extents": r.protected.count(), "on_demand_extents": r.on_demand,
+                 "rate_limit_bytes_per_s": r.rate_limit, "error": r.error}
+        d.update(_progress(r.progress, pending, fam.source.extent_size))
+        return d
+
+
+def _progress(p: Progress, remaining_extents: int, extent_size: int) -> dict:
+    rate = p.rate()
+    return {"copied_bytes": p.copied_bytes, "rate_bytes_per_s": round(rate),
+            "eta_s": round(remaining_extents * extent_size / rate, 1) if rate > 0 else None}
+
+
+def _allocated(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
