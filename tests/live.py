@@ -18,8 +18,7 @@ from typing import Callable
 from lunclone.engine import Engine
 from lunclone.iopath import Volume
 
-MiB = 1 << 20
-EXT = 64 * 1024
+from helpers import EXT, MiB  # noqa: F401  (EXT: tests import it from here)
 
 
 class LiveEngine:

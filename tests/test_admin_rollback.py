@@ -15,7 +15,7 @@ import pytest
 
 from lunclone import faults
 from lunclone.errors import LuncloneError
-from live import EXT, MiB
+from helpers import EXT, MiB
 
 SIZE = 4 * MiB
 

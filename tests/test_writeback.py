@@ -14,9 +14,8 @@ import os
 
 import pytest
 
-from helpers import wait_for
+from helpers import MiB, wait_for
 
-MiB = 1 << 20
 SIZE = 4 * MiB
 
 
