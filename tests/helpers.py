@@ -20,6 +20,7 @@ LUNCLONE = os.path.join(os.path.dirname(sys.executable), "lunclone")
 MiB = 1 << 20
 EXT = 64 * 1024  # the default extent size (units.DEFAULT_EXTENT)
 SIZE = 16 * MiB  # the volume of the restore scenarios (``fractured_then_damaged``)
+SMALL = 4 * MiB  # the volume of the in-process tests (``live.LiveEngine.fractured_clone``)
 
 
 class Daemon:

@@ -8,9 +8,7 @@ import errno
 import time
 
 from lunclone import faults
-from helpers import EXT, MiB
-
-SIZE = 4 * MiB
+from helpers import EXT, SMALL as SIZE
 NEXT = SIZE // EXT
 
 

@@ -9,9 +9,7 @@ import time
 import pytest
 
 from lunclone.errors import LuncloneError, ReadOnly
-from helpers import EXT, MiB, read_bitmap
-
-SIZE = 4 * MiB
+from helpers import EXT, SMALL as SIZE, read_bitmap
 
 
 def clone_state(live, name: str = "c1") -> str:

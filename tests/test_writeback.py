@@ -14,9 +14,7 @@ import os
 
 import pytest
 
-from helpers import MiB, wait_for
-
-SIZE = 4 * MiB
+from helpers import SMALL as SIZE, wait_for
 
 
 def restore_of(d, name="src"):
