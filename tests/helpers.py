@@ -17,6 +17,11 @@ import nbd
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LUNCLONE = os.path.join(os.path.dirname(sys.executable), "lunclone")
 
+MiB = 1 << 20
+EXT = 64 * 1024  # the default extent size (units.DEFAULT_EXTENT)
+SIZE = 16 * MiB  # the volume of the restore scenarios (``fractured_then_damaged``)
+SMALL = 4 * MiB  # the volume of the in-process tests (``live.LiveEngine.fractured_clone``)
+
 
 class Daemon:
     """`lunclone serve` in a temporary state and run directory."""
@@ -166,6 +171,32 @@ def differing_extents(a: bytes, b: bytes, extent: int) -> set[int]:
     return {i // extent for i in range(0, len(a), extent) if a[i:i + extent] != b[i:i + extent]}
 
 
+def whole(h: nbd.NBD, size: int) -> bytes:
+    """Every byte of an export, read through a libnbd handle in 8 MiB pieces."""
+    out = bytearray()
+    for off in range(0, size, 8 * MiB):
+        out += h.pread(min(8 * MiB, size - off), off)
+    return bytes(out)
+
+
+def restore_status(daemon: Daemon, source: str) -> dict | None:
+    return daemon.json("status", source)["restore"]
+
+
+def wait_restore_done(daemon: Daemon, source: str, timeout: float = 120):
+    return wait_for(lambda: (restore_status(daemon, source) or {}).get("state") == "done",
+                    timeout, what=f"restore of {source} done")
+
+
+def synchronize_and_fracture(daemon: Daemon, source: str = "src", clone: str = "c1",
+                             remote: str | None = None) -> None:
+    """Create ``clone`` of ``source`` (behind the NBD URI ``remote`` if
+    given), wait until it is synchronized, and fracture it."""
+    daemon.cli("clone", "create", source, clone, *(["--remote", remote] if remote else []))
+    wait_clone_state(daemon, source, clone, "synchronized")
+    daemon.cli("clone", "fracture", clone)
+
+
 def fractured_clone(daemon: Daemon, size: int, data: int, source: str = "src",
                     clone: str = "c1"):
     """``source`` of ``size`` bytes with ``data`` random bytes at its start,
@@ -174,7 +205,28 @@ def fractured_clone(daemon: Daemon, size: int, data: int, source: str = "src",
     h = daemon.connect(source)
     h.pwrite(os.urandom(data), 0)
     h.flush()
-    daemon.cli("clone", "create", source, clone)
-    wait_clone_state(daemon, source, clone, "synchronized")
-    daemon.cli("clone", "fracture", clone)
+    synchronize_and_fracture(daemon, source, clone)
     return h
+
+
+def fractured_then_damaged(daemon: Daemon, rng, size: int = SIZE,
+                           remote: str | None = None) -> tuple[bytes, nbd.NBD]:
+    """The restore scenario: ``src`` with data, clone ``c1`` synchronized and
+    fractured, then ``src`` damaged (writes and trims).  Returns (the clone's
+    content = what a restore must bring back, a handle on ``src``).  With
+    ``remote`` (an NBD URI) the clone lives behind that export."""
+    daemon.cli("create", "src", "--size", str(size))
+    src = daemon.connect("src")
+    for off in range(0, size, MiB):
+        if rng.random() < 0.8:
+            src.pwrite(rng.randbytes(MiB), off)
+    synchronize_and_fracture(daemon, "src", "c1", remote)
+    for _ in range(60):  # damage: differences to restore
+        off = rng.randrange(0, size - 3 * EXT) & ~4095
+        if rng.random() < 0.7:
+            src.pwrite(rng.randbytes(rng.choice([4096, EXT, 3 * EXT])), off)
+        else:
+            src.trim(EXT, off & ~(EXT - 1))
+    clone_data = whole(daemon.connect("c1"), size)
+    assert whole(src, size) != clone_data
+    return clone_data, src

@@ -18,8 +18,7 @@ from typing import Callable
 from lunclone.engine import Engine
 from lunclone.iopath import Volume
 
-MiB = 1 << 20
-EXT = 64 * 1024
+from helpers import EXT, SMALL, MiB  # noqa: F401  (EXT, MiB: tests import them from here)
 
 
 class LiveEngine:
@@ -93,7 +92,7 @@ class LiveEngine:
     def wait_clone(self, name: str, state: str, timeout: float = 30.0) -> None:
         self.wait(lambda: self.clone(name).state == state, timeout, f"{name} {state}")
 
-    def fractured_clone(self, source: str = "src", clone: str = "c1", size: int = 4 * MiB,
+    def fractured_clone(self, source: str = "src", clone: str = "c1", size: int = SMALL,
                         data: bytes | None = None) -> None:
         self.cmd("create", name=source, size=size)
         if data is not None:

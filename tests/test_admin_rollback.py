@@ -15,9 +15,7 @@ import pytest
 
 from lunclone import faults
 from lunclone.errors import LuncloneError
-from live import EXT, MiB
-
-SIZE = 4 * MiB
+from helpers import EXT, SMALL as SIZE
 
 
 def data(tag: bytes, n: int = SIZE) -> bytes:

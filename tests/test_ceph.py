@@ -9,8 +9,8 @@ import nbd
 import pytest
 
 from ceph import CephCluster, ceph_available
+from helpers import MiB
 
-MiB = 1 << 20
 OBJ = 4 * MiB  # rbd object size (order 22)
 STATE_HOLE, STATE_ZERO = nbd.STATE_HOLE, nbd.STATE_ZERO
 

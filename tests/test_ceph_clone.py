@@ -11,10 +11,9 @@ import random
 import nbd
 
 from ceph import CephCluster
-from helpers import clone_state, read_bitmap, wait_clone_state, wait_for
-from test_clones import whole
-from test_restore import (SIZE, host_io_during_restore, prepare, restore_status,
-                          wait_restore_done)
+from helpers import (SIZE, clone_state, fractured_then_damaged, read_bitmap, restore_status,
+                     wait_clone_state, wait_for, wait_restore_done, whole)
+from workloads import host_io_during_restore, run_crash_points
 
 
 def serve_image(cluster: CephCluster, workdir: str, image: str):
@@ -39,7 +38,7 @@ def test_restore_from_ceph_clone(daemon, workdir, ceph_cluster):
     rng = random.Random(90)
     proc, _, uri = serve_image(ceph_cluster, workdir, "model")
     try:
-        clone_data, src = prepare(daemon, rng, remote=uri)
+        clone_data, src = fractured_then_damaged(daemon, rng, remote=uri)
         assert rbd_content(uri) == clone_data  # the clone's bytes are in Ceph
         daemon.cli("restore", "src", "--from", "c1", "--rate", "64K")
         model, touched = host_io_during_restore(daemon, src, clone_data, 900, 80)
@@ -54,7 +53,6 @@ def test_restore_from_ceph_clone(daemon, workdir, ceph_cluster):
 
 def test_sigkill_during_restore_from_ceph_clone(daemon, workdir, ceph_cluster,
                                                long_mode):
-    from test_crash import run_crash_points
     proc, _, uri = serve_image(ceph_cluster, workdir, "crash")
     try:
         points = 60 if long_mode else 8
@@ -71,7 +69,7 @@ def test_qemu_nbd_killed_mid_restore(daemon, workdir, ceph_cluster):
     clone's data; the image is untouched."""
     rng = random.Random(91)
     proc, sock, uri = serve_image(ceph_cluster, workdir, "killed")
-    clone_data, src = prepare(daemon, rng, remote=uri)
+    clone_data, src = fractured_then_damaged(daemon, rng, remote=uri)
     daemon.cli("restore", "src", "--from", "c1", "--rate", "128K")
     ceph_cluster.kill_server(proc)
     wait_for(lambda: not clone_state(daemon, "src", "c1")["remote"]["connected"], 30,

@@ -11,10 +11,8 @@ import time
 import nbd
 import pytest
 
-from helpers import (clone_state, differing_extents, read_bitmap, wait_clone_state)
-
-MiB = 1 << 20
-EXT = 64 * 1024
+from helpers import (EXT, MiB, clone_state, differing_extents, read_bitmap,
+                     synchronize_and_fracture, wait_clone_state, whole)
 
 
 def random_ops(h, rng, size, n, model=None):
@@ -33,13 +31,6 @@ def random_ops(h, rng, size, n, model=None):
             data = bytes(ln)
         if model is not None:
             model[off:off + ln] = data
-
-
-def whole(h, size):
-    out = bytearray()
-    for off in range(0, size, 8 * MiB):
-        out += h.pread(min(8 * MiB, size - off), off)
-    return bytes(out)
 
 
 def test_clone_lifecycle_model(daemon):
@@ -90,9 +81,7 @@ def test_delta_survives_sigkill(daemon):
     size = 16 * MiB
     rng = random.Random(3)
     daemon.cli("create", "src", "--size", "16M")
-    daemon.cli("clone", "create", "src", "c1")
-    wait_clone_state(daemon, "src", "c1", "synchronized")
-    daemon.cli("clone", "fracture", "c1")
+    synchronize_and_fracture(daemon)
     src = daemon.connect("src")
     c1 = daemon.connect("c1")
     random_ops(src, rng, size, 200)
@@ -126,9 +115,7 @@ def test_two_writes_one_extent_share_commit(daemon):
     the daemon is killed before it is durable: no acknowledged write may
     lack its delta bit after the restart."""
     daemon.cli("create", "src", "--size", "4M")
-    daemon.cli("clone", "create", "src", "c1")
-    wait_clone_state(daemon, "src", "c1", "synchronized")
-    daemon.cli("clone", "fracture", "c1")
+    synchronize_and_fracture(daemon)
     assert 0 not in read_bitmap(daemon.state_dir, "c1", "delta")
     a, b = daemon.connect("src"), daemon.connect("src")
     hold = sqlite3.connect(os.path.join(daemon.state_dir, "lunclone.db"), isolation_level=None)

@@ -9,10 +9,7 @@ import time
 import nbd
 import pytest
 
-from helpers import LUNCLONE, Daemon, fractured_clone, wait_clone_state, wait_for
-from test_clones import whole
-
-MiB = 1 << 20
+from helpers import LUNCLONE, MiB, Daemon, fractured_clone, wait_clone_state, wait_for, whole
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import time
 import nbd
 import pytest
 
-MiB = 1 << 20
+from helpers import MiB
 
 
 def fds(pid):

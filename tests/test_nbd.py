@@ -6,7 +6,7 @@ import random
 import nbd
 import pytest
 
-MiB = 1 << 20
+from helpers import MiB
 
 
 def file_bytes(path, offset, length):

@@ -8,10 +8,9 @@ import time
 import nbd
 import pytest
 
-from helpers import Daemon
+from helpers import Daemon, MiB
 from netns import NETNS_DIR, NetworkHosts, unavailable_reason
 
-MiB = 1 << 20
 PORT = 10809
 NBD_ENV = {**os.environ, "PATH": "/usr/bin:" + os.environ.get("PATH", "")}
 

@@ -14,12 +14,10 @@ import time
 import nbd
 import pytest
 
-from helpers import Daemon, clone_state, read_bitmap, wait_clone_state, wait_for
+from helpers import (EXT, SIZE, Daemon, MiB, clone_state, read_bitmap, restore_status,
+                     wait_clone_state, wait_for, wait_restore_done, whole)
 from netns import NetworkHosts, unavailable_reason
-from test_clones import whole
-from test_crash import FlushedWriter, Model
-from test_restore import (EXT, MiB, SIZE, host_io_during_restore, restore_status,
-                          wait_restore_done)
+from workloads import FlushedWriter, Model, host_io_during_restore
 
 PORT = 10809
 

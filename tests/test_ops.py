@@ -13,9 +13,7 @@ import nbd
 import pytest
 
 from blockdev import missing_prerequisite
-from helpers import LUNCLONE, ROOT, Daemon, wait_clone_state
-
-MiB = 1 << 20
+from helpers import LUNCLONE, ROOT, Daemon, MiB, wait_clone_state
 
 
 def test_systemd_units_verify():

@@ -1,101 +1,302 @@
-"""The restore rules on real files and a real SQLite database, driven from
-threads like nbdkit's workers, to show what cannot be seen from a client:
-a request on an extent whose copy is in flight waits in memory (claims 1,
-3, 4) and the job never copies over an extent the host is writing (claims
-7, 9)."""
+"""The rules of ``policy.Family`` during a restore, shown on the real engine
+in this process (real files, real SQLite, real committer; tests/live.py),
+with host requests made from threads as nbdkit's workers make them.
+
+The restore is started and paused through the command table, so the maps
+stand still unless a test moves them: a background copy is made by hand
+with the job's own steps (``take_run``, ``copy_extents``, ``finish_run``).
+
+The volume has a ragged end: its last extent is 12 KiB.  The clone holds
+``C`` everywhere, the source ``S`` (every extent differs: all pending).
+The rules are in docs/DESIGN.md ("A host request", "Restore"), which also
+maps these tests to the claims.
+"""
+from __future__ import annotations
+
 import threading
 import time
 
 import pytest
 
-from lunclone import volume as vf
-from lunclone.bitmap import Bitmap
-from lunclone.commit import Committer
-from lunclone.iopath import Volume
-from lunclone.store import FileStore
-from lunclone.metadata import Metadata
-from lunclone.policy import FRACTURED, RESTORING, Clone, Family, Restore
+from lunclone import faults
+from helpers import EXT, read_bitmap
+from live import Async
 
-EXT = 64 * 1024
-SIZE = 16 * EXT
+TAIL = 12 * 1024
+NEXT = 9                      # extents: 8 whole ones and the 12 KiB tail
+SIZE = (NEXT - 1) * EXT + TAIL
+LAST = NEXT - 1
+
+
+def start_paused_restore(live, protected: bool = True) -> None:
+    """Clone ``c1`` of ``src`` holds C, ``src`` holds S; a restore from c1
+    is started and paused at once (at 64 KiB/s its job copies at most one
+    extent, the first, before it sees the pause)."""
+    live.fractured_clone(size=SIZE, data=b"C" * SIZE)
+    live.write("src", b"S" * SIZE, 0)
+    live.cmd("restore", source="src", clone_name="c1", protected=protected, rate_limit="64K")
+    live.cmd("restore_pause", source="src")
 
 
 @pytest.fixture
-def family(tmp_path):
-    md = Metadata(str(tmp_path))
-    lock = threading.RLock()
-    committer = Committer(md, lock)
-    committer.start()
-    paths = {}
-    for name, fill in (("src", b"S"), ("cl", b"C")):
-        paths[name] = str(tmp_path / f"{name}.img")
-        vf.create_sparse(paths[name], SIZE)
-        with open(paths[name], "r+b") as f:
-            f.write(fill * SIZE)
-    src = Volume("src", FileStore(paths["src"]), SIZE, EXT)
-    cl = Volume("cl", FileStore(paths["cl"]), SIZE, EXT)
-    fam = Family(src, committer, lock)
-    delta = Bitmap(16, key=("cl", "delta"))
-    delta.set_all()
-    clone = Clone("cl", cl, FRACTURED, delta)
-    fam.clones["cl"] = clone
-    r = Restore(clone, True, delta.copy(("src", "pending")), Bitmap(16, key=("src", "protected")), 16)
-    for bm in (delta, r.pending, r.protected):
-        committer.register(bm)
-    clone.state = RESTORING
-    r.ready.set()
-    fam.restore = r
-    src.set_policy(fam)
-    yield fam
-    committer.stop()
-    src.close()
-    cl.close()
-    md.close()
+def restoring(live):
+    start_paused_restore(live)
+    return live
 
 
-def in_thread(fn, *args):
-    box = {}
-
-    def run():
-        try:
-            box["result"] = fn(*args)
-        except BaseException as e:
-            box["error"] = e
-    t = threading.Thread(target=run)
-    t.start()
-    return t, box
+def maps(live) -> tuple[set[int], set[int], int]:
+    """(pending extents, protected extents, copies on demand) of src's restore."""
+    r = live.family("src").restore
+    return set(r.pending.iter_set()), set(r.protected.iter_set()), r.on_demand
 
 
-def test_claim_1_3_request_on_inflight_extent_waits(family):
-    with family.maps_lock:
-        assert family.take_run(family.restore.pending, 2, 1) == (2, 1)  # extent 2 in flight
-    buf = bytearray(4096)
-    t, box = in_thread(family.source.pread, buf, 2 * EXT + 100)
+def restore_state(live) -> str | None:
+    return (live.cmd("status", name="src")["restore"] or {}).get("state")
+
+
+def clone_file_untouched(live) -> bool:
+    return live.file("c1") == b"C" * SIZE
+
+
+class HeldWrite:
+    """A host write held after its map bits are committed, before its data
+    is written (fault point ``write.bits_committed``): it is registered as
+    a writer of its extents for as long as it is held."""
+
+    def __init__(self, live, data: bytes, offset: int):
+        self.arrived, self.go = threading.Event(), threading.Event()
+        first = [True]
+
+        def hold():
+            if first[0]:
+                first[0] = False
+                self.arrived.set()
+                self.go.wait(30)
+        faults.arm("write.bits_committed", hold)
+        self.write = Async(lambda: live.write("src", data, offset))
+        assert self.arrived.wait(10), "the write never reached its data"
+
+    def release(self) -> None:
+        self.go.set()
+        self.write.result()
+        faults.disarm("write.bits_committed")
+
+
+# -- reads -------------------------------------------------------------------
+
+def test_read_of_a_pending_extent_copies_it_on_demand(restoring):
+    live = restoring
+    pending, _, on_demand = maps(live)
+    assert 3 in pending
+    assert live.read("src", 3 * EXT + 100, 4096) == b"C" * 4096
+    pending2, protected, on_demand2 = maps(live)
+    assert 3 not in pending2 and 3 not in protected and on_demand2 == on_demand + 1
+    assert live.file("src")[3 * EXT:4 * EXT] == b"C" * EXT  # copied whole, into the file
+    assert live.read("src", 3 * EXT, 100) == b"C" * 100
+    assert maps(live)[2] == on_demand + 1  # a second read copies nothing
+
+
+def test_read_across_extents_copies_each_pending_one(restoring):
+    live = restoring
+    on_demand = maps(live)[2]
+    assert live.read("src", 4 * EXT - 10, EXT + 20) == b"C" * (EXT + 20)  # extents 3, 4, 5
+    pending, _, n = maps(live)
+    assert not {3, 4, 5} & pending and n == on_demand + 3
+
+
+# -- writes ------------------------------------------------------------------
+
+def test_partial_write_to_a_pending_extent_copies_then_protects(restoring):
+    live = restoring
+    on_demand = maps(live)[2]
+    live.write("src", b"w" * 100, 3 * EXT + 10)
+    pending, protected, n = maps(live)
+    assert 3 in protected and 3 not in pending and n == on_demand + 1
+    got = live.read("src", 3 * EXT, EXT)
+    assert got == b"C" * 10 + b"w" * 100 + b"C" * (EXT - 110)
+    assert clone_file_untouched(live), "a protected restore wrote to its clone"
+
+
+def test_whole_extent_write_to_a_pending_extent_copies_nothing(restoring):
+    live = restoring
+    on_demand = maps(live)[2]
+    live.write("src", b"W" * EXT, 7 * EXT)
+    _, protected, n = maps(live)
+    assert 7 in protected and n == on_demand
+    assert live.read("src", 7 * EXT, EXT) == b"W" * EXT
+    assert clone_file_untouched(live)
+
+
+def test_write_straddling_two_pending_extents_copies_both(restoring):
+    live = restoring
+    on_demand = maps(live)[2]
+    live.write("src", b"x" * 200, 5 * EXT - 100)
+    pending, protected, n = maps(live)
+    assert {4, 5} <= protected and not {4, 5} & pending and n == on_demand + 2
+    assert live.read("src", 4 * EXT, 2 * EXT) == (
+        b"C" * (EXT - 100) + b"x" * 200 + b"C" * (EXT - 100))
+
+
+def test_write_covering_one_extent_whole_copies_only_the_partial_one(restoring):
+    live = restoring
+    on_demand = maps(live)[2]
+    live.write("src", b"y" * (EXT + 512), 2 * EXT)  # extent 2 whole, 3 in part
+    _, protected, n = maps(live)
+    assert {2, 3} <= protected and n == on_demand + 1
+    assert live.read("src", 3 * EXT, EXT) == b"y" * 512 + b"C" * (EXT - 512)
+
+
+def test_write_of_the_ragged_tail_covers_the_last_extent_whole(restoring):
+    """The last extent ends at the volume's end: 12 KiB cover it whole."""
+    live = restoring
+    on_demand = maps(live)[2]
+    live.write("src", b"t" * TAIL, LAST * EXT)
+    _, protected, n = maps(live)
+    assert LAST in protected and n == on_demand
+    assert live.read("src", LAST * EXT, TAIL) == b"t" * TAIL
+
+
+def test_write_into_the_ragged_tail_in_part_copies_it(restoring):
+    live = restoring
+    on_demand = maps(live)[2]
+    live.write("src", b"p" * 512, SIZE - 1024)
+    _, protected, n = maps(live)
+    assert LAST in protected and n == on_demand + 1
+    assert live.read("src", LAST * EXT, TAIL) == b"C" * (TAIL - 1024) + b"p" * 512 + b"C" * 512
+
+
+def test_protected_map_is_the_extents_the_host_wrote_and_is_persisted(restoring):
+    live = restoring
+    for off, n in ((2 * EXT + 5, 10), (6 * EXT, EXT), (SIZE - 4096, 4096)):
+        live.write("src", b"h" * n, off)
+    live.commit()
+    assert maps(live)[1] == {2, 6, LAST}
+    assert read_bitmap(live.state_dir, "src", "protected") == {2, 6, LAST}
+
+
+def test_a_protected_extent_keeps_the_hosts_data_to_the_end(restoring):
+    """The job never copies the clone's data over what the host wrote."""
+    live = restoring
+    live.write("src", b"K" * 4096, 6 * EXT + 4096)
+    live.write("src", b"L" * EXT, 7 * EXT)
+    live.cmd("restore_rate", source="src", limit="0")
+    live.cmd("restore_resume", source="src")
+    live.wait(lambda: restore_state(live) == "done", what="restore done")
+    expect = bytearray(b"C" * SIZE)
+    expect[6 * EXT + 4096:6 * EXT + 8192] = b"K" * 4096
+    expect[7 * EXT:8 * EXT] = b"L" * EXT
+    assert live.whole("src") == bytes(expect)
+    assert clone_file_untouched(live)
+
+
+# -- host requests and copies in flight ----------------------------------------
+
+def take(live, first: int, limit: int):
+    """The job's first step: take a run of pending, copyable extents."""
+    fam = live.family("src")
+    with fam.maps_lock:
+        return fam.take_run(fam.restore.pending, first, limit, fam.restore.protected)
+
+
+def copy_and_finish(live, first: int, n: int, copied: bool = True) -> None:
+    """The job's next steps: copy the run clone->source, then clear its bits
+    (or, if the copy failed, only release the extents)."""
+    fam = live.family("src")
+    r = fam.restore
+    if copied:
+        fam.copy_extents(r.data_source, fam.source.store, first, n)
+    with fam.maps_lock:
+        fam.finish_run(r.pending, first, n, fam.source.store, copied=copied, src=r.data_source)
+
+
+def test_request_on_an_extent_being_copied_waits_for_the_copy(restoring):
+    live = restoring
+    on_demand = maps(live)[2]
+    assert take(live, 3, 1) == (3, 1)
+    read = Async(lambda: live.read("src", 3 * EXT + 100, 4096))
+    write = Async(lambda: live.write("src", b"v" * 100, 3 * EXT + 8192))
+    time.sleep(0.3)
+    assert not read.done() and not write.done(), "a request passed a copy in flight"
+    copy_and_finish(live, 3, 1)
+    assert read.result() == b"C" * 4096
+    write.result()
+    assert maps(live)[2] == on_demand, "the request copied the extent again"
+    assert live.read("src", 3 * EXT + 8192, 100) == b"v" * 100  # the write landed after
+
+
+def test_a_failed_copy_leaves_its_extent_pending_and_releases_it(restoring):
+    live = restoring
+    assert take(live, 4, 1) == (4, 1)
+    read = Async(lambda: live.read("src", 4 * EXT, 4096))
     time.sleep(0.2)
-    assert t.is_alive(), "the read did not wait for the in-flight copy"
-    vf.copy_range(family.restore.clone.volume.fd, family.source.fd, 2 * EXT, EXT)
-    with family.maps_lock:
-        family.finish_run(family.restore.pending, 2, 1, family.source.store, copied=True)
-    t.join(5)
-    assert not t.is_alive() and bytes(buf) == b"C" * 4096
+    assert not read.done()
+    copy_and_finish(live, 4, 1, copied=False)
+    assert read.result() == b"C" * 4096  # the read copied it on demand itself
 
 
-def test_claim_7_9_job_skips_extent_being_written(family):
-    with family.maps_lock:
-        family.guard.writers[5] = 1  # a host write decided and in progress
-        run = family.take_run(family.restore.pending, 5, 4)
-    assert run == (6, 4)  # extent 5 is skipped while it is written
+def test_copy_skips_an_extent_being_written(restoring):
+    """A whole-extent write into a pending extent copies nothing and is in
+    progress: the job takes the extents after it, not it."""
+    live = restoring
+    held = HeldWrite(live, b"N" * EXT, 5 * EXT)
+    try:
+        run = take(live, 5, 4)
+        assert run is not None and run[0] == 6, run
+        copy_and_finish(live, *run, copied=False)
+    finally:
+        held.release()
+    assert live.read("src", 5 * EXT, EXT) == b"N" * EXT
+    assert 5 in maps(live)[1]
 
 
-def test_claim_5_partial_write_copies_then_protects(family):
-    family.source.pwrite(b"w" * 100, 3 * EXT + 10, False)
-    r = family.restore
-    assert r.protected.test(3) and not r.pending.test(3) and r.on_demand == 1
-    got = bytearray(EXT)
-    family.source.pread(got, 3 * EXT)
-    assert got[:10] == b"C" * 10 and got[10:110] == b"w" * 100 and got[110:] == b"C" * (EXT - 110)
-    # Whole-extent write: no copy needed.
-    family.source.pwrite(b"W" * EXT, 7 * EXT, False)
-    assert r.protected.test(7) and r.on_demand == 1
-    with open(family.restore.clone.volume.path, "rb") as f:
-        assert f.read() == b"C" * SIZE  # claim 2: the clone is untouched
+def test_requests_wait_for_a_whole_extent_write_into_a_pending_extent(restoring):
+    """Until that write has landed, the extent holds neither the clone's
+    data nor the new data: a read of it waits."""
+    live = restoring
+    held = HeldWrite(live, b"N" * EXT, 5 * EXT)
+    read = Async(lambda: live.read("src", 5 * EXT + 4096, 4096))
+    time.sleep(0.3)
+    assert not read.done(), "a read passed a whole-extent write into a pending extent"
+    held.release()
+    assert read.result() == b"N" * 4096
+
+
+def test_protected_extents_are_dropped_from_the_run_not_copied(restoring):
+    live = restoring
+    live.write("src", b"P" * EXT, 6 * EXT)
+    run = take(live, 6, 1)
+    assert run == (7, 1)
+    assert 6 not in maps(live)[0]  # cleared from pending on the way
+    copy_and_finish(live, *run)
+    assert live.read("src", 6 * EXT, EXT) == b"P" * EXT
+
+
+# -- unprotected restore ---------------------------------------------------------
+
+def test_unprotected_restore_mirrors_host_writes_to_the_clone(live):
+    start_paused_restore(live, protected=False)
+    live.write("src", b"m" * 100, 3 * EXT + 10)  # partial: copied on demand, then mirrored
+    live.write("src", b"M" * EXT, 6 * EXT)
+    clone = live.file("c1")
+    assert clone[3 * EXT + 10:3 * EXT + 110] == b"m" * 100
+    assert clone[6 * EXT:7 * EXT] == b"M" * EXT
+    assert live.read("src", 3 * EXT, EXT) == clone[3 * EXT:4 * EXT]
+
+
+# -- block status ------------------------------------------------------------------
+
+def test_block_status_during_a_restore_answers_for_what_a_read_returns(live):
+    """Holes on the source where the clone has data: pending extents are
+    data while the restore runs (a backup tool skipping holes would miss
+    the clone's data)."""
+    live.fractured_clone(size=SIZE, data=b"C" * SIZE)
+    live.volume("src").trim(2 * EXT, 2 * EXT, False)
+    before = live.volume("src").extents(2 * EXT, 2 * EXT, False)
+    if not any(hole for _, _, hole in before):
+        pytest.skip("this filesystem reports no holes")
+    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    live.cmd("restore_pause", source="src")
+    runs = live.volume("src").extents(2 * EXT, 2 * EXT, False)
+    assert not any(hole for _, _, hole in runs), runs
+    assert sum(n for _, n, _ in runs) == 2 * EXT
+    assert live.read("src", 2 * EXT, 2 * EXT) == b"C" * 2 * EXT

@@ -8,53 +8,14 @@ checks through other servers.
 """
 import os
 import random
-import subprocess
 
 import nbd
 import pytest
 
-from helpers import clone_state, read_bitmap, wait_clone_state, wait_for
-from test_clones import whole
-from test_restore import (EXT, MiB, SIZE, host_io_during_restore, prepare, restore_status,
-                          wait_restore_done)
-
-
-class NbdkitFile:
-    """nbdkit's file plugin on a Unix socket: a stand-in storage system."""
-
-    def __init__(self, path: str, sock: str, size: int = SIZE, fill: bytes | None = None,
-                 filters: tuple[str, ...] = ()):
-        self.path, self.sock, self.filters = path, sock, filters
-        self.proc: subprocess.Popen | None = None
-        if not os.path.exists(path):
-            with open(path, "wb") as f:
-                f.truncate(size)
-                if fill is not None:
-                    f.write(fill * (size // len(fill)))
-
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///?socket={self.sock}"
-
-    def start(self) -> "NbdkitFile":
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        self.proc = subprocess.Popen(["nbdkit", "--foreground", "--unix", self.sock,
-                                      *(f"--filter={f}" for f in self.filters),
-                                      "file", self.path])
-        wait_for(lambda: os.path.exists(self.sock), 10, what="remote nbdkit socket")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-
-    def content(self, length: int = SIZE) -> bytes:
-        with open(self.path, "rb") as f:
-            return f.read(length)
+from helpers import (EXT, SIZE, MiB, clone_state, fractured_then_damaged, read_bitmap,
+                     restore_status, wait_clone_state, wait_for, wait_restore_done, whole)
+from servers import NbdkitFile
+from workloads import host_io_during_restore, run_crash_points
 
 
 @pytest.fixture
@@ -192,7 +153,7 @@ def test_remote_lost_then_back(daemon, remote):
     with the error; with the remote back, resume finishes the restore and
     every byte matches the model."""
     rng = random.Random(41)
-    clone_data, src = prepare(daemon, rng, remote=remote.uri)
+    clone_data, src = fractured_then_damaged(daemon, rng, remote=remote.uri)
     daemon.cli("restore", "src", "--from", "c1", "--rate", "128K")
     pending_before = restore_status(daemon, "src")["pending_extents"]
     remote.stop()
@@ -239,7 +200,6 @@ def test_remote_lost_then_back(daemon, remote):
 
 def test_sigkill_during_restore_from_remote(daemon, remote, long_mode):
     """The crash test of test_crash.py with the clone behind NBD."""
-    from test_crash import run_crash_points
     points = 60 if long_mode else 8
     tried, mismatches = run_crash_points(daemon, points, seed=5, remote=remote.uri)
     print(f"remote clone: crash points tried: {tried}, mismatches: {mismatches}")

@@ -7,69 +7,13 @@ their connection, as NBD allows.  The tests steer it through hold files
 """
 import os
 import random
-import subprocess
 import threading
 import time
 
 import pytest
 
-from helpers import clone_state, wait_clone_state, wait_for
-from test_clones import whole
-
-MiB = 1 << 20
-SIZE = 16 * MiB
-PLUGIN = os.path.join(os.path.dirname(__file__), "writeback_plugin.py")
-
-
-class WritebackServer:
-    """nbdkit + writeback_plugin.py on a Unix socket, steered by ``ctl``."""
-
-    def __init__(self, workdir: str, name: str = "wb", size: int = SIZE, flush: bool = True):
-        self.path = os.path.join(workdir, f"{name}.img")
-        self.sock = os.path.join(workdir, f"{name}.sock")
-        self.ctl = os.path.join(workdir, f"{name}.ctl")
-        self.flush = flush
-        os.makedirs(self.ctl, exist_ok=True)
-        with open(self.path, "wb") as f:
-            f.truncate(size)
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///?socket={self.sock}"
-
-    def start(self) -> "WritebackServer":
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        args = ["nbdkit", "--foreground", "--unix", self.sock, "python", PLUGIN,
-                f"file={self.path}", f"ctl={self.ctl}"]
-        if not self.flush:
-            args.append("flush=0")
-        self.proc = subprocess.Popen(args)
-        wait_for(lambda: os.path.exists(self.sock), 10, what="remote nbdkit socket")
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-
-    def hold(self, tag) -> None:
-        open(os.path.join(self.ctl, f"hold-{tag}"), "w").close()
-
-    def release(self, tag) -> None:
-        os.unlink(os.path.join(self.ctl, f"hold-{tag}"))
-
-    def wait_held(self, tag) -> None:
-        wait_for(lambda: os.path.exists(os.path.join(self.ctl, f"held-{tag}")), 20,
-                 what=f"the server holding {tag}")
-
-    def content(self, offset: int = 0, length: int = SIZE) -> bytes:
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            return f.read(length)
+from helpers import SIZE, MiB, clone_state, wait_clone_state, wait_for, whole
+from servers import WritebackServer
 
 
 @pytest.fixture

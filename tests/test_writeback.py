@@ -14,10 +14,7 @@ import os
 
 import pytest
 
-from helpers import wait_for
-
-MiB = 1 << 20
-SIZE = 4 * MiB
+from helpers import SMALL as SIZE, wait_for
 
 
 def restore_of(d, name="src"):
