@@ -347,16 +347,64 @@ def bench_io_during_restore(d: Daemon, args, every_mb: list[int]) -> None:
           f"restore took {m(took):.1f} s meanwhile")
 
 
+PENDING_CASES = {
+    "4k randread qd16": dict(rw="randread", bs="4k", iodepth=16),
+    "4k randwrite qd16": dict(rw="randwrite", bs="4k", iodepth=16),
+}
+
+
+def end_restore(d: Daemon, name: str) -> None:
+    """Lift the rate limit of a restore still running and wait for its end."""
+    if d.json("status", name)["restore"]["state"] != "done":
+        d.cli("restore", "rate", name, "0", check=False)  # it may end meanwhile
+    wait_restore_done(d, name)
+
+
+def bench_pending(args) -> None:
+    """Host I/O on extents not yet copied, as an admin meets it: the restore
+    is rate-limited (1 MiB/s), so nearly every request finds its extent
+    pending.  Beside it, the same fio on the same volume once the restore is
+    done; the sides alternate."""
+    with bench_daemon() as (d, work):
+        size_mb = int(args.size.rstrip("MG")) * (1024 if args.size.endswith("G") else 1)
+        d.cli("create", "v", "--size", f"{size_mb}M")
+        fill(d.volume_path("v"), size_mb)
+        d.cli("clone", "create", "v", "c")
+        wait_state(d, "v", "c", "synchronized")
+        every_mb = [mb << 20 for mb in range(size_mb)]
+        results = {c: {"pending": [], "restored": []} for c in PENDING_CASES}
+        for r in range(args.rounds):
+            for case_name, case in PENDING_CASES.items():
+                for side in (("pending", "restored") if r % 2 == 0 else ("restored", "pending")):
+                    damage_and_fracture(d, "v", "c", every_mb, n=1 << 20)
+                    d.cli("restore", "v", "--from", "c", "--rate", "1M")
+                    if side == "restored":
+                        end_restore(d, "v")
+                    pretouch(1 << 30)
+                    results[case_name][side].append(
+                        measure(d.uri("v"), case, args.size, args.runtime))
+                    end_restore(d, "v")
+            print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
+        print(f"-- host I/O on pending extents (restore at 1 MiB/s) vs the same volume "
+              f"restored, {args.size}, {args.runtime:.0f}s per run; every round:")
+        for case, by_side in results.items():
+            rounds = ", ".join(f"{a:.0f}/{b:.0f}" for a, b in
+                               zip(by_side["pending"], by_side["restored"]))
+            ratio = statistics.median(a / b for a, b in zip(by_side["pending"],
+                                                            by_side["restored"]))
+            print(f"   {case:20} pending/restored IOPS: {rounds}; median ratio {ratio:.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("suite", choices=["io", "clone", "restore", "remote"])
+    p.add_argument("suite", choices=["io", "clone", "restore", "pending", "remote"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runtime", type=float, default=5.0)
     p.add_argument("--size", default="1G")
     p.add_argument("--size-mb", type=int, default=512, help="remote: the volume's size")
     args = p.parse_args()
     from bench_remote import bench_remote
-    {"io": bench_io, "clone": bench_clone, "restore": bench_restore,
+    {"io": bench_io, "clone": bench_clone, "restore": bench_restore, "pending": bench_pending,
      "remote": bench_remote}[args.suite](args)
 
 
