@@ -84,24 +84,29 @@ class HeldWrite:
 
 # -- reads -------------------------------------------------------------------
 
-def test_read_of_a_pending_extent_copies_it_on_demand(restoring):
+def test_read_of_a_pending_extent_reads_the_clone_and_copies_nothing(restoring):
+    """A read changes no map: it takes a pending extent's data from the
+    clone, and the job copies the extent later."""
     live = restoring
     pending, _, on_demand = maps(live)
     assert 3 in pending
     assert live.read("src", 3 * EXT + 100, 4096) == b"C" * 4096
-    pending2, protected, on_demand2 = maps(live)
-    assert 3 not in pending2 and 3 not in protected and on_demand2 == on_demand + 1
-    assert live.file("src")[3 * EXT:4 * EXT] == b"C" * EXT  # copied whole, into the file
-    assert live.read("src", 3 * EXT, 100) == b"C" * 100
-    assert maps(live)[2] == on_demand + 1  # a second read copies nothing
+    assert maps(live) == (pending, set(), on_demand)  # nothing copied, nothing cleared
+    assert live.file("src")[3 * EXT:4 * EXT] == b"S" * EXT  # the source file is not written
+    assert clone_file_untouched(live)
 
 
-def test_read_across_extents_copies_each_pending_one(restoring):
+def test_read_across_extents_takes_each_from_where_its_data_lies(restoring):
+    """Extents 3, 4, 5: 4 copied already (from the source), 3 and 5 pending
+    (from the clone), 4 written by the host since (protected)."""
     live = restoring
-    on_demand = maps(live)[2]
-    assert live.read("src", 4 * EXT - 10, EXT + 20) == b"C" * (EXT + 20)  # extents 3, 4, 5
-    pending, _, n = maps(live)
-    assert not {3, 4, 5} & pending and n == on_demand + 3
+    assert take(live, 4, 1) == (4, 1)
+    copy_and_finish(live, 4, 1)
+    live.write("src", b"h" * 100, 4 * EXT + 50)
+    got = live.read("src", 4 * EXT - 10, EXT + 20)
+    assert got == b"C" * 10 + b"C" * 50 + b"h" * 100 + b"C" * (EXT - 150) + b"C" * 10
+    pending, protected, _ = maps(live)
+    assert {3, 5} <= pending and 4 in protected and 4 not in pending
 
 
 # -- writes ------------------------------------------------------------------
@@ -231,7 +236,8 @@ def test_a_failed_copy_leaves_its_extent_pending_and_releases_it(restoring):
     time.sleep(0.2)
     assert not read.done()
     copy_and_finish(live, 4, 1, copied=False)
-    assert read.result() == b"C" * 4096  # the read copied it on demand itself
+    assert read.result() == b"C" * 4096  # the read took it from the clone itself
+    assert 4 in maps(live)[0]
 
 
 def test_copy_skips_an_extent_being_written(restoring):

@@ -17,7 +17,7 @@ Maps (docs/DESIGN.md, "Maps"):
 Host write / trim / zero on the source, per extent touched:
     in flight                        -> wait for the copy, then decide again
     restore pending, not protected,
-      partial (or a read)            -> copy on demand clone->source first
+      partial                        -> copy on demand clone->source first
       covering the whole extent      -> no copy; write, fdatasync, then
                                         commit the protected bit (the bit
                                         stops the copy, so it follows the
@@ -31,8 +31,9 @@ Host write / trim / zero on the source, per extent touched:
                                         intent (md's bitmap), then write to
                                         both; ``sweep_intents`` clears idle
                                         bits once both copies are durable
-Host read on the source: wait for in-flight copies, copy pending extents on
-demand, then read the source.
+Host read on the source: wait for in-flight copies (and whole-extent writes
+into pending extents); read pending extents from the clone, the rest from
+the source.  A read copies nothing: the job copies those extents later.
 Host write on a clone: allowed only while fractured; sets its delta bit.
 
 Background copies (jobs.py drives them, these methods decide):
@@ -281,9 +282,19 @@ class Family:
     # -- host requests on the source -----------------------------------------
     def pread(self, vol: Volume, buf, offset: int) -> None:
         self.host_requests += 1
-        if self._restore is not None:
-            self._prepare_read(offset, len(buf))
-        vf.read_into(vol.fd, buf, offset)
+        if self._restore is None:
+            vf.read_into(vol.fd, buf, offset)
+            return
+        r, from_clone = self._prepare_read(offset, len(buf))
+        if not from_clone:
+            vf.read_into(vol.fd, buf, offset)
+            return
+        for start, stop, pending in self._read_parts(offset, len(buf), from_clone):
+            part = memoryview(buf)[start - offset:stop - offset]
+            if pending:
+                r.data_source.pread(part, start)
+            else:
+                vf.read_into(vol.fd, part, start)
 
     def pwrite(self, vol: Volume, buf, offset: int, fua: bool) -> None:
         # Fast path: one extent whose delta bits are committed in every
@@ -326,7 +337,7 @@ class Family:
             return False
         exts = extent_range(offset, length, self.shift)
         with self.maps_lock:
-            return bool(self._copies_needed(exts, offset, length, True)
+            return bool(self._copies_needed(exts, offset, length)
                         or any(self.guard.copy_of(i) for i in exts))
 
     def extents(self, vol: Volume, count: int, offset: int,
@@ -471,16 +482,42 @@ class Family:
             mirrors.append(r.clone)
         return mirrors
 
-    def _prepare_read(self, offset: int, length: int) -> None:
-        """Wait for copies in flight and copy pending extents on demand
-        until the extents read what the restore says they hold."""
+    def _prepare_read(self, offset: int, length: int) -> tuple[Restore | None, set[int]]:
+        """Wait for what blocks the extents (a copy in flight, ...); then
+        the restore and its extents that the read takes from the clone.
+
+        A pending extent is read where its data lies, in the clone, and
+        copied later by the job (dm-clone and qemu's block-stream do the
+        same): a read changes no map, so it needs no copy and no commit.
+        Requests that change the extent (a write) copy it first; once it
+        is copied or protected, reads go to the source."""
         exts = extent_range(offset, length, self.shift)
         while True:
             with self.maps_lock:
-                step = self._next_step(exts, offset, length, write=False)
-            if step is None:
-                return
-            step()
+                wait_for = self._blocker(exts)
+                if wait_for is None:
+                    r = self._restore
+                    if r is None:
+                        return None, set()
+                    return r, {i for i in exts
+                               if r.pending.test(i) and not r.protected.test(i)}
+            wait_for.wait()
+
+    def _read_parts(self, offset: int, length: int,
+                    from_clone: set[int]) -> list[tuple[int, int, bool]]:
+        """[start, stop) runs of a read, each from the clone or not."""
+        shift, end = self.shift, offset + length
+        parts: list[tuple[int, int, bool]] = []
+        pos = offset
+        while pos < end:
+            stop = min(end, ((pos >> shift) + 1) << shift)
+            side = (pos >> shift) in from_clone
+            if parts and parts[-1][2] == side:
+                parts[-1] = (parts[-1][0], stop, side)
+            else:
+                parts.append((pos, stop, side))
+            pos = stop
+        return parts
 
     def _plan_write(self, offset: int, length: int) -> WritePlan:
         """The same for a write; once ready, register it as a writer of its
@@ -488,7 +525,7 @@ class Family:
         exts = extent_range(offset, length, self.shift)
         while True:
             with self.maps_lock:
-                step = self._next_step(exts, offset, length, write=True)
+                step = self._next_step(exts, offset, length)
                 if step is None:
                     self.guard.start_write(exts)
                     plan = self._write_plan(exts)
@@ -501,15 +538,14 @@ class Family:
             raise
         return plan
 
-    def _next_step(self, exts: range, offset: int, length: int,
-                   write: bool) -> Callable[[], None] | None:
+    def _next_step(self, exts: range, offset: int, length: int) -> Callable[[], None] | None:
         """Under the lock: what must happen before the request can decide
         (wait for an event, or copy extents on demand, marked in flight
         here), to be done without the lock; None once the extents are ready."""
         wait_for = self._blocker(exts)
         if wait_for is not None:
             return wait_for.wait
-        todo = self._copies_needed(exts, offset, length, write)
+        todo = self._copies_needed(exts, offset, length)
         if not todo:
             return None
         self.guard.start_copies(todo)
@@ -534,7 +570,8 @@ class Family:
                 return self.guard.writes_end(i)
         return None
 
-    def _copies_needed(self, exts: range, offset: int, length: int, write: bool) -> list[int]:
+    def _copies_needed(self, exts: range, offset: int, length: int) -> list[int]:
+        """The pending extents a write covers only in part: copied first."""
         r = self.restore
         if r is None:
             return []
@@ -545,7 +582,7 @@ class Family:
             if not r.pending.test(i) or r.protected.test(i):
                 continue
             whole = offset <= i << shift and min((i + 1) << shift, self.source.size) <= end
-            if not (write and whole):
+            if not whole:
                 todo.append(i)
         return todo
 
