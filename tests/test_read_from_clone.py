@@ -1,0 +1,64 @@
+"""Reads of pending extents taken from the clone (policy.Family.pread):
+the read decides "pending, read the clone" under the maps lock, then reads
+the clone without the lock and without registering anywhere.  Each test
+holds such a read between its decision and its read of the clone while the
+restore moves on, and checks that the read still returns what the source
+held (no serial order lets a read of the source return a write made to
+another volume, or fail because a volume it never named was deleted).
+"""
+from __future__ import annotations
+
+from lunclone import volume as vf
+from live import EXT, MiB, Async, Hold
+
+SIZE = 4 * MiB
+PENDING = 32  # extents 0..31 differ between the source and the clone
+READ_AT = 20 * EXT  # one of them, reached late by a throttled restore
+
+
+def pattern(tag: bytes, n: int = SIZE) -> bytes:
+    return (tag * (n // len(tag) + 1))[:n]
+
+
+def _held_clone_read(live, monkeypatch) -> tuple[bytes, Async, Hold]:
+    """A protected restore of src from c1 (slow); a host read of a pending
+    extent held after it chose the clone, just before it reads the clone."""
+    clone_data = pattern(b"clone-")
+    live.fractured_clone(data=clone_data)
+    live.write("src", pattern(b"old-", PENDING * EXT), 0)
+    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    clone_fd = live.clone("c1").volume.fd
+    hold = Hold(monkeypatch, vf, "read_into",
+                lambda fd, buf, off: fd == clone_fd and off == READ_AT)
+    reader = Async(lambda: live.read("src", READ_AT, 4096))
+    hold.wait_arrived()  # decided: extent 20 pending, read from c1
+    live.cmd("restore_rate", source="src", limit="0")
+    live.wait(lambda: live.family("src").restore is None, what="restore done")
+    return clone_data[READ_AT:READ_AT + 4096], reader, hold
+
+
+def test_source_read_of_pending_extent_never_returns_a_later_clone_write(live, monkeypatch):
+    """The restore finishes while the read is held; the clone is fractured
+    again and the host writes to the clone's export.  The source never
+    held that data: the read must return the restored data."""
+    expected, reader, hold = _held_clone_read(live, monkeypatch)
+    assert live.clone("c1").state == "fractured"
+    live.write("c1", b"X" * 4096, READ_AT)  # a write to the clone, not to src
+    assert live.read("src", READ_AT, 4096) == expected  # a fresh read is right
+    hold.release()
+    got = reader.result()
+    assert got == expected, f"source read returned the clone's later write: {got[:16]!r}"
+
+
+def test_source_read_of_pending_extent_survives_clone_delete(live, monkeypatch):
+    """The restore finishes while the read is held; the clone is deleted
+    (its file closed) and another volume is created.  The read of the
+    source must neither fail nor return another volume's data."""
+    expected, reader, hold = _held_clone_read(live, monkeypatch)
+    live.cmd("clone_delete", name="c1")
+    live.cmd("create", name="other", size=SIZE)  # may take the freed descriptor
+    live.write("other", pattern(b"Z"), 0)
+    assert live.read("src", READ_AT, 4096) == expected  # a fresh read is right
+    hold.release()
+    got = reader.result()  # raises if the read failed (EBADF)
+    assert got == expected, f"source read returned another volume's data: {got[:16]!r}"
