@@ -62,3 +62,37 @@ def test_source_read_of_pending_extent_survives_clone_delete(live, monkeypatch):
     hold.release()
     got = reader.result()  # raises if the read failed (EBADF)
     assert got == expected, f"source read returned another volume's data: {got[:16]!r}"
+
+
+def test_source_read_of_pending_extent_survives_remote_clone_delete(live, monkeypatch, workdir):
+    """The same with a clone on another system: the read chose the remote
+    clone, the restore finishes and the clone is deleted (its connections
+    closed).  The read of the source must still return the restored data."""
+    import os
+    from lunclone import remote
+    from servers import NbdkitFile
+    srv = NbdkitFile(os.path.join(workdir, "remote.img"), os.path.join(workdir, "remote.sock"),
+                     size=SIZE).start()
+    try:
+        clone_data = pattern(b"clone-")
+        live.cmd("create", name="src", size=SIZE)
+        live.write("src", clone_data, 0)
+        live.cmd("clone_create", source="src", name="c1", remote=srv.uri)
+        live.wait_clone("c1", "synchronized")
+        live.cmd("clone_fracture", name="c1")
+        live.write("src", pattern(b"old-", PENDING * EXT), 0)
+        live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+        hold = Hold(monkeypatch, remote.NbdStore, "pread",
+                    lambda store, buf, off: off == READ_AT and len(buf) == 4096)
+        reader = Async(lambda: live.read("src", READ_AT, 4096))
+        hold.wait_arrived()  # decided: extent 20 pending, read from the remote c1
+        live.cmd("restore_rate", source="src", limit="0")
+        live.wait(lambda: live.family("src").restore is None, what="restore done")
+        live.cmd("clone_delete", name="c1")
+        expected = clone_data[READ_AT:READ_AT + 4096]
+        assert live.read("src", READ_AT, 4096) == expected  # a fresh read is right
+        hold.release()
+        got = reader.result()  # raises if the read failed (store closed: EIO)
+        assert got == expected
+    finally:
+        srv.stop()
