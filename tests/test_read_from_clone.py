@@ -1,12 +1,15 @@
 """Reads of pending extents taken from the clone (policy.Family.pread):
 the read decides "pending, read the clone" under the maps lock, then reads
-the clone without the lock and without registering anywhere.  Each test
-holds such a read between its decision and its read of the clone while the
-restore moves on, and checks that the read still returns what the source
-held (no serial order lets a read of the source return a write made to
-another volume, or fail because a volume it never named was deleted).
+the clone without the lock.  Each test holds such a read between its
+decision and its read of the clone while the restore copies everything
+else, and checks that the restore does not finish under it (after that the
+clone may be written or deleted: no serial order lets a read of the source
+return a write made to another volume, or fail because a volume it never
+named was deleted), and that the read returns the restored data.
 """
 from __future__ import annotations
+
+import time
 
 from lunclone import volume as vf
 from live import EXT, MiB, Async, Hold
@@ -32,9 +35,25 @@ def _held_clone_read(live, monkeypatch) -> tuple[bytes, Async, Hold]:
                 lambda fd, buf, off: fd == clone_fd and off == READ_AT)
     reader = Async(lambda: live.read("src", READ_AT, 4096))
     hold.wait_arrived()  # decided: extent 20 pending, read from c1
-    live.cmd("restore_rate", source="src", limit="0")
-    live.wait(lambda: live.family("src").restore is None, what="restore done")
+    copy_the_rest_while_held(live)
     return clone_data[READ_AT:READ_AT + 4096], reader, hold
+
+
+def copy_the_rest_while_held(live) -> None:
+    """Unthrottle the restore: it copies every extent, then must wait for
+    the read of its clone before it finishes."""
+    live.cmd("restore_rate", source="src", limit="0")
+    r = live.family("src").restore
+    live.wait(lambda: not r.pending.any(), what="every extent copied")
+    time.sleep(0.3)  # the job tries to finish meanwhile
+    assert live.family("src").restore is r, "the restore finished under a read of its clone"
+
+
+def release_and_finish(live, reader: Async, hold: Hold, expected: bytes) -> None:
+    hold.release()
+    got = reader.result()
+    assert got == expected
+    live.wait(lambda: live.family("src").restore is None, what="restore done")
 
 
 def test_source_read_of_pending_extent_never_returns_a_later_clone_write(live, monkeypatch):
@@ -42,12 +61,10 @@ def test_source_read_of_pending_extent_never_returns_a_later_clone_write(live, m
     again and the host writes to the clone's export.  The source never
     held that data: the read must return the restored data."""
     expected, reader, hold = _held_clone_read(live, monkeypatch)
+    release_and_finish(live, reader, hold, expected)
     assert live.clone("c1").state == "fractured"
     live.write("c1", b"X" * 4096, READ_AT)  # a write to the clone, not to src
-    assert live.read("src", READ_AT, 4096) == expected  # a fresh read is right
-    hold.release()
-    got = reader.result()
-    assert got == expected, f"source read returned the clone's later write: {got[:16]!r}"
+    assert live.read("src", READ_AT, 4096) == expected
 
 
 def test_source_read_of_pending_extent_survives_clone_delete(live, monkeypatch):
@@ -55,13 +72,11 @@ def test_source_read_of_pending_extent_survives_clone_delete(live, monkeypatch):
     (its file closed) and another volume is created.  The read of the
     source must neither fail nor return another volume's data."""
     expected, reader, hold = _held_clone_read(live, monkeypatch)
+    release_and_finish(live, reader, hold, expected)
     live.cmd("clone_delete", name="c1")
     live.cmd("create", name="other", size=SIZE)  # may take the freed descriptor
     live.write("other", pattern(b"Z"), 0)
-    assert live.read("src", READ_AT, 4096) == expected  # a fresh read is right
-    hold.release()
-    got = reader.result()  # raises if the read failed (EBADF)
-    assert got == expected, f"source read returned another volume's data: {got[:16]!r}"
+    assert live.read("src", READ_AT, 4096) == expected
 
 
 def test_source_read_of_pending_extent_survives_remote_clone_delete(live, monkeypatch, workdir):
@@ -86,13 +101,10 @@ def test_source_read_of_pending_extent_survives_remote_clone_delete(live, monkey
                     lambda store, buf, off: off == READ_AT and len(buf) == 4096)
         reader = Async(lambda: live.read("src", READ_AT, 4096))
         hold.wait_arrived()  # decided: extent 20 pending, read from the remote c1
-        live.cmd("restore_rate", source="src", limit="0")
-        live.wait(lambda: live.family("src").restore is None, what="restore done")
-        live.cmd("clone_delete", name="c1")
+        copy_the_rest_while_held(live)
         expected = clone_data[READ_AT:READ_AT + 4096]
-        assert live.read("src", READ_AT, 4096) == expected  # a fresh read is right
-        hold.release()
-        got = reader.result()  # raises if the read failed (store closed: EIO)
-        assert got == expected
+        release_and_finish(live, reader, hold, expected)  # EIO if its store was closed
+        live.cmd("clone_delete", name="c1")
+        assert live.read("src", READ_AT, 4096) == expected
     finally:
         srv.stop()

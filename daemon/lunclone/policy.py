@@ -163,6 +163,9 @@ class ExtentGuard:
     def __init__(self) -> None:
         self.inflight: dict[int, threading.Event] = {}  # set when the copy ends
         self.writers: dict[int, int] = {}
+        # Reads taking data from a restore's clone: the restore does not
+        # finish (and its clone cannot change) under them.
+        self.clone_readers = 0
         # Set when an extent's last writer ends (only if someone waits).
         self.writer_done: dict[int, threading.Event] = {}
 
@@ -171,6 +174,9 @@ class ExtentGuard:
 
     def copying(self) -> bool:
         return bool(self.inflight)
+
+    def reading_clone(self) -> bool:
+        return self.clone_readers > 0
 
     def writing(self, i: int) -> bool:
         return bool(self.writers.get(i))
@@ -289,12 +295,16 @@ class Family:
         if not from_clone:
             vf.read_into(vol.fd, buf, offset)
             return
-        for start, stop, pending in self._read_parts(offset, len(buf), from_clone):
-            part = memoryview(buf)[start - offset:stop - offset]
-            if pending:
-                r.data_source.pread(part, start)
-            else:
-                vf.read_into(vol.fd, part, start)
+        try:
+            for start, stop, pending in self._read_parts(offset, len(buf), from_clone):
+                part = memoryview(buf)[start - offset:stop - offset]
+                if pending:
+                    r.data_source.pread(part, start)
+                else:
+                    vf.read_into(vol.fd, part, start)
+        finally:
+            with self.maps_lock:
+                self.guard.clone_readers -= 1
 
     def pwrite(self, vol: Volume, buf, offset: int, fua: bool) -> None:
         # Fast path: one extent whose delta bits are committed in every
@@ -499,8 +509,11 @@ class Family:
                     r = self._restore
                     if r is None:
                         return None, set()
-                    return r, {i for i in exts
-                               if r.pending.test(i) and not r.protected.test(i)}
+                    from_clone = {i for i in exts
+                                  if r.pending.test(i) and not r.protected.test(i)}
+                    if from_clone:  # counted until done: see ``Restores.finish``
+                        self.guard.clone_readers += 1
+                    return r, from_clone
             wait_for.wait()
 
     def _read_parts(self, offset: int, length: int,

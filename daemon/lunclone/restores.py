@@ -11,8 +11,10 @@ how that change is committed:
   under the old rules; then one transaction records the job, the pending
   map (the clone's delta map) and the other clones' grown delta maps.  If
   anything fails before COMMIT, the gate is undone: nothing changed.
-- finish: pending is empty; one transaction makes the clone's delta map
-  the protected restore map and the clone fractured again (or synchronizing,
+- finish: pending is empty, no copy is in flight and no host read is
+  taking data from the clone (after COMMIT the clone may be written or
+  deleted); one transaction makes the clone's delta map the protected
+  restore map and the clone fractured again (or synchronizing,
   if host writes were mirrored to it and may have been cut short).
 - pause, resume, rate: the job record, then memory (``tx.then``).
 """
@@ -200,6 +202,7 @@ class Restores:
             faults.hit("restore.finish")
         with self.committer.transaction() as tx:
             if (r is None or r.pending.any() or fam.guard.copying()
+                    or fam.guard.reading_clone()
                     or self.committer.has_requests(r.protected)):
                 return False
             clone = r.clone
