@@ -98,26 +98,30 @@ def progress_line(v: dict) -> str:
     return f"{v['name']}: idle"
 
 
+POLL_S = 0.02  # how often a wait looks: it returns within this of the end
+
+
 def follow_restore(client, name: str, forever: bool = False, interval: float = 0.5) -> dict:
-    """Draw progress (bar, rate, ETA) until the volume's jobs are done."""
+    """Draw progress (bar, rate, ETA) until the volume's jobs are done.
+    Status is asked every ``POLL_S`` (a wait returns as soon as the job
+    ends); the line is redrawn every ``interval`` (every 2 s when stderr is
+    not a terminal)."""
     import sys
     import time
     tty = sys.stderr.isatty()
-    last_print = 0.0
+    last_draw = -1e9
     while True:
         v = client.call("status", name=name)
-        line = progress_line(v)
         busy = (v.get("restore") or {}).get("state") in ("running", "paused") or any(
             c["state"] == "synchronizing" and not c.get("error") for c in v.get("clones", []))
         now = time.monotonic()
-        if tty:
-            sys.stderr.write("\r\x1b[K" + line)
+        if now - last_draw >= (interval if tty else 2.0) or not busy:
+            line = progress_line(v)
+            sys.stderr.write("\r\x1b[K" + line if tty else line + "\n")
             sys.stderr.flush()
-        elif now - last_print >= 2.0 or not busy:
-            sys.stderr.write(line + "\n")
-            last_print = now
+            last_draw = now
         if not busy and not forever:
             if tty:
                 sys.stderr.write("\n")
             return v
-        time.sleep(interval)
+        time.sleep(interval if forever else POLL_S)
