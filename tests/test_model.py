@@ -30,9 +30,12 @@ LUNCLONE_LONG=1): random, at least 20,000 steps; the count is printed.
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import os
 import shutil
+import sqlite3
+import threading
 import time
 import traceback
 
@@ -42,6 +45,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, rule,
                                  run_state_machine_as_test)
 
+from lunclone import faults
 from lunclone import volume as vf
 from lunclone.errors import Busy, LuncloneError, NotFound, ReadOnly
 from helpers import short_tmpdir
@@ -122,6 +126,7 @@ class EngineModel(RuleBasedStateMachine):
         self.src = bytearray(SIZE)
         self.clones: dict[str, CloneModel] = {}
         self.restore: tuple[str, bool] | None = None  # (clone, protected)
+        self.mirror_lost = False  # the unprotected restore's mirror failed: no longer mirrored
         self.seq = 0
         SEEN["examples"] += 1
 
@@ -182,7 +187,7 @@ class EngineModel(RuleBasedStateMachine):
 
     def apply_src(self, offset: int, data: bytes) -> None:
         self.src[offset:offset + len(data)] = data
-        if self.restore and not self.restore[1]:  # --unprotected: mirrored
+        if self.restore and not self.restore[1] and not self.mirror_lost:  # --unprotected
             m = self.clones[self.restore[0]]
             m.data[offset:offset + len(data)] = data
 
@@ -409,6 +414,7 @@ class EngineModel(RuleBasedStateMachine):
                     m.data, m.unknown = bytearray(), True
         self.src = bytearray(self.clones[name].data)
         self.restore = (name, protected)
+        self.mirror_lost = False
         SEEN["restores started"] += 1
 
     @rule(pause=st.booleans())
@@ -442,13 +448,149 @@ class EngineModel(RuleBasedStateMachine):
         self.observe()
         assert self.restore is None
 
+    # -- faults ----------------------------------------------------------------------
+    @rule(k=st.integers(0, 2), offset=offsets, length=lengths)
+    @reported
+    def mirror_write_fails(self, k, offset, length):
+        """A host write whose mirror write fails once (EIO from the clone's
+        store, in the writing thread only).  The clone mirrored is the
+        restoring one during an unprotected restore, else the k-th clone
+        (mirrored if synchronized).  The host write succeeds; a synchronized
+        clone goes back to synchronizing (its bits cover the write: checked
+        by ``check``); an unprotected restore goes on protected: the clone
+        keeps its data without this write and later ones, and is
+        resynchronized after the restore."""
+        self.step()
+        self.observe()
+        unprotected = self.restore is not None and not self.restore[1]
+        name = self.restore[0] if unprotected else self.pick(k)
+        if name is None:
+            return
+        offset, length = clip(offset, length)
+        data = payload(self.seq, length)
+        store = self.live.clone(name).volume.store
+        real, here, hit = store.pwrite, threading.local(), []
+
+        def failing(buf, off):
+            if getattr(here, "writer", False) and not hit:
+                hit.append(off)
+                raise OSError(errno.EIO, "injected mirror failure")
+            return real(buf, off)
+
+        def write():
+            here.writer = True
+            self.live.volume("src").pwrite(data, offset, False)
+        store.pwrite = failing
+        try:
+            self.io(write)
+        finally:
+            store.pwrite = real
+        self.observe()
+        if hit:
+            SEEN["mirror failures" + (" (unprotected restore)" if unprotected else "")] += 1
+            if unprotected and self.restore is not None:
+                self.mirror_lost = True
+        self.apply_src(offset, data)
+
+    # The transaction of each admin command, by the lifecycle function whose
+    # frame is on the stack when its COMMIT runs (group commits are not hit).
+    COMMITS = {"fracture": "fracture", "sync": "sync",
+               "delete": "delete_clone_locked", "restore": "_commit_restore_start",
+               "finish": "finish_restore"}
+
+    @rule(k=st.integers(0, 2), what=st.sampled_from(sorted(COMMITS)))
+    @reported
+    def admin_commit_fails(self, k, what):
+        """The COMMIT of an admin command's transaction fails once (SQLITE_FULL
+        at ``metadata.commit``): the command fails with an error and changes
+        nothing; memory equals what a restart reloads (compared, then the
+        restart is made).  ``finish``: the restore job's last transaction."""
+        self.step()
+        name = self.pick(k)
+        if name is None or (what == "finish" and self.restore is None):
+            return
+        self.observe()
+        hit = self.fail_commit_of(what, name)
+        self.observe()
+        SEEN[f"failed COMMIT: {what}" + ("" if hit else " (not reached)")] += 1
+        if not hit:
+            return
+        before = self.durable_view()
+        self.restart_engine()
+        after = self.durable_view()
+        assert before == after, f"after a failed {what} COMMIT: memory {before} != reloaded {after}"
+
+    def fail_commit_of(self, what: str, name: str) -> bool:
+        """Run ``what`` with its COMMIT failing; was the COMMIT reached?"""
+        hit = []
+        frame = self.COMMITS[what]
+
+        def full():
+            if not hit and any(f.name == frame and f.filename.endswith("lifecycle.py")
+                               for f in traceback.extract_stack()):
+                hit.append(1)
+                raise sqlite3.OperationalError("database or disk is full (injected)")
+        cmds = {"fracture": ("clone_fracture", {"name": name}),
+                "sync": ("clone_sync", {"name": name}),
+                "delete": ("clone_delete", {"name": name}),
+                "restore": ("restore", {"source": "src", "clone_name": name,
+                                        "rate_limit": RATE})}
+        faults.arm("metadata.commit", full)
+        try:
+            if what == "finish":
+                fam = self.fam()
+                try:
+                    self.admin("restore_rate", source="src", limit=0)
+                    self.admin("restore_resume", source="src")
+                except NotFound:
+                    pass
+                self.live.wait(lambda: hit or fam.restore is None, 30.0, "a finish attempt")
+                # The failed finish pauses the restore with its error (or a
+                # later attempt already finished it).
+                self.live.wait(lambda: fam.restore is None or fam.restore.state == "paused",
+                               30.0, "the failed finish to pause the restore")
+                return bool(hit)
+            cmd, args = cmds[what]
+            noop = (what == "fracture" and self.fractured(name)
+                    or what == "sync" and self.clones[name].data is None)
+            try:
+                self.admin(cmd, **args)
+            except LuncloneError:
+                return bool(hit)
+            assert not hit, f"{cmd} {name} succeeded although its COMMIT failed"
+            assert noop, f"{cmd} {name} committed past the injection (lifecycle renamed?)"
+            return False
+        finally:
+            faults.disarm("metadata.commit")
+
+    def durable_view(self) -> dict:
+        """What a restart must bring back: the clones, their states (a
+        following clone may be synchronizing or synchronized), fractured
+        clones' delta maps, and the running restore."""
+        fam = self.fam()
+        if fam is None:
+            return {}
+        with fam.lock:
+            r = fam.restore
+            view = {n: ("following" if c.state in ("synchronizing", "synchronized") else c.state,
+                        sorted(c.delta.iter_set()) if c.state == "fractured" else None)
+                    for n, c in fam.clones.items()}
+            view["restore"] = r and (r.clone.name, r.protected_mode)
+        return view
+
     # -- the rest ------------------------------------------------------------------
     @rule()
     @reported
     def restart(self):
         self.step()
         SEEN["restarts" + (" during a restore" if self.restore else "")] += 1
+        self.restart_engine()
+
+    def restart_engine(self) -> None:
+        """SIGKILL-like, then reload from the database."""
         self.live.restart()
+        self.mirror_lost = False  # not kept: a resumed restore mirrors again (its
+        # protected map covers the writes the clone missed; resynced at the end)
         self.observe()
 
     @rule()
@@ -464,22 +606,31 @@ class EngineModel(RuleBasedStateMachine):
         self.observe()
 
     @rule(k=st.integers(0, 2), offset=offsets, length=lengths,
-          what=st.sampled_from(["fracture", "sync", "delete", "restore", "pause"]))
+          what=st.sampled_from(["fracture", "sync", "delete", "restore", "pause",
+                                "create", "create+restart"]))
     @reported
     def held_write_during_admin(self, k, offset, length, what):
         """A source write held after it decided its rules (before its data
         lands) while an admin command starts; the command must wait for it:
-        the write is ordered before the command."""
+        the write is ordered before the command.  ``create``: while the
+        create waits for the held write, a second write to the same range
+        runs under the new clone's rules (it sets the new clone's bit before
+        the create commits); ``create+restart``: then a SIGKILL-like restart
+        before the new clone's sync can copy that extent."""
         self.step()
-        name = self.pick(k)
+        creating = what.startswith("create")
+        name = (next((n for n in CLONES if n not in self.clones), None) if creating
+                else self.pick(k))
         if name is None:
             return
         self.observe()
-        before = (self.restore, self.fractured(name))
+        before = (self.restore, name in self.clones and self.fractured(name))
         offset, length = clip(offset, length)
         data = payload(self.seq, length)
         marker = data[:8]
-        cmds = {"fracture": ("clone_fracture", {"name": name}),
+        cmds = {"create": ("clone_create", {"source": "src", "name": name}),
+                "create+restart": ("clone_create", {"source": "src", "name": name}),
+                "fracture": ("clone_fracture", {"name": name}),
                 "sync": ("clone_sync", {"name": name}),
                 "delete": ("clone_delete", {"name": name}),
                 "restore": ("restore", {"source": "src", "clone_name": name,
@@ -487,17 +638,32 @@ class EngineModel(RuleBasedStateMachine):
                 "pause": ("restore_pause", {"source": "src"})}
         cmd, args = cmds[what]
         states = {n: self.live.clone(n).state for n in self.clones}
-        old = self.fam().restore
+        fam = self.fam()
+        old = fam.restore if fam is not None else None
+        later = []  # the writes that landed after the held one's data
         mp = pytest.MonkeyPatch()
         try:
-            hold = Hold(mp, vf, "write_from",
-                        lambda fd, buf, off: off == offset and bytes(buf[:8]) == marker)
+            src_fd = self.live.volume("src").fd
+            # Without clones the source has no policy: its writes call os.pwrite.
+            hold = Hold(mp, *((os, "pwrite") if creating else (vf, "write_from")),
+                        lambda fd, buf, off: (fd == src_fd and off == offset
+                                              and bytes(buf[:8]) == marker))
             w = Async(lambda: self.live.volume("src").pwrite(data, offset, False))
             hold.wait_arrived()
             a = Async(lambda: self.admin(cmd, **args))
             time.sleep(0.05)
+            if creating:
+                data2 = payload(self.seq + 1, length)
+                w2 = Async(lambda: self.live.volume("src").pwrite(data2, offset, False))
+                w2.thread.join(1.0)
+                if not w2.done():  # it waits for the held write: it lands after it
+                    later.append(data2)
             hold.release()
             w.result(IO_TIMEOUT)
+            if creating:
+                w2.result(IO_TIMEOUT)
+                if not later:  # it landed while the first one was held
+                    self.apply_src(offset, data2)
             try:
                 a.result(40.0)
                 ok = True
@@ -509,6 +675,8 @@ class EngineModel(RuleBasedStateMachine):
         fam = self.fam()  # None once the last clone was deleted
         self.observe(running=fam is not None and fam.restore is old is not None)
         self.apply_src(offset, data)
+        for d in later:
+            self.apply_src(offset, d)
         if what == "restore" and before[0] is None:
             assert ok == before[1], f"restore from {name} (fractured: {before[1]}): ok={ok}"
         if what == "sync" and before[0] is not None and self.restore is not None:
@@ -524,6 +692,11 @@ class EngineModel(RuleBasedStateMachine):
             del self.clones[name]
         elif what == "restore":
             self.start_restore_model(name, True, states)
+        elif creating:
+            assert before[0] is None or self.ended_meanwhile(), "clone created during a restore"
+            self.clones[name] = CloneModel(None)
+            if what == "create+restart":
+                self.restart_engine()
 
     # -- invariants ----------------------------------------------------------------
     @invariant()
