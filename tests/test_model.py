@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, rule,
                                  run_state_machine_as_test)
 
-from lunclone import faults
+from lunclone import faults, policy
 from lunclone import volume as vf
 from lunclone.errors import Busy, LuncloneError, NotFound, ReadOnly
 from helpers import short_tmpdir
@@ -59,7 +59,7 @@ RATE = "32K"
 LONG = bool(os.environ.get("LUNCLONE_LONG"))
 
 _BASE = bytes(range(1, 256)) * ((SIZE + 3 * EXT) // 255 + 2)
-STEPS = {"count": 0}
+STEPS = {"count": 0, "t0": 0.0}
 SEEN: collections.Counter = collections.Counter()  # what the runs reached, printed
 
 # Offsets that straddle extent boundaries and the ragged end, plus any.
@@ -85,9 +85,11 @@ def reported(fn):
         except BaseException:  # pytest.raises' Failed is not an Exception
             if not FIRST_FAILURE:
                 FIRST_FAILURE.append(traceback.format_exc())
-                FIRST_FAILURE_AT.update(examples=SEEN["examples"], steps=STEPS["count"])
-                print(f"first failure (example {SEEN['examples']}, step {STEPS['count']}), "
-                      f"shrinking follows:\n{FIRST_FAILURE[0]}", flush=True)
+                took = time.monotonic() - STEPS["t0"]
+                FIRST_FAILURE_AT.update(examples=SEEN["examples"], steps=STEPS["count"],
+                                        seconds=round(took))
+                print(f"first failure (example {SEEN['examples']}, step {STEPS['count']}, "
+                      f"{took:.0f} s), shrinking follows:\n{FIRST_FAILURE[0]}", flush=True)
             raise
         finally:
             took = time.monotonic() - t0
@@ -128,9 +130,11 @@ class EngineModel(RuleBasedStateMachine):
         self.restore: tuple[str, bool] | None = None  # (clone, protected)
         self.mirror_lost = False  # the unprotected restore's mirror failed: no longer mirrored
         self.seq = 0
+        self.patches = pytest.MonkeyPatch()  # undone at the latest by teardown
         SEEN["examples"] += 1
 
     def teardown(self):
+        self.patches.undo()
         try:
             self.live.stop()
         finally:
@@ -492,6 +496,84 @@ class EngineModel(RuleBasedStateMachine):
                 self.mirror_lost = True
         self.apply_src(offset, data)
 
+    @rule(what=st.sampled_from(["delete", "restore"]))
+    @reported
+    def held_copy_during_admin(self, what):
+        """A new clone's sync copies paused at ``copy.data_written`` (data
+        written, bits not cleared) while an admin command stops its job:
+        ``delete`` of that clone, or a ``restore`` from a fractured clone
+        (which fractures it).  Copies stopped this way must release their
+        extents (else requests on them and later jobs wait forever)."""
+        self.step()
+        self.observe()
+        name = next((n for n in CLONES if n not in self.clones), None)
+        target = next((n for n in sorted(self.clones) if self.fractured(n)), None)
+        if self.restore is not None or name is None or (what == "restore" and target is None):
+            return
+        arrived, release = threading.Event(), threading.Event()
+
+        def pause():  # every copy, until released (then they end together)
+            arrived.set()
+            release.wait(30)
+        faults.arm("copy.data_written", pause)
+        try:
+            self.admin("clone_create", source="src", name=name)
+            self.clones[name] = CloneModel(None)
+            if not (self.live.clone(name).delta.any() and arrived.wait(5.0)):
+                SEEN[f"held copy + {what}: nothing to copy"] += 1
+                return
+            states = {n: self.live.clone(n).state for n in self.clones}
+            cmd, args = (("clone_delete", {"name": name}) if what == "delete" else
+                         ("restore", {"source": "src", "clone_name": target,
+                                      "rate_limit": RATE}))
+            a = Async(lambda: self.admin(cmd, **args))
+            time.sleep(0.05)
+            faults.disarm("copy.data_written")
+            release.set()
+            a.result(40.0)
+        finally:
+            faults.disarm("copy.data_written")
+            release.set()
+        SEEN[f"held copy + {what}"] += 1
+        if what == "delete":
+            del self.clones[name]
+        else:
+            self.start_restore_model(target, True, states)
+
+    @rule()
+    @reported
+    def fdatasync_fails(self):
+        """The next fdatasync of the source's file fails (EIO), as Linux
+        reports a lost write-back once: the host's flush fails, and keeps
+        failing (it is never retried as if harmless) until a restart, after
+        which the maps come back from the database.  (In this process no
+        data is really lost: what is checked is that the failure is not
+        forgotten.)"""
+        self.step()
+        self.observe()
+        if self.fam() is None:  # no clones: a host flush is a plain fdatasync
+            return
+        src_fd = self.live.volume("src").fd
+        real, hit = os.fdatasync, []
+
+        def failing(fd):
+            if fd == src_fd and not hit:
+                hit.append(fd)
+                raise OSError(errno.EIO, "injected write-back error")
+            return real(fd)
+        self.patches.setattr(os, "fdatasync", failing)
+        try:
+            for attempt in (1, 2):
+                try:
+                    self.io(lambda: self.live.volume("src").flush())
+                except OSError:
+                    continue
+                assert not hit, f"flush {attempt} succeeded after a write-back failure"
+        finally:
+            self.patches.undo()
+        SEEN["fdatasync failures"] += 1
+        self.restart_engine()
+
     # The transaction of each admin command, by the lifecycle function whose
     # frame is on the stack when its COMMIT runs (group commits are not hit).
     COMMITS = {"fracture": "fracture", "sync": "sync",
@@ -515,6 +597,13 @@ class EngineModel(RuleBasedStateMachine):
         SEEN[f"failed COMMIT: {what}" + ("" if hit else " (not reached)")] += 1
         if not hit:
             return
+        fam = self.fam()
+        if fam is not None and fam.restore is not None:
+            try:  # else it may finish between the look at memory and the restart
+                self.admin("restore_pause", source="src")
+            except NotFound:
+                pass
+        self.observe()
         before = self.durable_view()
         self.restart_engine()
         after = self.durable_view()
@@ -586,9 +675,13 @@ class EngineModel(RuleBasedStateMachine):
         SEEN["restarts" + (" during a restore" if self.restore else "")] += 1
         self.restart_engine()
 
-    def restart_engine(self) -> None:
-        """SIGKILL-like, then reload from the database."""
-        self.live.restart()
+    def restart_engine(self, between=None) -> None:
+        """SIGKILL-like, then reload from the database (``between``: run
+        after the crash, before the reload)."""
+        self.live.crash()
+        if between is not None:
+            between()
+        self.live.engine = self.live._boot()
         self.mirror_lost = False  # not kept: a resumed restore mirrors again (its
         # protected map covers the writes the clone missed; resynced at the end)
         self.observe()
@@ -615,8 +708,9 @@ class EngineModel(RuleBasedStateMachine):
         the write is ordered before the command.  ``create``: while the
         create waits for the held write, a second write to the same range
         runs under the new clone's rules (it sets the new clone's bit before
-        the create commits); ``create+restart``: then a SIGKILL-like restart
-        before the new clone's sync can copy that extent."""
+        the create commits); ``create+restart``: copies fail (EIO) from the
+        create on, then a SIGKILL-like restart: the new clone's map in the
+        database must hold that bit (its sync did not copy the extent)."""
         self.step()
         creating = what.startswith("create")
         name = (next((n for n in CLONES if n not in self.clones), None) if creating
@@ -641,7 +735,10 @@ class EngineModel(RuleBasedStateMachine):
         fam = self.fam()
         old = fam.restore if fam is not None else None
         later = []  # the writes that landed after the held one's data
-        mp = pytest.MonkeyPatch()
+        mp, copies, ok = pytest.MonkeyPatch(), self.patches, False
+
+        def copy_fails(*args):
+            raise OSError(errno.EIO, "injected: copies fail until the restart")
         try:
             src_fd = self.live.volume("src").fd
             # Without clones the source has no policy: its writes call os.pwrite.
@@ -650,6 +747,8 @@ class EngineModel(RuleBasedStateMachine):
                                               and bytes(buf[:8]) == marker))
             w = Async(lambda: self.live.volume("src").pwrite(data, offset, False))
             hold.wait_arrived()
+            if what == "create+restart" and self.restore is None:  # (else refused)
+                copies.setattr(policy, "copy_range", copy_fails)
             a = Async(lambda: self.admin(cmd, **args))
             time.sleep(0.05)
             if creating:
@@ -671,6 +770,8 @@ class EngineModel(RuleBasedStateMachine):
                 ok = False
         finally:
             mp.undo()
+            if not (what == "create+restart" and ok):
+                copies.undo()
         # First: a restore may have ended before the write (and a new one began).
         fam = self.fam()  # None once the last clone was deleted
         self.observe(running=fam is not None and fam.restore is old is not None)
@@ -696,7 +797,7 @@ class EngineModel(RuleBasedStateMachine):
             assert before[0] is None or self.ended_meanwhile(), "clone created during a restore"
             self.clones[name] = CloneModel(None)
             if what == "create+restart":
-                self.restart_engine()
+                self.restart_engine(between=copies.undo)
 
     # -- invariants ----------------------------------------------------------------
     @invariant()
@@ -775,13 +876,15 @@ def run_model(examples: int, steps: int, derandomize: bool) -> None:
               "(shrinking included)")
         if FIRST_FAILURE:
             print(f"first failure seen (example {FIRST_FAILURE_AT['examples']}, step "
-                  f"{FIRST_FAILURE_AT['steps']} of the run):\n" + FIRST_FAILURE[0])
+                  f"{FIRST_FAILURE_AT['steps']} of the run, {FIRST_FAILURE_AT['seconds']} s):\n"
+                  + FIRST_FAILURE[0])
         raise
 
 
 @pytest.mark.timeout(3600 if LONG else 300)
 def test_model():
     STEPS["count"] = 0
+    STEPS["t0"] = time.monotonic()
     SEEN.clear()
     FIRST_FAILURE.clear()
     t0 = time.monotonic()
@@ -829,3 +932,22 @@ def test_replay_clone_sync_refused_during_restore():
             ("write", {"fua": False, "length": EXT, "offset": 0}),
             ("fracture_and_restore", {"protected": False, "write_first": False}),
             ("clone_sync", {"k": 0})])
+
+
+def test_replay_mirror_failure_during_unprotected_restore():
+    """Injected (issue 13 item 1): a failed mirror write to the clone of an
+    unprotected restore is handled as for a synchronized clone (resync,
+    still mirrored): the clone no longer holds its data at the restore
+    start plus the host's mirrored writes."""
+    replay([("fracture_and_restore", {"protected": False, "write_first": True}),
+            ("mirror_write_fails", {"k": 0, "length": EXT, "offset": 0}),
+            ("held_write_during_admin", {"k": 0, "length": 1, "offset": 0,
+                                         "what": "fracture"})])
+
+
+def test_replay_write_held_across_clone_create():
+    """Injected (issue 13 item 2): the barrier does not wait for writes in
+    flight; a write held across ``clone create`` lands after the new
+    clone's scan, and the clone becomes "synchronized" without it."""
+    replay([("held_write_during_admin", {"k": 0, "length": EXT, "offset": 0,
+                                         "what": "create"})])
