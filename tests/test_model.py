@@ -951,3 +951,25 @@ def test_replay_write_held_across_clone_create():
     clone's scan, and the clone becomes "synchronized" without it."""
     replay([("held_write_during_admin", {"k": 0, "length": EXT, "offset": 0,
                                          "what": "create"})])
+
+
+def test_replay_failed_delete_commit():
+    """Injected (issue 13 item 7): in-memory changes run before COMMIT; the
+    failed delete's clone is gone from memory and back after a restart."""
+    replay([("clone_create", {}), ("admin_commit_fails", {"k": 0, "what": "delete"})])
+
+
+def test_replay_bit_set_while_clone_create_waits():
+    """Injected (issue 13 item 8): the new clone's map is registered with
+    the committer only in the create transaction, which saves its dirty
+    pages only: the bit of a write that came while the create waited was
+    committed without its page; after the restart the clone misses it."""
+    replay([("clone_create", {}),
+            ("held_write_during_admin", {"k": 0, "length": 1, "offset": 0,
+                                         "what": "create+restart"})])
+
+
+def test_replay_fdatasync_failure_not_forgotten():
+    """Injected (issue 13 item 11): a failed fdatasync is re-raised once and
+    retried: the second flush succeeds as if nothing was lost."""
+    replay([("clone_create", {}), ("fdatasync_fails", {})])
