@@ -7,7 +7,16 @@ on a small source whose end is ragged (1 MiB + 12 KiB, 64 KiB extents),
 writes to fractured clones' exports, clone create/fracture/sync/delete,
 restores (protected and unprotected, throttled so they stay running across
 steps) with pause/resume/rate, restarts (SIGKILL-like, page cache kept),
-and host writes held mid-way while an admin command runs.
+and host writes held mid-way while an admin command runs (also across
+``clone create``, with a second write under the new clone's rules).
+
+Faults: a mirror write fails once (EIO); an admin command's COMMIT fails
+(SQLITE_FULL at ``faults`` point ``metadata.commit``: fracture, sync,
+delete, restore start, restore finish), after which memory must equal
+what a restart reloads; a sync's copies are held at ``copy.data_written``
+while delete or restore stops the job; the source's fdatasync fails once
+(flushes must keep failing until a restart); copies fail (EIO) between a
+clone create and a restart.
 
 The model is the bytes each volume must hold:
     source            every host write applied; at a restore start the
