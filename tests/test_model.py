@@ -649,13 +649,14 @@ class EngineModel(RuleBasedStateMachine):
                                30.0, "the failed finish to pause the restore")
                 return bool(hit)
             cmd, args = cmds[what]
-            noop = (what == "fracture" and self.fractured(name)
-                    or what == "sync" and self.clones[name].data is None)
             try:
                 self.admin(cmd, **args)
             except LuncloneError:
                 return bool(hit)
             assert not hit, f"{cmd} {name} succeeded although its COMMIT failed"
+            self.observe()  # a restore may have ended just before the command
+            noop = (what == "fracture" and self.fractured(name)
+                    or what == "sync" and self.clones[name].data is None)
             assert noop, f"{cmd} {name} committed past the injection (lifecycle renamed?)"
             return False
         finally:
