@@ -7,7 +7,16 @@ on a small source whose end is ragged (1 MiB + 12 KiB, 64 KiB extents),
 writes to fractured clones' exports, clone create/fracture/sync/delete,
 restores (protected and unprotected, throttled so they stay running across
 steps) with pause/resume/rate, restarts (SIGKILL-like, page cache kept),
-and host writes held mid-way while an admin command runs.
+and host writes held mid-way while an admin command runs (also across
+``clone create``, with a second write under the new clone's rules).
+
+Faults: a mirror write fails once (EIO); an admin command's COMMIT fails
+(SQLITE_FULL at ``faults`` point ``metadata.commit``: fracture, sync,
+delete, restore start, restore finish), after which memory must equal
+what a restart reloads; a sync's copies are held at ``copy.data_written``
+while delete or restore stops the job; the source's fdatasync fails once
+(flushes must keep failing until a restart); copies fail (EIO) between a
+clone create and a restart.
 
 The model is the bytes each volume must hold:
     source            every host write applied; at a restore start the
@@ -30,9 +39,12 @@ LUNCLONE_LONG=1): random, at least 20,000 steps; the count is printed.
 from __future__ import annotations
 
 import collections
+import errno
 import functools
 import os
 import shutil
+import sqlite3
+import threading
 import time
 import traceback
 
@@ -42,6 +54,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, rule,
                                  run_state_machine_as_test)
 
+from lunclone import faults, policy
 from lunclone import volume as vf
 from lunclone.errors import Busy, LuncloneError, NotFound, ReadOnly
 from helpers import short_tmpdir
@@ -55,7 +68,7 @@ RATE = "32K"
 LONG = bool(os.environ.get("LUNCLONE_LONG"))
 
 _BASE = bytes(range(1, 256)) * ((SIZE + 3 * EXT) // 255 + 2)
-STEPS = {"count": 0}
+STEPS = {"count": 0, "t0": 0.0}
 SEEN: collections.Counter = collections.Counter()  # what the runs reached, printed
 
 # Offsets that straddle extent boundaries and the ragged end, plus any.
@@ -81,9 +94,11 @@ def reported(fn):
         except BaseException:  # pytest.raises' Failed is not an Exception
             if not FIRST_FAILURE:
                 FIRST_FAILURE.append(traceback.format_exc())
-                FIRST_FAILURE_AT.update(examples=SEEN["examples"], steps=STEPS["count"])
-                print(f"first failure (example {SEEN['examples']}, step {STEPS['count']}), "
-                      f"shrinking follows:\n{FIRST_FAILURE[0]}", flush=True)
+                took = time.monotonic() - STEPS["t0"]
+                FIRST_FAILURE_AT.update(examples=SEEN["examples"], steps=STEPS["count"],
+                                        seconds=round(took))
+                print(f"first failure (example {SEEN['examples']}, step {STEPS['count']}, "
+                      f"{took:.0f} s), shrinking follows:\n{FIRST_FAILURE[0]}", flush=True)
             raise
         finally:
             took = time.monotonic() - t0
@@ -122,10 +137,13 @@ class EngineModel(RuleBasedStateMachine):
         self.src = bytearray(SIZE)
         self.clones: dict[str, CloneModel] = {}
         self.restore: tuple[str, bool] | None = None  # (clone, protected)
+        self.mirror_lost = False  # the unprotected restore's mirror failed: no longer mirrored
         self.seq = 0
+        self.patches = pytest.MonkeyPatch()  # undone at the latest by teardown
         SEEN["examples"] += 1
 
     def teardown(self):
+        self.patches.undo()
         try:
             self.live.stop()
         finally:
@@ -182,7 +200,7 @@ class EngineModel(RuleBasedStateMachine):
 
     def apply_src(self, offset: int, data: bytes) -> None:
         self.src[offset:offset + len(data)] = data
-        if self.restore and not self.restore[1]:  # --unprotected: mirrored
+        if self.restore and not self.restore[1] and not self.mirror_lost:  # --unprotected
             m = self.clones[self.restore[0]]
             m.data[offset:offset + len(data)] = data
 
@@ -409,6 +427,7 @@ class EngineModel(RuleBasedStateMachine):
                     m.data, m.unknown = bytearray(), True
         self.src = bytearray(self.clones[name].data)
         self.restore = (name, protected)
+        self.mirror_lost = False
         SEEN["restores started"] += 1
 
     @rule(pause=st.booleans())
@@ -442,13 +461,239 @@ class EngineModel(RuleBasedStateMachine):
         self.observe()
         assert self.restore is None
 
+    # -- faults ----------------------------------------------------------------------
+    @rule(k=st.integers(0, 2), offset=offsets, length=lengths)
+    @reported
+    def mirror_write_fails(self, k, offset, length):
+        """A host write whose mirror write fails once (EIO from the clone's
+        store, in the writing thread only).  The clone mirrored is the
+        restoring one during an unprotected restore, else the k-th clone
+        (mirrored if synchronized).  The host write succeeds; a synchronized
+        clone goes back to synchronizing (its bits cover the write: checked
+        by ``check``); an unprotected restore goes on protected: the clone
+        keeps its data without this write and later ones, and is
+        resynchronized after the restore."""
+        self.step()
+        self.observe()
+        unprotected = self.restore is not None and not self.restore[1]
+        name = self.restore[0] if unprotected else self.pick(k)
+        if name is None:
+            return
+        offset, length = clip(offset, length)
+        data = payload(self.seq, length)
+        store = self.live.clone(name).volume.store
+        real, here, hit = store.pwrite, threading.local(), []
+
+        def failing(buf, off):
+            if getattr(here, "writer", False) and not hit:
+                hit.append(off)
+                raise OSError(errno.EIO, "injected mirror failure")
+            return real(buf, off)
+
+        def write():
+            here.writer = True
+            self.live.volume("src").pwrite(data, offset, False)
+        store.pwrite = failing
+        try:
+            self.io(write)
+        finally:
+            store.pwrite = real
+        self.observe()
+        if hit:
+            SEEN["mirror failures" + (" (unprotected restore)" if unprotected else "")] += 1
+            if unprotected and self.restore is not None:
+                self.mirror_lost = True
+        self.apply_src(offset, data)
+
+    @rule(what=st.sampled_from(["delete", "restore"]))
+    @reported
+    def held_copy_during_admin(self, what):
+        """A new clone's sync copies paused at ``copy.data_written`` (data
+        written, bits not cleared) while an admin command stops its job:
+        ``delete`` of that clone, or a ``restore`` from a fractured clone
+        (which fractures it).  Copies stopped this way must release their
+        extents (else requests on them and later jobs wait forever)."""
+        self.step()
+        self.observe()
+        name = next((n for n in CLONES if n not in self.clones), None)
+        target = next((n for n in sorted(self.clones) if self.fractured(n)), None)
+        if self.restore is not None or name is None or (what == "restore" and target is None):
+            return
+        arrived, release = threading.Event(), threading.Event()
+
+        def pause():  # every copy, until released (then they end together)
+            arrived.set()
+            release.wait(30)
+        faults.arm("copy.data_written", pause)
+        try:
+            self.admin("clone_create", source="src", name=name)
+            self.clones[name] = CloneModel(None)
+            if not (self.live.clone(name).delta.any() and arrived.wait(5.0)):
+                SEEN[f"held copy + {what}: nothing to copy"] += 1
+                return
+            states = {n: self.live.clone(n).state for n in self.clones}
+            cmd, args = (("clone_delete", {"name": name}) if what == "delete" else
+                         ("restore", {"source": "src", "clone_name": target,
+                                      "rate_limit": RATE}))
+            a = Async(lambda: self.admin(cmd, **args))
+            time.sleep(0.05)
+            faults.disarm("copy.data_written")
+            release.set()
+            a.result(40.0)
+        finally:
+            faults.disarm("copy.data_written")
+            release.set()
+        SEEN[f"held copy + {what}"] += 1
+        if what == "delete":
+            del self.clones[name]
+        else:
+            self.start_restore_model(target, True, states)
+
+    @rule()
+    @reported
+    def fdatasync_fails(self):
+        """The next fdatasync of the source's file fails (EIO), as Linux
+        reports a lost write-back once: the host's flush fails, and keeps
+        failing (it is never retried as if harmless) until a restart, after
+        which the maps come back from the database.  (In this process no
+        data is really lost: what is checked is that the failure is not
+        forgotten.)"""
+        self.step()
+        self.observe()
+        if self.fam() is None:  # no clones: a host flush is a plain fdatasync
+            return
+        src_fd = self.live.volume("src").fd
+        real, hit = os.fdatasync, []
+
+        def failing(fd):
+            if fd == src_fd and not hit:
+                hit.append(fd)
+                raise OSError(errno.EIO, "injected write-back error")
+            return real(fd)
+        self.patches.setattr(os, "fdatasync", failing)
+        try:
+            for attempt in (1, 2):
+                try:
+                    self.io(lambda: self.live.volume("src").flush())
+                except OSError:
+                    continue
+                assert not hit, f"flush {attempt} succeeded after a write-back failure"
+        finally:
+            self.patches.undo()
+        SEEN["fdatasync failures"] += 1
+        self.restart_engine()
+
+    # The transaction of each admin command, by the lifecycle function whose
+    # frame is on the stack when its COMMIT runs (group commits are not hit).
+    COMMITS = {"fracture": "fracture", "sync": "sync",
+               "delete": "delete_clone_locked", "restore": "_commit_restore_start",
+               "finish": "finish_restore"}
+
+    @rule(k=st.integers(0, 2), what=st.sampled_from(sorted(COMMITS)))
+    @reported
+    def admin_commit_fails(self, k, what):
+        """The COMMIT of an admin command's transaction fails once (SQLITE_FULL
+        at ``metadata.commit``): the command fails with an error and changes
+        nothing; memory equals what a restart reloads (compared, then the
+        restart is made).  ``finish``: the restore job's last transaction."""
+        self.step()
+        name = self.pick(k)
+        if name is None or (what == "finish" and self.restore is None):
+            return
+        self.observe()
+        hit = self.fail_commit_of(what, name)
+        self.observe()
+        SEEN[f"failed COMMIT: {what}" + ("" if hit else " (not reached)")] += 1
+        if not hit:
+            return
+        fam = self.fam()
+        if fam is not None and fam.restore is not None:
+            try:  # else it may finish between the look at memory and the restart
+                self.admin("restore_pause", source="src")
+            except NotFound:
+                pass
+        self.observe()
+        before = self.durable_view()
+        self.restart_engine()
+        after = self.durable_view()
+        assert before == after, f"after a failed {what} COMMIT: memory {before} != reloaded {after}"
+
+    def fail_commit_of(self, what: str, name: str) -> bool:
+        """Run ``what`` with its COMMIT failing; was the COMMIT reached?"""
+        hit = []
+        frame = self.COMMITS[what]
+
+        def full():
+            if not hit and any(f.name == frame and f.filename.endswith("lifecycle.py")
+                               for f in traceback.extract_stack()):
+                hit.append(1)
+                raise sqlite3.OperationalError("database or disk is full (injected)")
+        cmds = {"fracture": ("clone_fracture", {"name": name}),
+                "sync": ("clone_sync", {"name": name}),
+                "delete": ("clone_delete", {"name": name}),
+                "restore": ("restore", {"source": "src", "clone_name": name,
+                                        "rate_limit": RATE})}
+        faults.arm("metadata.commit", full)
+        try:
+            if what == "finish":
+                fam = self.fam()
+                try:
+                    self.admin("restore_rate", source="src", limit=0)
+                    self.admin("restore_resume", source="src")
+                except NotFound:
+                    pass
+                self.live.wait(lambda: hit or fam.restore is None, 30.0, "a finish attempt")
+                # The failed finish pauses the restore with its error (or a
+                # later attempt already finished it).
+                self.live.wait(lambda: fam.restore is None or fam.restore.state == "paused",
+                               30.0, "the failed finish to pause the restore")
+                return bool(hit)
+            cmd, args = cmds[what]
+            try:
+                self.admin(cmd, **args)
+            except LuncloneError:
+                return bool(hit)
+            assert not hit, f"{cmd} {name} succeeded although its COMMIT failed"
+            self.observe()  # a restore may have ended just before the command
+            noop = (what == "fracture" and self.fractured(name)
+                    or what == "sync" and self.clones[name].data is None)
+            assert noop, f"{cmd} {name} committed past the injection (lifecycle renamed?)"
+            return False
+        finally:
+            faults.disarm("metadata.commit")
+
+    def durable_view(self) -> dict:
+        """What a restart must bring back: the clones, their states (a
+        following clone may be synchronizing or synchronized), fractured
+        clones' delta maps, and the running restore."""
+        fam = self.fam()
+        if fam is None:
+            return {}
+        with fam.lock:
+            r = fam.restore
+            view = {n: ("following" if c.state in ("synchronizing", "synchronized") else c.state,
+                        sorted(c.delta.iter_set()) if c.state == "fractured" else None)
+                    for n, c in fam.clones.items()}
+            view["restore"] = r and (r.clone.name, r.protected_mode)
+        return view
+
     # -- the rest ------------------------------------------------------------------
     @rule()
     @reported
     def restart(self):
         self.step()
         SEEN["restarts" + (" during a restore" if self.restore else "")] += 1
-        self.live.restart()
+        self.restart_engine()
+
+    def restart_engine(self, between=None) -> None:
+        """SIGKILL-like, then reload from the database (``between``: run
+        after the crash, before the reload)."""
+        self.live.crash()
+        if between is not None:
+            between()
+        self.live.engine = self.live._boot()
+        self.mirror_lost = False  # not kept: a resumed restore mirrors again (its
+        # protected map covers the writes the clone missed; resynced at the end)
         self.observe()
 
     @rule()
@@ -464,22 +709,32 @@ class EngineModel(RuleBasedStateMachine):
         self.observe()
 
     @rule(k=st.integers(0, 2), offset=offsets, length=lengths,
-          what=st.sampled_from(["fracture", "sync", "delete", "restore", "pause"]))
+          what=st.sampled_from(["fracture", "sync", "delete", "restore", "pause",
+                                "create", "create+restart"]))
     @reported
     def held_write_during_admin(self, k, offset, length, what):
         """A source write held after it decided its rules (before its data
         lands) while an admin command starts; the command must wait for it:
-        the write is ordered before the command."""
+        the write is ordered before the command.  ``create``: while the
+        create waits for the held write, a second write to the same range
+        runs under the new clone's rules (it sets the new clone's bit before
+        the create commits); ``create+restart``: copies fail (EIO) from the
+        create on, then a SIGKILL-like restart: the new clone's map in the
+        database must hold that bit (its sync did not copy the extent)."""
         self.step()
-        name = self.pick(k)
+        creating = what.startswith("create")
+        name = (next((n for n in CLONES if n not in self.clones), None) if creating
+                else self.pick(k))
         if name is None:
             return
         self.observe()
-        before = (self.restore, self.fractured(name))
+        before = (self.restore, name in self.clones and self.fractured(name))
         offset, length = clip(offset, length)
         data = payload(self.seq, length)
         marker = data[:8]
-        cmds = {"fracture": ("clone_fracture", {"name": name}),
+        cmds = {"create": ("clone_create", {"source": "src", "name": name}),
+                "create+restart": ("clone_create", {"source": "src", "name": name}),
+                "fracture": ("clone_fracture", {"name": name}),
                 "sync": ("clone_sync", {"name": name}),
                 "delete": ("clone_delete", {"name": name}),
                 "restore": ("restore", {"source": "src", "clone_name": name,
@@ -487,17 +742,37 @@ class EngineModel(RuleBasedStateMachine):
                 "pause": ("restore_pause", {"source": "src"})}
         cmd, args = cmds[what]
         states = {n: self.live.clone(n).state for n in self.clones}
-        old = self.fam().restore
-        mp = pytest.MonkeyPatch()
+        fam = self.fam()
+        old = fam.restore if fam is not None else None
+        later = []  # the writes that landed after the held one's data
+        mp, copies, ok = pytest.MonkeyPatch(), self.patches, False
+
+        def copy_fails(*args):
+            raise OSError(errno.EIO, "injected: copies fail until the restart")
         try:
-            hold = Hold(mp, vf, "write_from",
-                        lambda fd, buf, off: off == offset and bytes(buf[:8]) == marker)
+            src_fd = self.live.volume("src").fd
+            # Without clones the source has no policy: its writes call os.pwrite.
+            hold = Hold(mp, *((os, "pwrite") if creating else (vf, "write_from")),
+                        lambda fd, buf, off: (fd == src_fd and off == offset
+                                              and bytes(buf[:8]) == marker))
             w = Async(lambda: self.live.volume("src").pwrite(data, offset, False))
             hold.wait_arrived()
+            if what == "create+restart" and self.restore is None:  # (else refused)
+                copies.setattr(policy, "copy_range", copy_fails)
             a = Async(lambda: self.admin(cmd, **args))
             time.sleep(0.05)
+            if creating:
+                data2 = payload(self.seq + 1, length)
+                w2 = Async(lambda: self.live.volume("src").pwrite(data2, offset, False))
+                w2.thread.join(1.0)
+                if not w2.done():  # it waits for the held write: it lands after it
+                    later.append(data2)
             hold.release()
             w.result(IO_TIMEOUT)
+            if creating:
+                w2.result(IO_TIMEOUT)
+                if not later:  # it landed while the first one was held
+                    self.apply_src(offset, data2)
             try:
                 a.result(40.0)
                 ok = True
@@ -505,10 +780,14 @@ class EngineModel(RuleBasedStateMachine):
                 ok = False
         finally:
             mp.undo()
+            if not (what == "create+restart" and ok):
+                copies.undo()
         # First: a restore may have ended before the write (and a new one began).
         fam = self.fam()  # None once the last clone was deleted
         self.observe(running=fam is not None and fam.restore is old is not None)
         self.apply_src(offset, data)
+        for d in later:
+            self.apply_src(offset, d)
         if what == "restore" and before[0] is None:
             assert ok == before[1], f"restore from {name} (fractured: {before[1]}): ok={ok}"
         if what == "sync" and before[0] is not None and self.restore is not None:
@@ -524,6 +803,11 @@ class EngineModel(RuleBasedStateMachine):
             del self.clones[name]
         elif what == "restore":
             self.start_restore_model(name, True, states)
+        elif creating:
+            assert before[0] is None or self.ended_meanwhile(), "clone created during a restore"
+            self.clones[name] = CloneModel(None)
+            if what == "create+restart":
+                self.restart_engine(between=copies.undo)
 
     # -- invariants ----------------------------------------------------------------
     @invariant()
@@ -602,13 +886,15 @@ def run_model(examples: int, steps: int, derandomize: bool) -> None:
               "(shrinking included)")
         if FIRST_FAILURE:
             print(f"first failure seen (example {FIRST_FAILURE_AT['examples']}, step "
-                  f"{FIRST_FAILURE_AT['steps']} of the run):\n" + FIRST_FAILURE[0])
+                  f"{FIRST_FAILURE_AT['steps']} of the run, {FIRST_FAILURE_AT['seconds']} s):\n"
+                  + FIRST_FAILURE[0])
         raise
 
 
 @pytest.mark.timeout(3600 if LONG else 300)
 def test_model():
     STEPS["count"] = 0
+    STEPS["t0"] = time.monotonic()
     SEEN.clear()
     FIRST_FAILURE.clear()
     t0 = time.monotonic()
@@ -656,3 +942,44 @@ def test_replay_clone_sync_refused_during_restore():
             ("write", {"fua": False, "length": EXT, "offset": 0}),
             ("fracture_and_restore", {"protected": False, "write_first": False}),
             ("clone_sync", {"k": 0})])
+
+
+def test_replay_mirror_failure_during_unprotected_restore():
+    """Injected (issue 13 item 1): a failed mirror write to the clone of an
+    unprotected restore is handled as for a synchronized clone (resync,
+    still mirrored): the clone no longer holds its data at the restore
+    start plus the host's mirrored writes."""
+    replay([("fracture_and_restore", {"protected": False, "write_first": True}),
+            ("mirror_write_fails", {"k": 0, "length": EXT, "offset": 0}),
+            ("held_write_during_admin", {"k": 0, "length": 1, "offset": 0,
+                                         "what": "fracture"})])
+
+
+def test_replay_write_held_across_clone_create():
+    """Injected (issue 13 item 2): the barrier does not wait for writes in
+    flight; a write held across ``clone create`` lands after the new
+    clone's scan, and the clone becomes "synchronized" without it."""
+    replay([("held_write_during_admin", {"k": 0, "length": EXT, "offset": 0,
+                                         "what": "create"})])
+
+
+def test_replay_failed_delete_commit():
+    """Injected (issue 13 item 7): in-memory changes run before COMMIT; the
+    failed delete's clone is gone from memory and back after a restart."""
+    replay([("clone_create", {}), ("admin_commit_fails", {"k": 0, "what": "delete"})])
+
+
+def test_replay_bit_set_while_clone_create_waits():
+    """Injected (issue 13 item 8): the new clone's map is registered with
+    the committer only in the create transaction, which saves its dirty
+    pages only: the bit of a write that came while the create waited was
+    committed without its page; after the restart the clone misses it."""
+    replay([("clone_create", {}),
+            ("held_write_during_admin", {"k": 0, "length": 1, "offset": 0,
+                                         "what": "create+restart"})])
+
+
+def test_replay_fdatasync_failure_not_forgotten():
+    """Injected (issue 13 item 11): a failed fdatasync is re-raised once and
+    retried: the second flush succeeds as if nothing was lost."""
+    replay([("clone_create", {}), ("fdatasync_fails", {})])
