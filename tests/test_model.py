@@ -245,7 +245,7 @@ class EngineModel(RuleBasedStateMachine):
     @rule()
     @reported
     def read_whole(self):
-        """A whole read: copies every pending extent on demand."""
+        """A whole read: pending extents read from the clone (no copy)."""
         self.step()
         got = self.io(lambda: self.live.whole("src"), 30.0)
         assert got == bytes(self.src), "whole source read differs from the model"
@@ -583,11 +583,12 @@ class EngineModel(RuleBasedStateMachine):
         SEEN["fdatasync failures"] += 1
         self.restart_engine()
 
-    # The transaction of each admin command, by the lifecycle function whose
-    # frame is on the stack when its COMMIT runs (group commits are not hit).
+    # The transaction of each admin command, by the clones.py/restores.py
+    # function whose frame is on the stack when its COMMIT runs (group
+    # commits are not hit).
     COMMITS = {"fracture": "fracture", "sync": "sync",
-               "delete": "delete_clone_locked", "restore": "_commit_restore_start",
-               "finish": "finish_restore"}
+               "delete": "delete_locked", "restore": "_commit_start",
+               "finish": "finish"}
 
     @rule(k=st.integers(0, 2), what=st.sampled_from(sorted(COMMITS)))
     @reported
@@ -624,7 +625,8 @@ class EngineModel(RuleBasedStateMachine):
         frame = self.COMMITS[what]
 
         def full():
-            if not hit and any(f.name == frame and f.filename.endswith("lifecycle.py")
+            if not hit and any(f.name == frame
+                               and f.filename.endswith(("clones.py", "restores.py"))
                                for f in traceback.extract_stack()):
                 hit.append(1)
                 raise sqlite3.OperationalError("database or disk is full (injected)")
@@ -657,7 +659,7 @@ class EngineModel(RuleBasedStateMachine):
             self.observe()  # a restore may have ended just before the command
             noop = (what == "fracture" and self.fractured(name)
                     or what == "sync" and self.clones[name].data is None)
-            assert noop, f"{cmd} {name} committed past the injection (lifecycle renamed?)"
+            assert noop, f"{cmd} {name} committed past the injection (a function renamed?)"
             return False
         finally:
             faults.disarm("metadata.commit")
@@ -669,7 +671,7 @@ class EngineModel(RuleBasedStateMachine):
         fam = self.fam()
         if fam is None:
             return {}
-        with fam.lock:
+        with fam.maps_lock:
             r = fam.restore
             view = {n: ("following" if c.state in ("synchronizing", "synchronized") else c.state,
                         sorted(c.delta.iter_set()) if c.state == "fractured" else None)
