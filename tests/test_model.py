@@ -937,7 +937,7 @@ def test_replay_write_to_copied_extent_during_protected_restore():
 
 
 def test_replay_clone_sync_refused_during_restore():
-    """Injected: ``Lifecycle.sync`` accepts a sync of another clone while
+    """Injected: ``Clones.sync`` accepts a sync of another clone while
     the source is being restored (its source changes under it: the sync
     copies pre-restore data from the source file and calls it synchronized)."""
     replay([("clone_create", {}), ("clone_create", {}), ("clone_fracture", {"k": 1}),

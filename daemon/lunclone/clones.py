@@ -32,7 +32,8 @@ from .families import Families, new_rules
 from .iopath import Volume, quiesce
 from .jobs import JobKey, JobRunner, SyncJob
 from .metadata import DELTA, Transaction, VolumeRecord
-from .policy import FRACTURED, MIRRORED, SYNCHRONIZED, SYNCHRONIZING, Clone, CloneExport, Family
+from .policy import (FRACTURED, MIRRORED, SYNCHRONIZED, SYNCHRONIZING, Clone, CloneExport, Family,
+                     Progress)
 from .store import Store, is_local
 from .volumes import VolumeTable
 
@@ -299,7 +300,7 @@ class Clones:
                 with self.committer.transaction() as tx:
                     self.set_state(clone, SYNCHRONIZING, tx)
             clone.error = None
-            clone.sync = type(clone.sync)()
+            clone.sync_progress = Progress()
             self.start_sync(fam, clone)
 
     def start_sync(self, fam: Family, clone: Clone) -> None:
@@ -317,7 +318,7 @@ class Clones:
                 return False
             self.set_state(clone, SYNCHRONIZED, tx)
             tx.save_bitmap(clone.name, DELTA, clone.delta)
-        log.info("clone %s synchronized (%d bytes copied)", clone.name, clone.sync.copied_bytes)
+        log.info("clone %s synchronized (%d bytes copied)", clone.name, clone.sync_progress.copied_bytes)
         return True
 
     def _mirror_failed(self, clone: Clone) -> None:

@@ -52,7 +52,7 @@ from typing import Iterator
 
 from . import faults
 from .bitmap import PAGE_BITS, Bitmap
-from .errors import MetadataError, NoSpace
+from .errors import MetadataError, no_space
 from .metadata import Metadata, Transaction
 
 log = logging.getLogger("lunclone.commit")
@@ -78,11 +78,7 @@ class Batch:
 
 def commit_error(exc: BaseException) -> Exception:
     """What a request whose commit failed raises: ENOSPC for a full disk."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(f"no space left for data or metadata: {exc.strerror}")
-    if "full" in str(exc):  # SQLITE_FULL: "database or disk is full"
-        return NoSpace(f"no space left for metadata: {exc}")
-    return MetadataError(f"metadata commit failed: {exc}")
+    return no_space(exc, "data or metadata") or MetadataError(f"metadata commit failed: {exc}")
 
 
 class Committer:

@@ -107,6 +107,16 @@ def from_json(obj: dict) -> LuncloneError:
     return cls(obj.get("message", "unknown error"))
 
 
+def no_space(exc: BaseException, what: str) -> NoSpace | None:
+    """The one place a full disk becomes NoSpace: ENOSPC or EDQUOT from a
+    system call, or SQLite's SQLITE_FULL ("database or disk is full")."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"no space left for {what}: {exc.strerror}")
+    if not isinstance(exc, OSError) and "database or disk is full" in str(exc):
+        return NoSpace(f"no space left for {what}: {exc}")
+    return None
+
+
 def errno_of(exc: BaseException) -> int:
     """The errno an NBD client should see for ``exc``."""
     if isinstance(exc, LuncloneError):

@@ -245,7 +245,7 @@ class SyncJob(CopyJob):
         return self.family.source.store, self.clone.volume.store
 
     def progress(self) -> Progress:
-        return self.clone.sync
+        return self.clone.sync_progress
 
     def finish(self) -> bool:
         return self._finish(self.clone)

@@ -105,7 +105,7 @@ class Clone:
         self.family: Family | None = None
         self._state = state
         self.delta = delta
-        self.sync = Progress()
+        self.sync_progress = Progress()  # of its current sync
         self.error: str | None = None
         self.hot: set[int] = set()  # extents written since the last intent sweep
         self.mirror_failures = 0  # mirror writes or flushes to it that failed

@@ -52,7 +52,7 @@ class Status:
                 d = {"name": c.name, "state": c.state, "delta_extents": c.delta.count(),
                      "error": c.error, "remote": c.volume.store.describe()}
                 if c.state == SYNCHRONIZING:
-                    d["sync"] = _progress(c.sync, d["delta_extents"], fam.source.extent_size)
+                    d["sync"] = _progress(c.sync_progress, d["delta_extents"], fam.source.extent_size)
                 out.append(d)
         return out
 

@@ -12,7 +12,7 @@ import errno
 import os
 from typing import Iterator
 
-from .errors import NoSpace
+from .errors import no_space
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -156,9 +156,7 @@ def extents(fd: int, offset: int, count: int, one: bool) -> list[tuple[int, int,
 
 def no_space_guard(exc: OSError) -> OSError:
     """ENOSPC and EDQUOT become NoSpace for the control server."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(f"no space left: {exc.strerror}")
-    return exc
+    return no_space(exc, "the volume") or exc
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
