@@ -507,3 +507,27 @@ def test_fault_points_pause_and_fail_where_named(live):
     live.cmd("clone_create", source="src", name="c3")
     live.wait_clone("c3", "synchronized")
     assert failed and live.file("c3") == live.file("src")
+
+
+def test_first_clone_create_does_not_block_the_loop_behind_a_plain_write(live, monkeypatch):
+    """A source with no clone writes on the plain path.  'clone create'
+    makes its family the source's policy and must wait for plain writes in
+    progress, but on the loop without blocking it: other admin commands
+    and status are answered meanwhile."""
+    import os
+    live.cmd("create", name="src", size=SIZE)
+    live.write("src", pattern(b"a"), 0)
+    src_fd = live.volume("src").fd
+    hold = Hold(monkeypatch, os, "fdatasync", lambda fd: fd == src_fd)
+    w = Async(lambda: live.write("src", b"w" * 4096, 3 * EXT, fua=True))  # plain path, FUA
+    hold.wait_arrived()
+    create = live.cmd_in_thread("clone_create", source="src", name="c1")
+    try:
+        st = live.cmd("status", _timeout=5, name="src")  # the loop must answer
+        assert st["name"] == "src"
+    finally:
+        hold.release()
+    w.result()
+    create.result()
+    live.wait_clone("c1", "synchronized")
+    assert live.file("c1") == live.file("src")

@@ -126,7 +126,7 @@ class Clones:
 
     async def _add(self, src: Volume, name: str, store: Store, remote: str | None) -> None:
         vol = Volume(name, store, src.size, src.extent_size)
-        fam = self.families.of(src)
+        fam, plain_writes = self.families.of(src)
         delta = Bitmap(fam.nextents, key=(name, DELTA))
         clone = Clone(name, vol, SYNCHRONIZING, delta)
         vol.set_policy(CloneExport(fam, clone))
@@ -138,7 +138,7 @@ class Clones:
             # the group commit is then saved with its page.
             self.committer.register(delta)
             fam.add_clone(clone)  # from now on host writes set its delta bits
-            return (src.barrier.switch(),)
+            return (*plain_writes, src.barrier.switch())
 
         def undo():
             fam.remove_clone(name)

@@ -37,15 +37,18 @@ class Families:
     def get(self, source: str) -> Family | None:
         return self.by_source.get(source)
 
-    def of(self, src: Volume) -> Family:
-        """The family of a source volume, made (and made its policy) if new."""
+    def of(self, src: Volume) -> tuple[Family, Generations]:
+        """The family of a source volume, made (and made its policy) if new;
+        and the generation of writes that took the plain path before, which
+        the caller waits for (``new_rules`` does, on the loop: a plain
+        write may be held up by its storage, and the loop must go on)."""
         fam = self.by_source.get(src.name)
-        if fam is None:
-            fam = Family(src, self.committer, self.committer.maps_lock,
-                         on_mirror_failed=self._mirror_failed)
-            self.by_source[src.name] = fam
-            src.set_policy(fam)
-        return fam
+        if fam is not None:
+            return fam, ()
+        fam = Family(src, self.committer, self.committer.maps_lock,
+                     on_mirror_failed=self._mirror_failed)
+        self.by_source[src.name] = fam
+        return fam, (src.switch_policy(fam),)
 
     def _mirror_failed(self, clone: Clone) -> None:
         if self.on_mirror_failed is not None:
@@ -80,7 +83,7 @@ class Families:
                   if r.source == source and r.name in vols.served]
         if not clones:
             return
-        fam = self.of(vols.served[source])
+        fam, _ = self.of(vols.served[source])  # start-up: no write yet
         for rec in clones:
             delta = self.committer.md.load_bitmap(rec.name, DELTA, fam.nextents)
             clone = Clone(rec.name, vols.served[rec.name], rec.clone_state, delta)
