@@ -3,6 +3,7 @@ the source is served again before its family and restore are loaded."""
 from __future__ import annotations
 
 import os
+import time
 
 from live import EXT, MiB, Async, Hold
 
@@ -14,10 +15,10 @@ def pattern(tag: bytes, n: int = SIZE) -> bytes:
 
 
 def test_write_while_a_restore_is_brought_back_is_kept(live, monkeypatch):
-    """A host write that reaches the source between 'serve again' and the
-    loading of its family and restore takes the plain path: no protected
-    bit, no delta bit.  The restore then copies the clone's extent over it:
-    an acknowledged write made during the restore is lost."""
+    """A client that opens the source between 'serve again' and the loading
+    of its family and restore would write on the plain path (no protected
+    bit, no delta bit), and the restore would copy the clone's extent over
+    that acknowledged write.  Opening waits until the rules are in place."""
     live.fractured_clone(data=pattern(b"a", SIZE), size=SIZE)
     live.write("src", pattern(b"b", 8 * EXT), 0)
     live.cmd("restore", source="src", clone_name="c1", rate_limit="4K")
@@ -27,17 +28,22 @@ def test_write_while_a_restore_is_brought_back_is_kept(live, monkeypatch):
     live.engine = live._boot()
     assert "src" not in live.engine.volumes.served
     os.rename(path + ".away", path)
-    md = live.engine.md
-    hold = Hold(monkeypatch, md, "jobs", lambda: True)  # in _bring_back, after serve_again
+    fams = live.engine.families
+    hold = Hold(monkeypatch, fams, "load", lambda source: True)  # after serve_again
     resume = live.cmd_in_thread("restore_resume", source="src")
     hold.wait_arrived()
-    try:
-        vol = live.engine.open_export("src", False)  # a client connects meanwhile
-        assert vol.policy is None  # the plain path, though a restore is recorded
-        vol.pwrite(b"w" * EXT, 2 * EXT, True)  # acknowledged
+
+    def client():  # a client connects meanwhile and writes, acknowledged
+        vol = live.engine.open_export("src", False)
+        vol.pwrite(b"w" * EXT, 2 * EXT, True)
         live.engine.close_export(vol)
+    writer = Async(client)
+    time.sleep(0.3)
+    try:
+        assert not writer.done(), "a client opened the source before its rules were in place"
     finally:
         hold.release()
+    writer.result()
     resume.result()
     live.cmd("restore_rate", source="src", limit="0")
     live.wait(lambda: live.family("src").restore is None, what="restore done")

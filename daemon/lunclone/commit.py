@@ -33,9 +33,11 @@ The locks (one of each in the daemon; this module owns both):
   count.  Whoever holds it only looks and changes memory: it never waits
   on a Batch, an Event, a write generation or a copy.  Waiting is done
   after releasing it, then the decision is made again.  The only I/O under
-  it is an admin ``transaction`` (fdatasync and SQLite, below) and the
-  reload of maps after a failed write-back: host requests stall for those,
-  which is why admin commands do their slow scans before the transaction.
+  it is an admin ``transaction`` (fdatasync and SQLite, below), the reload
+  of maps after a failed write-back, and ``restore resume`` serving an
+  unserved source again (its files opened and maps loaded before any
+  client can open it): host requests stall for those, which is why admin
+  commands do their slow scans before the transaction.
 - ``commit_lock`` orders commits.  Lock order: ``commit_lock`` before
   ``maps_lock``, never the other way.  ``transaction()`` holds both for the
   whole SQLite transaction, so an admin change and the in-memory maps it

@@ -282,15 +282,18 @@ class Restores:
         let the restore go on."""
         vols = self.volumes
         names = [source] + [n for n, rec in vols.records.items() if rec.source == source]
-        for name in names:
-            if name in vols.broken:
-                vols.serve_again(name)
         job = next((j for j in self.md.jobs() if j.source == source), None)
-        if source not in vols.served:
-            raise NotFound(f"volume {source!r} is not served: {vols.broken[source]}")
-        self.families.load(source)
-        if job is not None and job.kind == "restore":
-            self.load(job)
+        # Under the maps lock, which opening an export takes: no client can
+        # open (and write to) a volume before its rules are in place.
+        with self.maps_lock:
+            for name in names:
+                if name in vols.broken:
+                    vols.serve_again(name)
+            if source not in vols.served:
+                raise NotFound(f"volume {source!r} is not served: {vols.broken[source]}")
+            self.families.load(source)
+            if job is not None and job.kind == "restore":
+                self.load(job)
         if source in vols.broken:
             raise NotFound(f"volume {source!r} is not served: {vols.broken[source]}")
         fam = self.families.get(source)
