@@ -130,6 +130,15 @@ class LiveEngine:
         self.crash()
         self.engine = self._boot()
 
+    def restart_without(self, name: str) -> Callable[[], None]:
+        """Crash, then start with volume ``name``'s file moved away (a clone
+        missing at start-up); returns the call that puts the file back."""
+        self.crash()
+        path = self.engine.volumes.path(name)
+        os.rename(path, path + ".away")
+        self.engine = self._boot()
+        return lambda: os.rename(path + ".away", path)
+
 
 class Async:
     """Run ``fn`` in a thread; ``result()`` joins and re-raises."""

@@ -16,7 +16,38 @@ from helpers import SIZE, wait_for
 PLUGIN = os.path.join(os.path.dirname(__file__), "writeback_plugin.py")
 
 
-class NbdkitFile:
+class UnixNbdkit:
+    """An nbdkit on a Unix socket (``argv`` says which plugin): started and
+    killed as a storage system that dies, its stale socket removed."""
+
+    sock: str
+    proc: subprocess.Popen | None
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def start(self):
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.proc = subprocess.Popen(["nbdkit", "--foreground", "--unix", self.sock,
+                                      *self.argv()])
+        wait_for(lambda: os.path.exists(self.sock), 10, what="remote nbdkit socket")
+        return self
+
+    def stop(self) -> None:
+        """SIGKILL: the storage system dies, its connections with it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+
+
+class NbdkitFile(UnixNbdkit):
     """nbdkit's file plugin on a Unix socket: a stand-in storage system."""
 
     def __init__(self, path: str, sock: str, size: int = SIZE, fill: bytes | None = None,
@@ -29,32 +60,16 @@ class NbdkitFile:
                 if fill is not None:
                     f.write(fill * (size // len(fill)))
 
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///?socket={self.sock}"
+    def argv(self) -> list[str]:
+        return [*(f"--filter={f}" for f in self.filters), "file", self.path]
 
-    def start(self) -> "NbdkitFile":
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        self.proc = subprocess.Popen(["nbdkit", "--foreground", "--unix", self.sock,
-                                      *(f"--filter={f}" for f in self.filters),
-                                      "file", self.path])
-        wait_for(lambda: os.path.exists(self.sock), 10, what="remote nbdkit socket")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
 
     def content(self, length: int = SIZE) -> bytes:
         with open(self.path, "rb") as f:
             return f.read(length)
 
 
-class WritebackServer:
+class WritebackServer(UnixNbdkit):
     """nbdkit + writeback_plugin.py on a Unix socket, steered by ``ctl``."""
 
     def __init__(self, workdir: str, name: str = "wb", size: int = SIZE, flush: bool = True):
@@ -67,27 +82,9 @@ class WritebackServer:
             f.truncate(size)
         self.proc: subprocess.Popen | None = None
 
-    @property
-    def uri(self) -> str:
-        return f"nbd+unix:///?socket={self.sock}"
-
-    def start(self) -> "WritebackServer":
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        args = ["nbdkit", "--foreground", "--unix", self.sock, "python", PLUGIN,
-                f"file={self.path}", f"ctl={self.ctl}"]
-        if not self.flush:
-            args.append("flush=0")
-        self.proc = subprocess.Popen(args)
-        wait_for(lambda: os.path.exists(self.sock), 10, what="remote nbdkit socket")
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
+    def argv(self) -> list[str]:
+        return ["python", PLUGIN, f"file={self.path}", f"ctl={self.ctl}",
+                *([] if self.flush else ["flush=0"])]
 
     def hold(self, tag) -> None:
         open(os.path.join(self.ctl, f"hold-{tag}"), "w").close()

@@ -256,10 +256,7 @@ def test_restore_waits_for_its_missing_clone(live):
     live.cmd("create", name="other", size=SIZE)
     live.write("src", pattern(b"b", 8 * EXT), 0)
     live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
-    live.crash()
-    path = live.engine.volumes.path("c1")
-    os.rename(path, path + ".away")
-    live.engine = live._boot()
+    put_back = live.restart_without("c1")
     assert "src" not in live.engine.volumes.served and "other" in live.engine.volumes.served
     err = live.cmd("status", name="src")["error"]
     assert "c1" in err and "restore resume" in err
@@ -267,7 +264,7 @@ def test_restore_waits_for_its_missing_clone(live):
         live.engine.open_export("src", False)
     with pytest.raises(LuncloneError, match="c1"):
         live.cmd("restore_resume", source="src")
-    os.rename(path + ".away", path)
+    put_back()
     live.cmd("restore_resume", source="src")
     live.cmd("restore_rate", source="src", limit="0")
     live.wait(lambda: live.family("src").restore is None, what="restore done")

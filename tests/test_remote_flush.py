@@ -22,7 +22,7 @@ def wb(workdir):
     yield srv
     for name in os.listdir(srv.ctl):
         os.unlink(os.path.join(srv.ctl, name))  # nothing stays held
-    srv.kill()
+    srv.stop()
 
 
 def source_file(workdir: str, rng: random.Random):
@@ -144,7 +144,7 @@ def test_sweep_keeps_intents_of_mirror_writes_lost_with_the_remote(daemon, workd
     for k in range(8):
         src.pwrite(rng.randbytes(64 * 1024), (3 + k) * MiB)  # mirrored, not flushed
     wb.wait_held("flush")  # the sweep flushes
-    wb.kill()
+    wb.stop()
     wb.release("flush")
     wb.start()
     wait_for(lambda: clone_state(daemon, "src", "c1")["remote"]["connected"], 30,
@@ -167,7 +167,7 @@ def test_remote_without_flush_is_refused(daemon, workdir):
         assert len(p.stderr.strip().splitlines()) == 1
         assert daemon.json("status", "src")["clones"] == []
     finally:
-        srv.kill()
+        srv.stop()
 
 
 def src_bytes(src, offset: int, length: int) -> bytes:

@@ -34,7 +34,7 @@ from .jobs import JobKey, JobRunner, SyncJob
 from .metadata import DELTA, Transaction, VolumeRecord
 from .policy import (FRACTURED, MIRRORED, SYNCHRONIZED, SYNCHRONIZING, Clone, CloneExport, Family,
                      Progress)
-from .store import Store, is_local
+from .store import FileStore, Store, is_local
 from .volumes import VolumeTable
 
 log = logging.getLogger("lunclone.clones")
@@ -115,7 +115,7 @@ class Clones:
                 store: Store = await asyncio.get_running_loop().run_in_executor(
                     self.jobs.pool, vols.open_remote, name, remote, src.size)
             else:
-                store = vols.new_file(name, src.size)
+                store = FileStore(vols.new_file(name, src.size))
             try:
                 await self._add(src, name, store, remote)
             except BaseException:

@@ -533,8 +533,9 @@ class Family:
         return parts
 
     def _plan_write(self, offset: int, length: int) -> WritePlan:
-        """The same for a write; once ready, register it as a writer of its
-        extents and wait for the commit of the map bits it needs first."""
+        """Wait for what blocks a write's extents and copy on demand the
+        pending ones it covers in part; once ready, register it as a writer
+        of its extents and wait for the commit of the map bits it needs."""
         exts = extent_range(offset, length, self.shift)
         while True:
             with self.maps_lock:

@@ -116,8 +116,8 @@ class VolumeTable:
             raise InvalidArgument(f"cannot keep a clone on {uri}: {e.strerror}") from None
         return store
 
-    def new_file(self, name: str, size: int) -> FileStore:
-        """A new sparse file for a volume, or one clear error."""
+    def new_file(self, name: str, size: int) -> str:
+        """A new sparse file for a volume (its path), or one clear error."""
         path = self.path(name)
         if os.path.exists(path):
             raise AlreadyExists(f"{path} exists but is not a known volume; move it away")
@@ -125,7 +125,7 @@ class VolumeTable:
             vf.create_sparse(path, size)
         except OSError as e:
             raise vf.no_space_guard(e) from e
-        return FileStore(path)
+        return path
 
     # -- lookups -----------------------------------------------------------------
     def get(self, name: str) -> Volume:
@@ -162,14 +162,13 @@ class VolumeTable:
         size = units.check_volume_size(units.parse_size(size))
         extent = units.check_extent_size(
             units.parse_size(extent_size) if extent_size else units.DEFAULT_EXTENT)
-        store = self.new_file(name, size)
-        store.close()
+        path = self.new_file(name, size)
         rec = VolumeRecord(name, size, extent, created=time.time())
         try:
             with self.md.transaction() as tx:
                 tx.put_volume(rec)
         except BaseException:
-            vf.remove(self.path(name))
+            vf.remove(path)
             raise
         self.load(rec)
         log.info("created volume %s (%d bytes, extent %d)", name, size, extent)
