@@ -130,14 +130,15 @@ class LiveEngine:
         self.crash()
         self.engine = self._boot()
 
-    def restart_without(self, name: str) -> Callable[[], None]:
-        """Crash, then start with volume ``name``'s file moved away (a clone
-        missing at start-up); returns the call that puts the file back."""
+    def restart_without(self, *names: str) -> Callable[[], None]:
+        """Crash, then start with the files of volumes ``names`` moved away
+        (a clone missing at start-up); returns the call that puts them back."""
         self.crash()
-        path = self.engine.volumes.path(name)
-        os.rename(path, path + ".away")
+        paths = [self.engine.volumes.path(n) for n in names]
+        for path in paths:
+            os.rename(path, path + ".away")
         self.engine = self._boot()
-        return lambda: os.rename(path + ".away", path)
+        return lambda: [os.rename(p + ".away", p) for p in paths]
 
 
 class Async:

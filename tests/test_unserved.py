@@ -1,0 +1,102 @@
+"""Volumes kept unserved at start-up stay unserved: a clone whose source is
+not served, and the clones of a source that 'restore resume' could not
+bring back.  A clone served without its family has no policy: a client's
+writes to it would be tracked by no delta map."""
+from __future__ import annotations
+
+import os
+
+import nbd
+import pytest
+
+from helpers import SMALL, fractured_clone
+from live import EXT
+from lunclone.errors import LuncloneError, NotFound
+
+SIZE = SMALL
+
+
+def pattern(tag: bytes, n: int = SIZE) -> bytes:
+    return (tag * (n // len(tag) + 1))[:n]
+
+
+def test_clone_of_a_source_missing_at_start_up_is_not_served(daemon):
+    """Through nbdkit: the clone's export is refused, and status says why."""
+    h = fractured_clone(daemon, SIZE, 256 * 1024)
+    del h
+    assert daemon.stop() == 0
+    src = daemon.volume_path("src")
+    os.rename(src, src + ".away")
+    daemon.start()
+    try:
+        h = daemon.connect("c1")
+    except nbd.Error:
+        pass
+    else:
+        h.pwrite(b"x" * 4096, 0)
+        h.flush()
+        del h
+        pytest.fail("a client opened c1 and wrote to it while its source is not "
+                    "served (no delta map tracks that write)")
+    st = daemon.json("status", "c1")
+    assert st["error"] == "its source 'src' is not served"
+    assert st["allocated"] is None, "c1 is still open (served)"
+    assert "ERROR: its source 'src' is not served" in daemon.cli("status", "c1").stdout
+
+
+def _back(live, name: str) -> None:
+    path = live.engine.volumes.path(name)
+    os.rename(path + ".away", path)
+
+
+def test_resume_with_the_source_still_missing_serves_none_of_its_clones(live):
+    """'restore resume' of a source whose restore's clone was missing: the
+    clone is back but the source is not; the command fails in one line and
+    serves none of the source's clones (they would have no policy)."""
+    live.fractured_clone(data=pattern(b"a"))
+    live.cmd("clone_create", source="src", name="c2")
+    live.wait_clone("c2", "synchronized")
+    live.write("src", pattern(b"b", 8 * EXT), 0)
+    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    live.restart_without("src", "c1")
+    _back(live, "c1")
+    vols = live.engine.volumes
+    with pytest.raises(NotFound) as e:
+        live.cmd("restore_resume", source="src")
+    assert "'src' is not served" in e.value.message and "\n" not in e.value.message
+    for name in ("c1", "c2"):
+        assert name not in vols.served, f"{name} served again while its source is not"
+        with pytest.raises(LuncloneError, match="not served"):
+            live.engine.open_export(name, False)
+    _back(live, "src")
+    live.cmd("restore_resume", source="src")
+    assert set(live.family("src").clones) == {"c1", "c2"}
+    live.cmd("restore_rate", source="src", limit="0")
+    live.wait(lambda: live.family("src").restore is None, what="restore done")
+    assert live.whole("src") == pattern(b"a")
+
+
+def test_resume_of_a_clone_whose_source_is_missing_serves_nothing(live):
+    """'restore resume' names the clone, not its source: refused, the clone
+    stays unserved."""
+    live.fractured_clone(data=pattern(b"a"))
+    live.restart_without("src")
+    vols = live.engine.volumes
+    with pytest.raises(NotFound, match="its source 'src' is not served"):
+        live.cmd("restore_resume", source="c1")
+    assert "c1" not in vols.served, "c1 served with its source not served"
+    with pytest.raises(LuncloneError, match="not served"):
+        live.engine.open_export("c1", False)
+
+
+def test_serve_again_keeps_a_volume_that_is_open(live):
+    """Never a second Volume for a name: the first one's descriptor would
+    leak, and its clients would write past the second one's policy."""
+    live.cmd("create", name="v", size=SIZE)
+    vols = live.engine.volumes
+    vol = vols.served["v"]
+    vols.broken["v"] = "test"
+    with vols.maps_lock:
+        vols.serve_again("v")
+    assert vols.served["v"] is vol, "a second Volume was opened for v"
+    assert vol.fd >= 0 and "v" not in vols.broken
