@@ -67,14 +67,15 @@ class Families:
     # -- start-up --------------------------------------------------------------
     def load_all(self) -> None:
         """Every served source's family; a clone whose source is not served
-        is not served either."""
+        is not served either (closed: with no family it would have no
+        policy, and a client's writes to it would be in no delta map)."""
         vols = self.volumes
         for rec in vols.records.values():
             if rec.source is None and rec.name in vols.served:
                 self.load(rec.name)
             elif rec.source is not None and rec.name in vols.served \
                     and rec.source not in vols.served:
-                vols.broken[rec.name] = f"its source {rec.source!r} is not served"
+                vols.unserve(rec.name, f"its source {rec.source!r} is not served")
 
     def load(self, source: str) -> None:
         """A served source's clones (those whose volume could be opened)."""

@@ -80,16 +80,22 @@ class VolumeTable:
             self.broken[rec.name] = msg
 
     def unserve(self, name: str, why: str) -> None:
-        """Stop serving a volume at start-up (``why`` is shown in status and
-        to a client that opens it); its record and file stay."""
+        """Stop serving a volume no client has opened or written to (at
+        start-up, or just opened again under the maps lock): ``why`` is shown
+        in status and to a client that opens it; its record and file stay."""
         vol = self.served.pop(name, None)
         if vol is not None:
             vol.close()
         self.broken[name] = why
 
     def serve_again(self, name: str) -> None:
-        """Open an unserved volume again (``restore resume``)."""
+        """Open an unserved volume again (``restore resume``).  One that is
+        open is kept: a second ``Volume`` would leak the first one's
+        descriptor, and the first one's clients would write past the
+        second one's policy."""
         self.broken.pop(name, None)
+        if name in self.served:
+            return
         self.load(self.records[name])
         vol = self.served.get(name)
         if vol is not None:
