@@ -278,19 +278,23 @@ class Restores:
 
     def _bring_back(self, source: str) -> None:
         """A source kept unserved because its restore's clone was missing:
-        open its volumes again; if the clone is back, serve the family and
-        let the restore go on."""
+        open it again, then (only if it is served) its clones, its family
+        and its restore.  A clone is never served without its family's
+        rules: with none, a client's writes to it would be in no delta map.
+        A clone named here is refused; it comes back with its source."""
         vols = self.volumes
-        names = [source] + [n for n, rec in vols.records.items() if rec.source == source]
+        if vols.records[source].source is not None:
+            raise NotFound(f"volume {source!r} is not served: {vols.broken[source]}")
+        clones = [n for n, rec in vols.records.items() if rec.source == source and n in vols.broken]
         job = next((j for j in self.md.jobs() if j.source == source), None)
         # Under the maps lock, which opening an export takes: no client can
         # open (and write to) a volume before its rules are in place.
         with self.maps_lock:
-            for name in names:
-                if name in vols.broken:
-                    vols.serve_again(name)
+            vols.serve_again(source)
             if source not in vols.served:
                 raise NotFound(f"volume {source!r} is not served: {vols.broken[source]}")
+            for name in clones:
+                vols.serve_again(name)
             self.families.load(source)
             if job is not None and job.kind == "restore":
                 self.load(job)
