@@ -57,7 +57,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, r
 from lunclone import faults, policy
 from lunclone import volume as vf
 from lunclone.errors import Busy, LuncloneError, NotFound, ReadOnly
-from helpers import short_tmpdir
+from helpers import read_bitmap, short_tmpdir
 from live import EXT, MiB, Async, Hold, LiveEngine
 
 SIZE = MiB + 12 * 1024  # ragged end: the last extent is 12 KiB
@@ -138,6 +138,12 @@ class EngineModel(RuleBasedStateMachine):
         self.clones: dict[str, CloneModel] = {}
         self.restore: tuple[str, bool] | None = None  # (clone, protected)
         self.mirror_lost = False  # the unprotected restore's mirror failed: no longer mirrored
+        # During a restore: extents written since the last completed flush,
+        # and extents with a flushed write.  A crash may undo the writes of
+        # the first (their extent is still pending in the metadata, and is
+        # copied again), never of the second (rule 3).
+        self.unflushed: set[int] = set()
+        self.flushed: set[int] = set()
         self.seq = 0
         self.patches = pytest.MonkeyPatch()  # undone at the latest by teardown
         SEEN["examples"] += 1
@@ -200,6 +206,8 @@ class EngineModel(RuleBasedStateMachine):
 
     def apply_src(self, offset: int, data: bytes) -> None:
         self.src[offset:offset + len(data)] = data
+        if self.restore:
+            self.unflushed.update(range(offset // EXT, (offset + len(data) - 1) // EXT + 1))
         if self.restore and not self.restore[1] and not self.mirror_lost:  # --unprotected
             m = self.clones[self.restore[0]]
             m.data[offset:offset + len(data)] = data
@@ -219,6 +227,8 @@ class EngineModel(RuleBasedStateMachine):
         self.io(lambda: self.live.volume("src").pwrite(data, offset, fua))
         self.observe()
         self.apply_src(offset, data)
+        if fua:
+            self.completed_flush()
 
     @rule(offset=offsets, length=lengths, how=st.sampled_from(["trim", "zero", "zero-alloc"]))
     @reported
@@ -255,6 +265,11 @@ class EngineModel(RuleBasedStateMachine):
     def flush(self):
         self.step()
         self.io(lambda: self.live.volume("src").flush())
+        self.completed_flush()
+
+    def completed_flush(self) -> None:
+        self.flushed |= self.unflushed
+        self.unflushed = set()
 
     # -- a clone's own export ----------------------------------------------------
     @rule(k=st.integers(0, 2), offset=offsets, length=lengths, trim=st.booleans())
@@ -427,6 +442,7 @@ class EngineModel(RuleBasedStateMachine):
                     m.data, m.unknown = bytearray(), True
         self.src = bytearray(self.clones[name].data)
         self.restore = (name, protected)
+        self.unflushed, self.flushed = set(), set()
         self.mirror_lost = False
         SEEN["restores started"] += 1
 
@@ -691,12 +707,56 @@ class EngineModel(RuleBasedStateMachine):
         """SIGKILL-like, then reload from the database (``between``: run
         after the crash, before the reload)."""
         self.live.crash()
+        self.undo_unflushed()
         if between is not None:
             between()
         self.live.engine = self.live._boot()
         self.mirror_lost = False  # not kept: a resumed restore mirrors again (its
         # protected map covers the writes the clone missed; resynced at the end)
         self.observe()
+
+    @rule(k=st.integers(0, NEXT - 1), within=st.sampled_from([0, 1, 4096, EXT - 512]),
+          length=lengths, flush=st.booleans())
+    @reported
+    def write_then_crash(self, k, within, length, flush):
+        """During a restore: a write into the k-th extent still pending (if
+        any), maybe a flush, then a crash before anything else commits the
+        maps.  A flushed write must survive; an unflushed one may be undone."""
+        self.step()
+        self.observe()
+        fam = self.fam()
+        if self.restore is None or fam is None or fam.restore is None:
+            return
+        r = fam.restore
+        with fam.maps_lock:
+            pending = [i for i in r.pending.iter_set() if not r.protected.test(i)]
+        first = pending[k % len(pending)] if pending else k
+        offset, length = clip(min(first * EXT + within, SIZE - 1), length)
+        data = payload(self.seq, length)
+        self.io(lambda: self.live.volume("src").pwrite(data, offset, False))
+        self.observe()
+        self.apply_src(offset, data)
+        if flush:
+            self.io(lambda: self.live.volume("src").flush())
+            self.completed_flush()
+        SEEN["restarts right after a write" + (" and a flush" if flush else "")] += 1
+        self.restart_engine()
+
+    def undo_unflushed(self) -> None:
+        """After a crash, before the restart: an extent written since the
+        last completed flush whose pending bit is still committed (and its
+        protected bit not) will be copied again from the clone, undoing
+        writes that were never flushed (rule 3).  Never an extent with a
+        flushed write: that is checked by the source's model afterwards."""
+        if self.restore is not None:
+            state_dir = self.live.state_dir
+            again = ((self.unflushed - self.flushed) & read_bitmap(state_dir, "src", "pending")
+                     - read_bitmap(state_dir, "src", "protected"))
+            clone = self.clones[self.restore[0]].data
+            for i in again:
+                self.src[i * EXT:min((i + 1) * EXT, SIZE)] = ext(clone, i)
+            SEEN["unflushed extents copied again after a crash"] += len(again)
+        self.unflushed = set()
 
     @rule()
     @reported

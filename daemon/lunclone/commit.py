@@ -91,6 +91,9 @@ class Committer:
         self.maps: set[Bitmap] = set()
         self._open = Batch()
         self._requested: dict[tuple[int, int], Batch] = {}
+        # The batch whose commit carries bits set by ``set_until_flush``
+        # (None once it is durable): what a host flush waits for.
+        self._unflushed: Batch | None = None
         self._sync_fds: set[int] = set()
         self._wake = threading.Event()
         self._stop = False
@@ -117,6 +120,25 @@ class Committer:
             self._requested[key] = batch
             self._wake.set()
         return batch
+
+    def set_until_flush(self, bm: Bitmap, i: int) -> None:
+        """Set bit ``i`` of ``bm`` in memory now; it goes out with the next
+        commit, and a host flush waits for that commit (``commit_for_flush``).
+
+        Only for a bit whose absence after a crash is harmless: the
+        protected bit of a host write into an extent whose pending bit is
+        committed (a crash before the commit copies the extent again, which
+        undoes only writes never flushed: docs/DESIGN.md, rule 3)."""
+        bm.set(i)
+        self._unflushed = self._open
+
+    def commit_for_flush(self) -> None:
+        """Wait until the bits set by ``set_until_flush`` so far are durable."""
+        with self.maps_lock:
+            batch = self._unflushed
+        if batch is not None:
+            self._wake.set()
+            batch.wait()
 
     def has_requests(self, bm: Bitmap) -> bool:
         """Are bits of ``bm`` requested but not committed yet?"""
@@ -188,6 +210,9 @@ class Committer:
                 pages, fds = self._compose(batch), self._sync_fds
                 self._sync_fds = set()
             if not pages and not fds and not batch.bits:
+                with self.maps_lock:  # e.g. its map was deleted meanwhile
+                    if self._unflushed is batch:
+                        self._unflushed = None
                 batch.event.set()
                 return
             try:
@@ -207,6 +232,8 @@ class Committer:
                 for bm, i in batch.bits:
                     bm.set_committed(i)
                     self._requested.pop((id(bm), i), None)
+                if self._unflushed is batch:
+                    self._unflushed = None
             self.commits += 1
             batch.event.set()
 
@@ -235,6 +262,8 @@ class Committer:
                         bm.dirty_pages.add(p)
             for bm, i in batch.bits:
                 self._requested.pop((id(bm), i), None)
+            if self._unflushed is batch:  # its pages are dirty again: the next one
+                self._unflushed = self._open
         batch.error = exc
         batch.event.set()
 

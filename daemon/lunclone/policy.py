@@ -17,12 +17,17 @@ Maps (docs/DESIGN.md, "Maps"):
 Host write / trim / zero on the source, per extent touched:
     in flight                        -> wait for the copy, then decide again
     restore pending, not protected,
-      partial                        -> copy on demand clone->source first
-      covering the whole extent      -> no copy; write, fdatasync, then
-                                        commit the protected bit (the bit
+      partial                        -> copy on demand clone->source first;
+                                        pending cleared and protected set in
+                                        memory, committed together by the
+                                        next commit (a flush waits for it)
+      covering the whole extent      -> no copy; write, then protected set
+                                        in memory after the data (the bit
                                         stops the copy, so it follows the
                                         data, like rule 2); requests on that
                                         extent wait for this write to end
+      neither waits for a commit: a crash before it finds the extent still
+      pending, and copying it again undoes only unflushed writes (rule 3)
     restoring clone                  -> protected bit committed, then write
                                         (unprotected restore: also mirrored)
     fractured clone                  -> delta bit committed, then write
@@ -369,10 +374,12 @@ class Family:
         return runs[:1] if one else runs
 
     def flush(self, vol: Volume) -> None:
-        """The source's data, then each mirror's; a mirror that cannot flush
-        is resynchronized (its write-intent bits are set), the host's flush
-        does not fail for it."""
+        """The source's data and the protected bits of writes into pending
+        extents (rule 3), then each mirror's data; a mirror that cannot
+        flush is resynchronized (its write-intent bits are set), the host's
+        flush does not fail for it."""
         self.committer.sync_volume(self.source.fd)
+        self.committer.commit_for_flush()
         for clone in self._mirrors():
             try:
                 clone.volume.store.flush()
@@ -411,15 +418,16 @@ class Family:
 
         No copy preceded this write, so until the write is durable the
         extent holds pre-restore data: the protected bit (which stops the
-        copy) must follow the data, as a pending bit's clear does (rule 2).
-        A crash before the commit re-copies the clone's data over a write
-        that was never acknowledged."""
+        copy) must follow the data, as a pending bit's clear does (rule 2),
+        and it is committed with the next commit, which the next flush
+        waits for (rule 3).  A crash before that commit copies the clone's
+        data again over a write that was never flushed."""
         r = self.restore
         with self.maps_lock:
             self.committer.check_writable(self.source.fd)
             self.committer.copied_into(self.source.fd)
-            batches = [self.committer.request(r.protected, i) for i in late]
-        _wait(batches)
+            for i in late:
+                self.committer.set_until_flush(r.protected, i)
 
     def _mirror(self, clone: Clone, do: Callable[[Store], None]) -> None:
         """Write to a mirror; if that fails, its write-intent bits (set) record
@@ -634,7 +642,14 @@ class Family:
 
     # -- copies ------------------------------------------------------------------
     def copy_on_demand(self, todo: list[int]) -> None:
-        """Copy extents (already marked in flight) clone->source for a host request."""
+        """Copy extents (already marked in flight) clone->source for a write
+        that covers them in part, and protect them for it.
+
+        Nothing waits for a commit: the clear of the pending bit and the set
+        of the protected bit go out together with the next commit (the next
+        flush waits for it, rule 3).  Until then the extent is pending in
+        the metadata, so a crash copies it again, which only undoes writes
+        that were never flushed."""
         r = self.restore
         try:
             copied = 0
@@ -647,6 +662,7 @@ class Family:
         with self.maps_lock:
             for i in todo:
                 r.pending.clear(i)
+                self.committer.set_until_flush(r.protected, i)
             r.on_demand += len(todo)
             r.progress.add(copied)
             self.committer.copied_into(self.source.fd)
