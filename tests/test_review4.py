@@ -1,0 +1,94 @@
+"""Review of 969638c (protected bits of writes into pending extents set in
+memory, committed by the next commit that a flush waits for): interleavings
+that break "a bit set in memory is committed" for code that still relies
+on it.  Each test shows one finding and is xfail(strict) until it is fixed.
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from live import EXT, MiB
+
+SIZE = 4 * MiB
+PENDING = 32
+
+
+def pattern(tag: bytes, n: int = SIZE) -> bytes:
+    return (tag * (n // len(tag) + 1))[:n]
+
+
+def paused_restore(live) -> bytes:
+    """A protected restore of src from c1, paused at once: extents stay
+    pending, only host requests (and commits) touch the maps."""
+    clone_data = pattern(b"clone-")
+    live.fractured_clone(data=clone_data)
+    live.write("src", pattern(b"old-", PENDING * EXT), 0)
+    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    live.cmd("restore_pause", source="src")
+    return clone_data
+
+
+def fail_fdatasync_once(monkeypatch, fd: int) -> list[int]:
+    real, hit = os.fdatasync, []
+
+    def failing(f):
+        if f == fd and not hit:
+            hit.append(f)
+            raise OSError(errno.EIO, "injected write-back error")
+        return real(f)
+    monkeypatch.setattr(os, "fdatasync", failing)
+    return hit
+
+
+@pytest.mark.xfail(strict=True, reason="review4-1: _writeback_failed reloads every map from the "
+                   "database, dropping protected bits set by set_until_flush (not committed yet)")
+def test_a_clone_writeback_error_does_not_undo_acknowledged_source_writes(live, monkeypatch):
+    """A write-back error on the restoring clone's file (it is fdatasync'ed
+    by every commit after a copy on demand read it) reloads every map from
+    the database.  A host write into a pending extent whose protected bit
+    was only set in memory becomes pending and unprotected again: reads
+    return the clone's data, and a flush that then succeeds does not bring
+    the write back; the restore job copies the clone over it."""
+    clone_data = paused_restore(live)
+    whole = b"W" * EXT
+    lock = live.engine.committer.commit_lock
+    with lock:  # no commit until both writes are in
+        live.write("src", whole, 21 * EXT)                   # whole: protected in memory
+        live.write("src", b"P" * 4096, 22 * EXT + 512)       # partial: copy on demand reads c1
+        hit = fail_fdatasync_once(monkeypatch, live.clone("c1").volume.fd)
+    with pytest.raises(OSError):
+        live.commit()                     # fdatasync of c1 fails: maps put back
+    assert hit, "the clone's file was not fdatasync'ed by the commit"
+    live.volume("src").flush()            # succeeds: the source itself is fine
+    assert live.read("src", 21 * EXT, EXT) == whole, \
+        "an acknowledged (and then flushed) write reads as the clone's data"
+    live.cmd("restore_resume", source="src")
+    live.cmd("restore_rate", source="src", limit="0")
+    live.wait(lambda: live.family("src").restore is None, what="restore done")
+    assert live.read("src", 21 * EXT, EXT) == whole, "the restore copied the clone over it"
+
+
+@pytest.mark.xfail(strict=True, reason="review4-2: a write-back error on another family's source "
+                   "reloads every map, dropping this family's protected bits not yet committed")
+def test_another_volumes_writeback_error_does_not_undo_acknowledged_writes(live, monkeypatch):
+    """Same root cause as review4-1, from an unrelated volume: a host flush
+    of another source (with a clone, so its flush goes through the
+    committer) fails its fdatasync; ``_writeback_failed`` puts *every*
+    map back to the database, so this restore's protected bit, set in
+    memory by an acknowledged write, is gone.  The next flush of src
+    succeeds and the write reads as the clone's data."""
+    paused_restore(live)
+    live.fractured_clone(source="other", clone="d1", data=pattern(b"other-"))
+    whole = b"W" * EXT
+    with live.engine.committer.commit_lock:
+        live.write("src", whole, 21 * EXT)   # protected in memory only
+        hit = fail_fdatasync_once(monkeypatch, live.volume("other").fd)
+        with pytest.raises(OSError):
+            live.volume("other").flush()
+    assert hit
+    live.volume("src").flush()
+    assert live.read("src", 21 * EXT, EXT) == whole, \
+        "an acknowledged (and then flushed) write reads as the clone's data"
