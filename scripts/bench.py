@@ -324,6 +324,61 @@ def bench_restore(args) -> None:
         bench_io_during_restore(d, args, every_mb)
 
 
+def raw_copy_extents(src: str, dst: str, exts: list[int], extent: int) -> float:
+    """The baseline of a scattered restore: copy_file_range of exactly the
+    changed extents into an allocated file, then fdatasync."""
+    s, t = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDWR)
+    t0 = time.monotonic()
+    for i in exts:
+        off, done = i * extent, 0
+        while done < extent:
+            done += os.copy_file_range(s, t, extent - done, off + done, off + done)
+    os.fdatasync(t)
+    took = time.monotonic() - t0
+    os.close(s)
+    os.close(t)
+    return took
+
+
+def bench_scattered(args) -> None:
+    """``restore`` until done of a 2 GiB volume with 1%, 10% and 100% of its
+    64 KiB extents changed at random places, beside a raw copy_file_range
+    loop over exactly those extents (the disk's speed for that change)."""
+    import random
+    from lunclone.client import Client
+    size_mb, extent = 2048, 65536
+    with bench_daemon() as (d, work):
+        d.cli("create", "v", "--size", f"{size_mb}M")
+        fill(d.volume_path("v"), size_mb)
+        d.cli("clone", "create", "v", "c")
+        wait_state(d, "v", "c", "synchronized")
+        raw_dst = os.path.join(work, "raw.img")
+        shutil.copyfile(d.volume_path("v"), raw_dst)
+        next_ = (size_mb << 20) // extent
+        print(f"-- restore of scattered changes, 2 GiB, {args.rounds} alternated rounds "
+              "(seconds per round, restore/raw; ratio = raw time / restore time):")
+        for pct in (1, 10, 100):
+            exts = sorted(random.Random(pct).sample(range(next_), next_ * pct // 100))
+            job_s, raw_s = [], []
+            for r in range(args.rounds):
+                for side in (("job", "raw") if r % 2 == 0 else ("raw", "job")):
+                    if side == "raw":
+                        pretouch(1 << 30)
+                        raw_s.append(raw_copy_extents(d.volume_path("c"), raw_dst, exts, extent))
+                        continue
+                    damage_and_fracture(d, "v", "c", [i * extent for i in exts], n=4096)
+                    pretouch(1 << 30)
+                    t0 = time.monotonic()
+                    with Client(d.run_dir) as c:
+                        c.call("restore", source="v", clone_name="c")
+                    wait_restore_done(d, "v")
+                    job_s.append(time.monotonic() - t0)
+            rounds = ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(job_s, raw_s))
+            ratio = statistics.median(b / a for a, b in zip(job_s, raw_s))
+            print(f"   {pct:3d}% ({len(exts)} extents): {rounds}; median ratio {ratio:.3f}",
+                  flush=True)
+
+
 def bench_io_during_restore(d: Daemon, args, every_mb: list[int]) -> None:
     case = dict(rw="randrw", bs="4k", iodepth=16)
     during, idle, took = [], [], []
@@ -347,9 +402,11 @@ def bench_io_during_restore(d: Daemon, args, every_mb: list[int]) -> None:
           f"restore took {m(took):.1f} s meanwhile")
 
 
+# case -> (fio job, the restore's rate limit on the "pending" side)
 PENDING_CASES = {
-    "4k randread qd16": dict(rw="randread", bs="4k", iodepth=16),
-    "4k randwrite qd16": dict(rw="randwrite", bs="4k", iodepth=16),
+    "4k randread qd16": (dict(rw="randread", bs="4k", iodepth=16), "1M"),
+    "4k randwrite qd16": (dict(rw="randwrite", bs="4k", iodepth=16), "1M"),
+    "4k randrw qd16, restore at 256M/s": (dict(rw="randrw", bs="4k", iodepth=16), "256M"),
 }
 
 
@@ -363,8 +420,9 @@ def end_restore(d: Daemon, name: str) -> None:
 def bench_pending(args) -> None:
     """Host I/O on extents not yet copied, as an admin meets it: the restore
     is rate-limited (1 MiB/s), so nearly every request finds its extent
-    pending.  Beside it, the same fio on the same volume once the restore is
-    done; the sides alternate."""
+    pending; and a restore at 256 MiB/s under random I/O.  Beside each, the
+    same fio on the same volume once the restore is done; the sides
+    alternate."""
     with bench_daemon() as (d, work):
         size_mb = int(args.size.rstrip("MG")) * (1024 if args.size.endswith("G") else 1)
         d.cli("create", "v", "--size", f"{size_mb}M")
@@ -374,10 +432,10 @@ def bench_pending(args) -> None:
         every_mb = [mb << 20 for mb in range(size_mb)]
         results = {c: {"pending": [], "restored": []} for c in PENDING_CASES}
         for r in range(args.rounds):
-            for case_name, case in PENDING_CASES.items():
+            for case_name, (case, rate) in PENDING_CASES.items():
                 for side in (("pending", "restored") if r % 2 == 0 else ("restored", "pending")):
                     damage_and_fracture(d, "v", "c", every_mb, n=1 << 20)
-                    d.cli("restore", "v", "--from", "c", "--rate", "1M")
+                    d.cli("restore", "v", "--from", "c", "--rate", rate)
                     if side == "restored":
                         end_restore(d, "v")
                     pretouch(1 << 30)
@@ -385,27 +443,27 @@ def bench_pending(args) -> None:
                         measure(d.uri("v"), case, args.size, args.runtime))
                     end_restore(d, "v")
             print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
-        print(f"-- host I/O on pending extents (restore at 1 MiB/s) vs the same volume "
-              f"restored, {args.size}, {args.runtime:.0f}s per run; every round:")
+        print(f"-- host I/O on pending extents (restore at 1 MiB/s unless said) vs the same "
+              f"volume restored, {args.size}, {args.runtime:.0f}s per run; every round:")
         for case, by_side in results.items():
             rounds = ", ".join(f"{a:.0f}/{b:.0f}" for a, b in
                                zip(by_side["pending"], by_side["restored"]))
             ratio = statistics.median(a / b for a, b in zip(by_side["pending"],
                                                             by_side["restored"]))
-            print(f"   {case:20} pending/restored IOPS: {rounds}; median ratio {ratio:.3f}")
+            print(f"   {case:34} pending/restored IOPS: {rounds}; median ratio {ratio:.3f}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("suite", choices=["io", "clone", "restore", "pending", "remote"])
+    p.add_argument("suite", choices=["io", "clone", "restore", "scattered", "pending", "remote"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runtime", type=float, default=5.0)
     p.add_argument("--size", default="1G")
     p.add_argument("--size-mb", type=int, default=512, help="remote: the volume's size")
     args = p.parse_args()
     from bench_remote import bench_remote
-    {"io": bench_io, "clone": bench_clone, "restore": bench_restore, "pending": bench_pending,
-     "remote": bench_remote}[args.suite](args)
+    {"io": bench_io, "clone": bench_clone, "restore": bench_restore, "scattered": bench_scattered,
+     "pending": bench_pending, "remote": bench_remote}[args.suite](args)
 
 
 if __name__ == "__main__":

@@ -65,10 +65,13 @@ LAZY_INTERVAL = 1.0
 class Batch:
     """The bits one commit sets; waiters block on ``wait``."""
 
-    __slots__ = ("bits", "event", "error")
+    __slots__ = ("bits", "event", "error", "until_flush")
 
     def __init__(self) -> None:
         self.bits: list[tuple[Bitmap, int]] = []
+        # Bits set by ``set_until_flush`` that this commit makes durable,
+        # with the volume whose data each one vouches for.
+        self.until_flush: list[tuple[Bitmap, int, int]] = []
         self.event = threading.Event()
         self.error: BaseException | None = None
 
@@ -94,6 +97,7 @@ class Committer:
         # The batch whose commit carries bits set by ``set_until_flush``
         # (None once it is durable): what a host flush waits for.
         self._unflushed: Batch | None = None
+        self._committing: Batch | None = None  # the batch a commit is writing now
         self._sync_fds: set[int] = set()
         self._wake = threading.Event()
         self._stop = False
@@ -121,15 +125,19 @@ class Committer:
             self._wake.set()
         return batch
 
-    def set_until_flush(self, bm: Bitmap, i: int) -> None:
-        """Set bit ``i`` of ``bm`` in memory now; it goes out with the next
-        commit, and a host flush waits for that commit (``commit_for_flush``).
+    def set_until_flush(self, bm: Bitmap, i: int, fd: int) -> None:
+        """Set bit ``i`` of ``bm`` in memory now, vouching for data written
+        to volume ``fd``; it goes out with the next commit (``fd`` is
+        fdatasync'ed first), and a host flush waits for that commit
+        (``commit_for_flush``).
 
         Only for a bit whose absence after a crash is harmless: the
         protected bit of a host write into an extent whose pending bit is
         committed (a crash before the commit copies the extent again, which
         undoes only writes never flushed: docs/DESIGN.md, rule 3)."""
         bm.set(i)
+        self._sync_fds.add(fd)
+        self._open.until_flush.append((bm, i, fd))
         self._unflushed = self._open
 
     def commit_for_flush(self) -> None:
@@ -180,6 +188,21 @@ class Committer:
             for bm in self.maps:
                 if bm.key is not None:
                     bm.assign(self.md.load_bitmap(*bm.key, bm.nbits))
+            # Every clear that counted on it is undone, and none counts on it
+            # from now on (``Family._on_failed_volume``): no commit syncs it.
+            self._sync_fds.discard(fd)
+            self._keep_sets_until_flush(fd)
+
+    def _keep_sets_until_flush(self, failed_fd: int) -> None:
+        """After the reload: bits set by ``set_until_flush`` are not in the
+        database yet, but they stand for acknowledged writes; set them again
+        (their commit is still to come), unless their data was on the
+        volume whose write-back failed (its flushes fail from now on)."""
+        batches = [self._open] + ([self._committing] if self._committing else [])
+        for batch in batches:
+            for bm, i, fd in batch.until_flush:
+                if fd != failed_fd and fd not in self.failed_fds and bm in self.maps:
+                    bm.set(i)
 
     # -- the committer thread ---------------------------------------------------
     def start(self) -> None:
@@ -209,8 +232,10 @@ class Committer:
                 batch, self._open = self._open, Batch()
                 pages, fds = self._compose(batch), self._sync_fds
                 self._sync_fds = set()
+                self._committing = batch
             if not pages and not fds and not batch.bits:
                 with self.maps_lock:  # e.g. its map was deleted meanwhile
+                    self._committing = None
                     if self._unflushed is batch:
                         self._unflushed = None
                 batch.event.set()
@@ -234,6 +259,7 @@ class Committer:
                     self._requested.pop((id(bm), i), None)
                 if self._unflushed is batch:
                     self._unflushed = None
+                self._committing = None
             self.commits += 1
             batch.event.set()
 
@@ -262,6 +288,8 @@ class Committer:
                         bm.dirty_pages.add(p)
             for bm, i in batch.bits:
                 self._requested.pop((id(bm), i), None)
+            self._committing = None
+            self._open.until_flush += batch.until_flush  # not durable: the next one
             if self._unflushed is batch:  # its pages are dirty again: the next one
                 self._unflushed = self._open
         batch.error = exc

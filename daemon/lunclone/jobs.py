@@ -1,9 +1,10 @@
 """Background copy jobs on the asyncio loop: synchronize and restore.
 
-Each job walks its map in order from a cursor, takes a run of up to
-``RUN_EXTENTS`` consecutive extents (``Family.take_run`` decides which), has
-a worker thread copy it (copy_file_range releases the GIL, so host requests
-go on meanwhile), then clears the bits (``Family.finish_run``).  Extents it
+Each job walks its map in order from a cursor, takes runs of consecutive
+extents, up to ``RUN_EXTENTS`` extents in all (``Family.take_runs`` decides
+which: scattered extents go together), has a worker thread copy them in one
+call (copy_file_range releases the GIL, so host requests go on meanwhile),
+then clears the bits (``Family.finish_run``).  Extents it
 had to skip (a host write in progress, a copy on demand in flight) are
 picked up on the next pass.  A job ends through its ``finish`` hook (the
 clone or restore admin) in one metadata transaction.  ``JobRunner`` keeps
@@ -124,12 +125,12 @@ class CopyJob(abc.ABC):
                     continue
                 if len(running) < self.window():
                     with self.family.maps_lock:
-                        run = self.family.take_run(self.bitmap(), cursor, self._run_limit(),
-                                                   self.skip())
-                        empty = run is None and not self.bitmap().any()
-                    if run is not None:
-                        cursor = run[0] + run[1]
-                        running.add(asyncio.create_task(self._copy(self._start_copy(*run))))
+                        runs = self.family.take_runs(self.bitmap(), cursor, self._run_limit(),
+                                                     self.skip(), self._runs_per_copy())
+                        empty = not runs and not self.bitmap().any()
+                    if runs:
+                        cursor = runs[-1][0] + runs[-1][1]
+                        running.add(asyncio.create_task(self._copy(self._start_copy(runs))))
                         continue
                     if not running:
                         if empty and self.finish():
@@ -145,22 +146,23 @@ class CopyJob(abc.ABC):
             if self._copies:  # the threads: the job ends when its copies have
                 await asyncio.wait(self._copies)
 
-    def _start_copy(self, first: int, n: int) -> asyncio.Future:
-        """Copy one run (marked in flight by ``take_run``) on the pool.  The
-        run is finished in the future's done callback, on the loop, exactly
-        once and only after the thread returned: its bits are cleared if it
-        succeeded and the job is still active, else left set; its extents
-        are released either way, even if the task awaiting it is cancelled
-        before it ever ran."""
+    def _start_copy(self, runs: list[tuple[int, int]]) -> asyncio.Future:
+        """Copy runs (marked in flight by ``take_runs``) in one call on the
+        pool.  They are finished in the future's done callback, on the loop,
+        exactly once and only after the thread returned: their bits are
+        cleared if every copy succeeded and the job is still active, else
+        left set; their extents are released either way, even if the task
+        awaiting it is cancelled before it ever ran."""
         fam, bm = self.family, self.bitmap()
         src, dst = self.stores()
         copy = asyncio.get_running_loop().run_in_executor(
-            self.pool, fam.copy_extents, src, dst, first, n)
+            self.pool, fam.copy_runs, src, dst, runs)
 
         def finished(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None and self.active()
             with fam.maps_lock:
-                fam.finish_run(bm, first, n, dst, copied=ok, src=src)
+                for first, n in runs:
+                    fam.finish_run(bm, first, n, dst, copied=ok, src=src)
                 if ok:
                     self.progress().add(f.result())
         copy.add_done_callback(finished)
@@ -187,6 +189,12 @@ class CopyJob(abc.ABC):
         if self.throttle.limit or not self._remote():
             return 1
         return REMOTE_WINDOW
+
+    def _runs_per_copy(self) -> int:
+        """Runs one worker call copies: many for local files (a thread
+        hand-off per scattered extent would cost more than its copy), one
+        to or from a remote, whose round trips the window overlaps instead."""
+        return 1 if self._remote() else RUN_EXTENTS
 
     def _remote(self) -> bool:
         """Does this job copy to or from a remote store?"""
@@ -337,6 +345,9 @@ class JobRunner:
             await job.run()
         except asyncio.CancelledError:
             raise
+        except OSError as e:  # e.g. its finish found a volume whose write-back failed
+            log.error("%s job failed: %s", key, e)
+            job.failed(e.strerror or str(e))
         except Exception as e:
             log.exception("%s job failed", key)
             job.failed(f"internal error: {e!r}")

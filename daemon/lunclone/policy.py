@@ -425,9 +425,8 @@ class Family:
         r = self.restore
         with self.maps_lock:
             self.committer.check_writable(self.source.fd)
-            self.committer.copied_into(self.source.fd)
             for i in late:
-                self.committer.set_until_flush(r.protected, i)
+                self.committer.set_until_flush(r.protected, i, self.source.fd)
 
     def _mirror(self, clone: Clone, do: Callable[[Store], None]) -> None:
         """Write to a mirror; if that fails, its write-intent bits (set) record
@@ -486,6 +485,12 @@ class Family:
             self.committer.copied_into(self.source.fd)
             self._copied_into(clone.volume.store)
         return len(cleared)
+
+    def _on_failed_volume(self, *stores: Store | None) -> bool:
+        """Under lock: did the write-back of one of these (local) volumes
+        fail?  Then no clear may depend on a copy to or from it."""
+        return any(s is not None and is_local(s) and s.fd in self.committer.failed_fds
+                   for s in stores)
 
     def _copied_into(self, store: Store) -> None:
         """A local store is fdatasync'ed by the next commit; a remote one was
@@ -660,9 +665,13 @@ class Family:
             log.error("copy on demand from %s failed: %s", r.clone.name, e)
             raise
         with self.maps_lock:
+            if self._on_failed_volume(self.source.store, r.data_source):
+                self.guard.end_copies(todo)  # its write-back failed meanwhile
+                raise OSError(errno.EIO, f"copy on demand from {r.clone.name}: a volume's "
+                              "write-back failed; restart the daemon")
             for i in todo:
                 r.pending.clear(i)
-                self.committer.set_until_flush(r.protected, i)
+                self.committer.set_until_flush(r.protected, i, self.source.fd)
             r.on_demand += len(todo)
             r.progress.add(copied)
             self.committer.copied_into(self.source.fd)
@@ -673,6 +682,8 @@ class Family:
         """Copy ``count`` extents from ``first``; no lock held (they are in flight)."""
         offset = first << self.shift
         self.committer.check_writable(dst.fd)
+        if is_local(src):  # its data may be lost: nothing is vouched for by it
+            self.committer.check_writable(src.fd)
         n = copy_range(src, dst, offset, min(count << self.shift, self.source.size - offset))
         if faults.armed is not None:
             faults.hit("copy.data_written")
@@ -702,6 +713,24 @@ class Family:
             return i, n
         return None
 
+    def take_runs(self, bm: Bitmap, start: int, limit: int, skip: Bitmap | None = None,
+                  max_runs: int = 1) -> list[tuple[int, int]]:
+        """Under lock: up to ``max_runs`` runs (as ``take_run``) from
+        ``start`` on, ``limit`` extents in all, marked in flight: scattered
+        extents are copied by one worker call, not one call each."""
+        runs: list[tuple[int, int]] = []
+        while limit > 0 and len(runs) < max_runs:
+            run = self.take_run(bm, start, limit, skip)
+            if run is None:
+                break
+            runs.append(run)
+            start, limit = run[0] + run[1], limit - run[1]
+        return runs
+
+    def copy_runs(self, src: Store, dst: Store, runs: list[tuple[int, int]]) -> int:
+        """Copy runs taken by ``take_runs``; no lock held (they are in flight)."""
+        return sum(self.copy_extents(src, dst, first, n) for first, n in runs)
+
     def finish_run(self, bm: Bitmap, first: int, n: int, dst: Store, copied: bool,
                    src: Store | None = None) -> None:
         """Under lock: the copy of a run returned; release its extents, and
@@ -709,7 +738,7 @@ class Family:
         ends must be durable before the clear is committed: the copy may
         have read a host write to ``src`` that was never flushed, and a
         power cut would then take it from the source but not from the copy."""
-        if copied:
+        if copied and not self._on_failed_volume(dst, src):
             for i in range(first, first + n):
                 bm.clear(i)
             self._copied_into(dst)
