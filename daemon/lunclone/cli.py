@@ -240,7 +240,8 @@ def restore() -> None:
 @click.option("--from", "clone_name", required=True, metavar="CLONE", help="The clone to restore from.")
 @click.option("--unprotected", is_flag=True,
               help="Mirror host writes to the clone; it ends synchronized.")
-@click.option("--wait", is_flag=True, help="Show progress until the restore is done.")
+@click.option("--wait", is_flag=True,
+              help="Show progress until the restore is done; exit 1 if it pauses on an error.")
 @click.option("--rate", metavar="LIMIT", help="Copy at most LIMIT bytes/s (e.g. 100M).")
 @run_dir_option
 @json_option
@@ -262,6 +263,19 @@ def restore_start(source: str, clone_name: str, unprotected: bool, wait: bool,
             info = display.follow_restore(c, source)
             if as_json:
                 emit(info, True, str)
+            _check_restore_ended(info)
+
+
+class RestorePaused(LuncloneError):
+    """``restore --wait``: the restore paused on an error instead of ending."""
+
+
+def _check_restore_ended(info: dict) -> None:
+    r = info.get("restore") or {}
+    if r.get("state") == "paused" and r.get("error"):
+        name = info["name"]
+        raise RestorePaused(f"restore of {name} paused: {r['error']}; "
+                            f"'lunclone restore resume {name}' goes on")
 
 
 def _restore_command(cmd: str, doc: str):

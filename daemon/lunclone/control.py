@@ -13,10 +13,14 @@ import logging
 import os
 from typing import Any, Awaitable, Callable
 
-from . import protocol
+from . import protocol, units
 from .errors import InternalError, InvalidArgument, LuncloneError, SystemFailure
+from .jobs import JobKey
+from .policy import PAUSED
 
 log = logging.getLogger("lunclone.control")
+
+MAX_WAIT_S = 60.0  # the longest a ``wait`` holds its connection
 
 
 class ControlServer:
@@ -32,6 +36,7 @@ class ControlServer:
             "delete": _then_deleted(engine.delete_volume),
             "list": st.all,
             "status": self._status,
+            "wait": self._wait,
             "clone_create": _then_status(engine.clones.create, "name", st),
             "clone_fracture": _then_status(engine.clones.fracture, "name", st),
             "clone_sync": _then_status(engine.clones.sync, "name", st),
@@ -54,6 +59,33 @@ class ControlServer:
         if name is None:
             return self.engine.status.all()
         return self.engine.status.volume(name)
+
+    async def _wait(self, name: str, timeout: float = 1.0) -> dict:
+        """A long poll: the volume's status once a job of its family (its
+        restore, its clones' syncs, its own sync if it is a clone) ends or
+        stops on an error, or after ``timeout`` seconds; at once if none
+        runs.  The CLI's ``--wait`` asks it again every redraw."""
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not 0 < timeout <= MAX_WAIT_S):
+            raise InvalidArgument(f"timeout must be a number of seconds, more than 0 and at "
+                                  f"most {MAX_WAIT_S:g}; got {timeout!r}"[:200])
+        units.check_name(name)
+        self.engine.volumes.record(name)  # NotFound for an unknown volume
+        await self.engine.jobs.wait_any(self._jobs_of(name), timeout)
+        return self.engine.status.volume(name)
+
+    def _jobs_of(self, name: str) -> list[JobKey]:
+        """The jobs a wait on ``name`` waits for; not a restore paused on
+        an error (its task goes on, waiting for 'restore resume')."""
+        keys = [JobKey("sync", name)]
+        fam = self.engine.families.get(name)
+        if fam is not None:
+            with self.engine.status.maps_lock:
+                r = fam.restore
+                if r is not None and not (r.state == PAUSED and r.error):
+                    keys.append(JobKey("restore", name))
+                keys += [JobKey("sync", c) for c in fam.clones]
+        return keys
 
     async def start(self) -> None:
         if os.path.exists(self.path):

@@ -98,30 +98,48 @@ def progress_line(v: dict) -> str:
     return f"{v['name']}: idle"
 
 
-POLL_S = 0.02  # how often a wait looks: it returns within this of the end
+MIN_WAIT_S = 0.02  # a wait answered at once while still busy: look again after this
+
+
+def busy(v: dict) -> bool:
+    """Does a job of the volume still run?  A restore paused on an error
+    does not (it waits for 'restore resume'), nor a sync stopped on one; a
+    restore paused by the admin does."""
+    r = v.get("restore") or {}
+    restoring = r.get("state") == "running" or (r.get("state") == "paused" and not r.get("error"))
+    return restoring or any(c["state"] == "synchronizing" and not c.get("error")
+                            for c in v.get("clones", []))
 
 
 def follow_restore(client, name: str, forever: bool = False, interval: float = 0.5) -> dict:
-    """Draw progress (bar, rate, ETA) until the volume's jobs are done.
-    Status is asked every ``POLL_S`` (a wait returns as soon as the job
-    ends); the line is redrawn every ``interval`` (every 2 s when stderr is
-    not a terminal)."""
+    """Draw progress (bar, rate, ETA) until the volume's jobs are done; the
+    final status.  The daemon's ``wait`` answers as soon as a job ends (or
+    after the time left to the next redraw), so this returns right after
+    the end without polling; the line is redrawn every ``interval`` (every
+    2 s when stderr is not a terminal).  ``forever``: go on after the end."""
     import sys
     import time
     tty = sys.stderr.isatty()
+    every = interval if tty else 2.0
     last_draw = -1e9
+    v = client.call("status", name=name)
     while True:
-        v = client.call("status", name=name)
-        busy = (v.get("restore") or {}).get("state") in ("running", "paused") or any(
-            c["state"] == "synchronizing" and not c.get("error") for c in v.get("clones", []))
         now = time.monotonic()
-        if now - last_draw >= (interval if tty else 2.0) or not busy:
+        if now - last_draw >= every or not busy(v):
             line = progress_line(v)
             sys.stderr.write("\r\x1b[K" + line if tty else line + "\n")
             sys.stderr.flush()
             last_draw = now
-        if not busy and not forever:
-            if tty:
-                sys.stderr.write("\n")
-            return v
-        time.sleep(interval if forever else POLL_S)
+        if not busy(v):
+            if not forever:
+                if tty:
+                    sys.stderr.write("\n")
+                return v
+            time.sleep(interval)
+            v = client.call("status", name=name)
+            continue
+        left = min(max(every - (time.monotonic() - last_draw), MIN_WAIT_S), 60.0)
+        t0 = time.monotonic()
+        v = client.call("wait", name=name, timeout=round(left, 3))
+        if busy(v) and time.monotonic() - t0 < MIN_WAIT_S:
+            time.sleep(MIN_WAIT_S)  # a job about to start (a sync after a restore)

@@ -21,9 +21,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import time
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, Iterable, Literal, NamedTuple
 
 from .bitmap import Bitmap
 from .policy import PAUSED, SYNCHRONIZING, Clone, Family, Progress, Restore
@@ -76,6 +77,7 @@ class CopyJob(abc.ABC):
         self._backoff_until = 0.0
         self.stopped = False
         self.task: asyncio.Task | None = None
+        self.on_failure: Callable[[], None] = lambda: None  # JobRunner.run: wakes waiters
         self._copies: set[asyncio.Future] = set()  # copies whose thread has not returned
         self.run_extents = max(1, min(RUN_EXTENTS, MAX_RUN_BYTES >> family.shift))
 
@@ -183,6 +185,11 @@ class CopyJob(abc.ABC):
         await self.throttle.account(copied)
         await self._yield_to_host(seen)
 
+    def fail(self, message: str) -> None:
+        """``failed``, then tell whoever waits for this job (``JobRunner.wait_any``)."""
+        self.failed(message)
+        self.on_failure()
+
     def window(self) -> int:
         """Runs copied at once: one for local files (copy_file_range is
         bound by the disk) and under a rate limit, several to a remote."""
@@ -222,7 +229,7 @@ class CopyJob(abc.ABC):
                   msg, self.failures)
         if self.failures >= (REMOTE_RETRIES if self._remote() else MAX_RETRIES):
             self.failures = 0
-            self.failed(msg)
+            self.fail(msg)
         else:
             delay = min(0.1 * 4 ** self.failures, MAX_BACKOFF_S)
             self._backoff_until = time.monotonic() + delay
@@ -325,6 +332,7 @@ class JobRunner:
         self.pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="lunclone-copy")
         self.jobs: dict[JobKey, CopyJob] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # set by ``start``
+        self._waiters: list[tuple[frozenset[JobKey], asyncio.Future]] = []  # wait_any
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -335,8 +343,37 @@ class JobRunner:
     def running(self, key: JobKey) -> bool:
         return is_running(self.jobs.get(key))
 
+    def tasks(self, keys: Iterable[JobKey]) -> list[asyncio.Task]:
+        """The tasks of these keys' jobs that still run."""
+        return [job.task for job in map(self.jobs.get, keys) if is_running(job)]
+
+    async def wait_any(self, keys: Iterable[JobKey], timeout: float) -> None:
+        """Until one of these keys' running jobs ends or fails (a restore
+        pauses on an error: its task goes on), or ``timeout`` seconds; at
+        once if none runs.  The jobs are awaited, not polled, and never
+        cancelled by this wait."""
+        keys = frozenset(keys)
+        tasks = self.tasks(keys)
+        if not tasks:
+            return
+        failed = self.loop.create_future()
+        waiter = (keys, failed)
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait([*tasks, failed], timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiters.remove(waiter)
+            failed.cancel()
+
+    def _failed(self, key: JobKey) -> None:
+        for keys, fut in self._waiters:
+            if key in keys and not fut.done():
+                fut.set_result(None)
+
     def run(self, key: JobKey, job: CopyJob) -> None:
         """Start ``job`` on the loop under ``key`` (replacing an ended one)."""
+        job.on_failure = functools.partial(self._failed, key)
         job.task = self.loop.create_task(self._run(job, key))
         self.jobs[key] = job
 
@@ -350,7 +387,7 @@ class JobRunner:
             job.failed(e.strerror or str(e))
         except Exception as e:
             log.exception("%s job failed", key)
-            job.failed(f"internal error: {e!r}")
+            job.fail(f"internal error: {e!r}")
 
     async def end(self, key: JobKey) -> None:
         """Forget a job and wait until it has stopped (its clone is gone)."""
