@@ -214,9 +214,9 @@ def bench_initial_sync(d: Daemon, path: str, work: str, rounds: int) -> None:
 
 def wait_restore_done(d: Daemon, name: str) -> None:
     from lunclone.client import Client
-    with Client(d.run_dir) as c:
-        while c.call("status", name=name)["restore"]["state"] != "done":
-            time.sleep(0.01)
+    with Client(d.run_dir) as c:  # 'wait' answers when the job ends
+        while c.call("wait", name=name, timeout=10.0)["restore"]["state"] != "done":
+            pass
 
 
 def damage_and_fracture(d: Daemon, src: str, clone: str, offsets: list[int], n: int = 65536):

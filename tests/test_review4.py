@@ -50,7 +50,7 @@ def test_a_clone_writeback_error_does_not_undo_acknowledged_source_writes(live, 
     was only set in memory becomes pending and unprotected again: reads
     return the clone's data, and a flush that then succeeds does not bring
     the write back; the restore job copies the clone over it."""
-    clone_data = paused_restore(live)
+    paused_restore(live)
     whole = b"W" * EXT
     lock = live.engine.committer.commit_lock
     with lock:  # no commit until both writes are in

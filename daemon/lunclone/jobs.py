@@ -384,7 +384,7 @@ class JobRunner:
             raise
         except OSError as e:  # e.g. its finish found a volume whose write-back failed
             log.error("%s job failed: %s", key, e)
-            job.failed(e.strerror or str(e))
+            job.fail(e.strerror or str(e))
         except Exception as e:
             log.exception("%s job failed", key)
             job.fail(f"internal error: {e!r}")
