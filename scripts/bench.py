@@ -104,9 +104,12 @@ def bench_daemon():
         shutil.rmtree(work, ignore_errors=True)
 
 
-def python_passthrough(work: str, path: str) -> NbdkitServer:
-    return NbdkitServer(os.path.join(work, "py.sock"), "python",
-                        os.path.join(ROOT, "scripts", "passthrough_plugin.py"), f"file={path}")
+def python_passthrough(work: str, path: str, mirror: str | None = None) -> NbdkitServer:
+    """The bare Python plugin on ``path``; with ``mirror`` it also writes there."""
+    extra = [f"mirror={mirror}"] if mirror else []
+    sock = os.path.join(work, "pymirror.sock" if mirror else "py.sock")
+    return NbdkitServer(sock, "python", os.path.join(ROOT, "scripts", "passthrough_plugin.py"),
+                        f"file={path}", *extra)
 
 
 def bench_io(args) -> None:
@@ -157,6 +160,9 @@ def bench_clone(args) -> None:
         path = d.volume_path("bench")
         fill(path, int(args.size.rstrip("G")) * 1024)
         passthrough = python_passthrough(work, path)
+        second = os.path.join(work, "mirror.img")
+        subprocess.run(["cp", "--sparse=always", path, second], check=True)
+        mirror_peer = python_passthrough(work, path, mirror=second)
         try:
             sides = {"lunclone": d.uri("bench"), "python-pass": passthrough.uri}
             cases = {k: v for k, v in FIO_CASES.items() if k.startswith("4k")}
@@ -164,8 +170,9 @@ def bench_clone(args) -> None:
             wait_state(d, "bench", "mirror", "synchronized")
             print(f"clone: {args.rounds} rounds, {args.runtime}s per run, volume {args.size}")
             print("-- synchronized clone (every write mirrored, write intent bits):")
-            report(alternate(sides, cases, args.rounds, args.size, args.runtime, 1 << 30),
-                   "lunclone", ["python-pass"])
+            report(alternate({**sides, "python-mirror": mirror_peer.uri}, cases, args.rounds,
+                             args.size, args.runtime, 1 << 30),
+                   "lunclone", ["python-pass", "python-mirror"])
             d.cli("clone", "fracture", "mirror")
             print("-- fractured clone (delta tracking on):")
             report(alternate(sides, cases, args.rounds, args.size, args.runtime, 1 << 30),
@@ -173,6 +180,8 @@ def bench_clone(args) -> None:
             d.cli("clone", "delete", "mirror")
         finally:
             passthrough.stop()
+            mirror_peer.stop()
+            os.unlink(second)
         bench_initial_sync(d, path, work, args.rounds)
 
 

@@ -1,9 +1,13 @@
 """The baseline: a bare nbdkit Python pass-through plugin onto one file.
 
-    nbdkit python scripts/passthrough_plugin.py file=PATH
+    nbdkit python scripts/passthrough_plugin.py file=PATH [mirror=PATH2]
 
 The least a Python plugin can do per request; lunclone's hot path is
-measured against it.
+measured against it. With ``mirror=`` every write also goes to PATH2 at
+the same offset and flush syncs both (reads come from PATH): the peer of
+lunclone's synchronized clone. The plugin has no zero or trim callback:
+nbdkit emulates zero with pwrite (so it is mirrored) and trim is not
+offered.
 """
 import os
 
@@ -11,14 +15,19 @@ import nbdkit
 
 API_VERSION = 2
 path = None
+mirror = None
 fd = -1
+mirror_fd = -1
 
 
 def config(key, value):
-    global path
-    if key != "file":
+    global path, mirror
+    if key == "file":
+        path = value
+    elif key == "mirror":
+        mirror = value
+    else:
         raise RuntimeError(f"unknown key {key}")
-    path = value
 
 
 def thread_model():
@@ -26,8 +35,10 @@ def thread_model():
 
 
 def get_ready():
-    global fd
+    global fd, mirror_fd
     fd = os.open(path, os.O_RDWR)
+    if mirror is not None:
+        mirror_fd = os.open(mirror, os.O_RDWR)
 
 
 def open(readonly):
@@ -52,9 +63,13 @@ def pread(h, buf, offset, flags):
 
 def pwrite(h, buf, offset, flags):
     os.pwrite(h, buf, offset)
+    if mirror_fd >= 0:
+        os.pwrite(mirror_fd, buf, offset)
     if flags & nbdkit.FLAG_FUA:
-        os.fdatasync(h)
+        flush(h, 0)
 
 
 def flush(h, flags):
     os.fdatasync(h)
+    if mirror_fd >= 0:
+        os.fdatasync(mirror_fd)
