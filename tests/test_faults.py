@@ -161,7 +161,11 @@ def test_clone_read_errors_pause_restore_and_fail_only_those_requests(daemon, wo
         d.stop()
     finally:
         subprocess.run(["fusermount3", "-u", fuse])
-        fp.wait(10)
+        try:
+            fp.wait(10)
+        except subprocess.TimeoutExpired:  # busy under load: detach it lazily
+            subprocess.run(["fusermount3", "-uz", fuse])
+            fp.wait(30)
         srv.terminate()
         srv.wait(10)
 

@@ -89,6 +89,8 @@ def reported(fn):
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         t0 = time.monotonic()
+        if fn.__name__ != "check":
+            self.trace.append((fn.__name__, kwargs))
         try:
             return fn(self, *args, **kwargs)
         except BaseException:  # pytest.raises' Failed is not an Exception
@@ -98,7 +100,8 @@ def reported(fn):
                 FIRST_FAILURE_AT.update(examples=SEEN["examples"], steps=STEPS["count"],
                                         seconds=round(took))
                 print(f"first failure (example {SEEN['examples']}, step {STEPS['count']}, "
-                      f"{took:.0f} s), shrinking follows:\n{FIRST_FAILURE[0]}", flush=True)
+                      f"{took:.0f} s), its steps (for ``replay``):\n{self.trace!r}\n"
+                      f"shrinking follows:\n{FIRST_FAILURE[0]}", flush=True)
             raise
         finally:
             took = time.monotonic() - t0
@@ -147,6 +150,7 @@ class EngineModel(RuleBasedStateMachine):
         self.seq = 0
         self.patches = pytest.MonkeyPatch()  # undone at the latest by teardown
         SEEN["examples"] += 1
+        self.trace: list[tuple[str, dict]] = []  # the steps so far, printed on a failure
 
     def teardown(self):
         self.patches.undo()

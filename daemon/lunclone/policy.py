@@ -55,7 +55,6 @@ import dataclasses
 import errno
 import functools
 import logging
-import os
 import threading
 import time
 from typing import Callable
@@ -275,13 +274,20 @@ class Family:
         self.refresh_fast()
 
     def refresh_fast(self) -> None:
-        """The fast path is on while every clone is fractured and nothing is
-        restored: then a write whose delta bits are all committed needs no
-        lock, no map change and no copy (the steady state of rule 4)."""
-        self.plain_reads = self._restore is None
-        if self._restore is None and all(c.state == FRACTURED and c.fracturing is None
-                                         for c in self.clones.values()):
-            self.fast_maps = [c.delta.bits for c in self.clones.values()]
+        """The fast path is on while every other clone is fractured and no
+        restore runs, or a protected one runs past its start: then a write
+        into one extent whose bits are all set (each fractured clone's
+        delta bit, the restore's protected bit) needs no lock, no map
+        change and no copy (the steady state of rule 4).  A protected
+        extent is never copied again, so nothing can be in flight on it."""
+        r = self._restore
+        self.plain_reads = r is None
+        restore_ok = r is None or (r.protected_mode and r.ready.is_set())
+        others = [c for c in self.clones.values() if r is None or c is not r.clone]
+        if restore_ok and all(c.state == FRACTURED and c.fracturing is None for c in others):
+            self.fast_maps = [c.delta.bits for c in others]
+            if r is not None:
+                self.fast_maps.append(r.protected.bits)
         else:
             self.fast_maps = None
 
@@ -293,8 +299,9 @@ class Family:
     # -- host requests on the source -----------------------------------------
     def pread(self, vol: Volume, buf, offset: int) -> None:
         self.host_requests += 1
-        if self._restore is None:
-            vf.read_into(vol.fd, buf, offset)
+        r = self._restore
+        if r is None or (r.ready.is_set() and _all_copied(r, offset, len(buf), self.shift)):
+            vf.read_into(vol.fd, buf, offset)  # no lock: see ``_all_copied``
             return
         r, from_clone = self._prepare_read(offset, len(buf))
         if not from_clone:
@@ -328,9 +335,10 @@ class Family:
                         if not bits[byte] >> bit & 1:
                             break
                     else:
+                        self.host_requests += 1  # (approximate: for the job's yield)
                         vf.write_from(vol.fd, buf, offset)
                         if fua:
-                            os.fdatasync(vol.fd)
+                            self.flush(vol)
                         return
         finally:
             gen.pop()
@@ -803,6 +811,22 @@ def _wait(batches: list[Batch | None]) -> None:
             seen.add(id(b))
             b.wait()
 
+
+
+def _all_copied(r: Restore, offset: int, length: int, shift: int) -> bool:
+    """Without the lock: does the source already hold what a read of these
+    bytes must return?  True when every extent is not pending, or is
+    protected.  During a restore a pending bit is only cleared, and a
+    protected bit only set, after the source holds the data (a copy ended,
+    or a write covering the extent landed), and neither has a copy in
+    flight; the restore's gate (``ready``) must be open, else the pending
+    map may not be filled yet."""
+    pend, prot = r.pending.bits, r.protected.bits
+    for i in range(offset >> shift, ((offset + length - 1) >> shift) + 1):
+        byte, bit = i >> 3, i & 7
+        if pend[byte] >> bit & 1 and not prot[byte] >> bit & 1:
+            return False
+    return True
 
 
 def _set_bits_between(bm: Bitmap, first: int, last: int):

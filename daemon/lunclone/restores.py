@@ -134,6 +134,8 @@ class Restores:
                     self._commit_start(fam, r)
             finally:
                 r.ready.set()  # open the gate: requests go on under the new rules, or the old
+                with self.maps_lock:
+                    fam.refresh_fast()
             log.info("restore of %s from %s started: %d extents to copy (%s)", source,
                      clone_name, r.total_extents, "protected" if protected else "unprotected")
             self._run_job(fam)

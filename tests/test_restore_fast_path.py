@@ -1,0 +1,80 @@
+"""During a protected restore, host requests on extents the restore no
+longer copies take no lock (``Family.refresh_fast``, ``_all_copied``):
+reads of extents not pending (or protected), and one-extent writes into
+protected extents.  The test holds ``maps_lock``, which every other path
+takes, and such requests must still return; requests on pending extents
+must wait for it.
+"""
+from __future__ import annotations
+
+from live import EXT, MiB, Async
+
+SIZE = 4 * MiB
+PENDING = 32  # extents 0..31 differ between the source and the clone
+
+
+def pattern(tag: bytes, n: int = SIZE) -> bytes:
+    return (tag * (n // len(tag) + 1))[:n]
+
+
+def paused_restore(live) -> bytes:
+    clone_data = pattern(b"clone-")
+    live.fractured_clone(data=clone_data)
+    live.write("src", pattern(b"old-", PENDING * EXT), 0)
+    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    live.cmd("restore_pause", source="src")
+    return clone_data
+
+
+def test_requests_on_extents_not_copied_again_take_no_lock(live):
+    clone_data = paused_restore(live)
+    live.write("src", b"W" * 4096, 20 * EXT)  # copied on demand: protected
+    fam = live.family("src")
+    with fam.maps_lock:  # (an RLock: other threads wait for it)
+        read_done = Async(lambda: live.read("src", 40 * EXT, 4096)).result(5.0)
+        Async(lambda: live.write("src", b"X" * 4096, 20 * EXT + 8192)).result(5.0)
+        protected_read = Async(lambda: live.read("src", 20 * EXT, 3 * 4096)).result(5.0)
+        pending_read = Async(lambda: live.read("src", 21 * EXT, 4096))
+        pending_read.thread.join(0.3)
+        assert not pending_read.done(), "a read of a pending extent took no lock"
+        pending_write = Async(lambda: live.write("src", b"Y" * 512, 22 * EXT))
+        pending_write.thread.join(0.3)
+        assert not pending_write.done(), "a write into a pending extent took no lock"
+    assert read_done == clone_data[40 * EXT:40 * EXT + 4096]
+    assert protected_read == (b"W" * 4096 + clone_data[20 * EXT + 4096:20 * EXT + 8192]
+                              + b"X" * 4096)
+    assert pending_read.result(5.0) == clone_data[21 * EXT:21 * EXT + 4096]
+    pending_write.result(5.0)
+    live.cmd("restore_resume", source="src")
+    live.cmd("restore_rate", source="src", limit="0")
+    live.wait(lambda: fam.restore is None, what="restore done")
+    expected = bytearray(clone_data)
+    expected[20 * EXT:20 * EXT + 4096] = b"W" * 4096
+    expected[20 * EXT + 8192:20 * EXT + 3 * 4096] = b"X" * 4096
+    expected[22 * EXT:22 * EXT + 512] = b"Y" * 512
+    assert live.whole("src") == bytes(expected)
+    assert set(live.clone("c1").delta.iter_set()) == {20, 22}
+
+
+def test_no_fast_path_before_the_gate_opens_or_when_unprotected(live):
+    """The restore's gate closed (pending map not filled yet), or an
+    unprotected restore (writes are mirrored): no lock-free write."""
+    paused_restore(live)
+    fam = live.family("src")
+    r = fam.restore
+    assert fam.fast_maps is not None
+    r.ready.clear()
+    with fam.maps_lock:
+        fam.refresh_fast()
+    assert fam.fast_maps is None
+    r.ready.set()
+    with fam.maps_lock:
+        fam.refresh_fast()
+    r.protected_mode = False
+    with fam.maps_lock:
+        fam.refresh_fast()
+    assert fam.fast_maps is None
+    r.protected_mode = True
+    with fam.maps_lock:
+        fam.refresh_fast()
+    assert fam.fast_maps is not None
