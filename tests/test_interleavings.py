@@ -138,9 +138,9 @@ def test_unprotected_restore_survives_a_mirror_failure(live):
 
 def test_cancelled_copies_release_their_extents(live, monkeypatch):
     """Copies in flight when their job stops (here: a restore from another
-    clone fractures the synchronizing one while two runs are in flight)
-    release their extents: host requests on them go on and the restore
-    finishes."""
+    clone fractures the synchronizing one while two runs are in flight; the
+    start waits for them) release their extents: host requests on them go
+    on and the restore finishes."""
     monkeypatch.setattr(jobs.CopyJob, "window", lambda self: 8)  # as to a remote clone
     monkeypatch.setattr(jobs, "RUN_EXTENTS", 4)
     live.fractured_clone(clone="c2", data=pattern(b"a"))
@@ -154,11 +154,13 @@ def test_cancelled_copies_release_their_extents(live, monkeypatch):
     live.cmd("clone_create", source="src", name="c1")
     first.wait_arrived()
     second.wait_arrived()
-    live.cmd("restore", source="src", clone_name="c2")  # c1 becomes fractured: its job stops
+    # c1 becomes fractured: the start stops its job and waits for its copies.
+    rs = live.cmd_in_thread("restore", source="src", clone_name="c2")
     second.release()
     import time
     time.sleep(0.2)
     first.release()
+    rs.result()
     reader = Async(lambda: live.read("src", 0, SIZE))
     assert reader.result(10) == pattern(b"a")
     live.wait(lambda: live.family("src").restore is None, 20, "restore done")
@@ -379,9 +381,11 @@ def test_failed_restore_start_clobbers_other_clone_state(live, monkeypatch):
     w = Async(lambda: live.write("c1", b"HOLD" * 1024, 3 * EXT))
     wr_hold.wait_arrived()
     rs = live.cmd_in_thread("restore", source="src", clone_name="c1")
-    live.wait(lambda: live.clone("c1").state == "restoring", what="gate")
+    # The start stops c2's sync first and waits for its copy in flight.
+    live.wait(lambda: live.engine.jobs.get(jobs.JobKey("sync", "c2")) is None,
+              what="c2's sync stopped by the start")
     copy_hold.release()
-    live.wait_clone("c2", "synchronized")
+    live.wait(lambda: live.clone("c1").state == "restoring", what="gate")
 
     def full():
         if any("_commit_start" in f.name for f in traceback.extract_stack()):
@@ -395,7 +399,8 @@ def test_failed_restore_start_clobbers_other_clone_state(live, monkeypatch):
     st = live.clone("c2").state
     running = live.engine.jobs.get(jobs.JobKey("sync", "c2"))
     assert st == "synchronized" or jobs.is_running(running), \
-        f"c2 is {st} in memory with no sync job (db: synchronized)"
+        f"c2 is {st} in memory with no sync job"
+    live.wait_clone("c2", "synchronized")
 
 
 def test_failed_source_write_does_not_let_the_sweep_clear_its_intent(live):

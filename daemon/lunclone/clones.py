@@ -304,7 +304,13 @@ class Clones:
             self.start_sync(fam, clone)
 
     def start_sync(self, fam: Family, clone: Clone) -> None:
+        """Start the clone's sync job, unless a restore start is in progress
+        (gate closed): it fractures the clone, or restarts the job if it
+        fails (``Restores.begin``)."""
         key = JobKey("sync", clone.name)
+        r = fam.restore
+        if r is not None and not r.ready.is_set() and r.clone is not clone:
+            return
         if not self.jobs.running(key):
             self.jobs.run(key, SyncJob(fam, clone, self.jobs.pool, self.finish_sync))
 

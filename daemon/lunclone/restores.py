@@ -126,12 +126,20 @@ class Restores:
                 # clones may have changed state meanwhile: left alone.
                 fam.restore = None
                 clone.state = old_state
+            # Before the gate closes (host requests must not wait for a sync
+            # copy); from the install on, no sync job starts (``start_sync``).
+            await self._end_syncs(fam, clone)
             try:
                 async with new_rules(fam, source, install, undo):
                     await self._writers_end(fam)
                     if faults.armed is not None:
                         faults.hit("restore.gated")
                     self._commit_start(fam, r)
+            except BaseException:
+                for other in list(fam.clones.values()):  # the start changed nothing
+                    if other.state == SYNCHRONIZING:
+                        self.clones.start_sync(fam, other)
+                raise
             finally:
                 r.ready.set()  # open the gate: requests go on under the new rules, or the old
                 with self.maps_lock:
@@ -151,6 +159,21 @@ class Restores:
             raise WrongState(f"clone {clone.name} is {clone.state}; only a fractured clone (a "
                              "point-in-time copy) can be restored: "
                              f"'lunclone clone fracture {clone.name}'")
+
+    async def _end_syncs(self, fam: Family, restored: Clone) -> None:
+        """Stop the sync jobs of the clones the start will fracture, and wait
+        until their copies have landed: a copy landing after the start would
+        change a clone that is a point-in-time copy from then on.  (No await
+        follows the last look until the restore is installed, so none
+        starts again; one may start while another is awaited: look again.)"""
+        while True:
+            keys = [JobKey("sync", c.name) for c in fam.clones.values() if c is not restored]
+            keys = [k for k in keys if self.jobs.get(k) is not None]
+            if not keys:
+                return
+            for key in keys:
+                self.jobs.get(key).stopped = True
+                await self.jobs.end(key)
 
     @staticmethod
     async def _writers_end(fam: Family) -> None:
