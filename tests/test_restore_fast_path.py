@@ -1,9 +1,10 @@
 """During a protected restore, host requests on extents the restore no
 longer copies take no lock (``Family.refresh_fast``, ``_all_copied``):
-reads of extents not pending (or protected), and one-extent writes into
-protected extents.  The test holds ``maps_lock``, which every other path
-takes, and such requests must still return; requests on pending extents
-must wait for it.
+reads of extents not pending (or protected), one-extent writes into
+protected extents, and reads within one pending extent with no copy in
+flight (``_read_one_extent``: from the clone).  The test holds
+``maps_lock``, which every other path takes, and such requests must still
+return; writes into pending extents and reads across extents wait for it.
 """
 from __future__ import annotations
 
@@ -34,9 +35,13 @@ def test_requests_on_extents_not_copied_again_take_no_lock(live):
         read_done = Async(lambda: live.read("src", 40 * EXT, 4096)).result(5.0)
         Async(lambda: live.write("src", b"X" * 4096, 20 * EXT + 8192)).result(5.0)
         protected_read = Async(lambda: live.read("src", 20 * EXT, 3 * 4096)).result(5.0)
+        # A read within one pending extent reads the clone without the lock.
         pending_read = Async(lambda: live.read("src", 21 * EXT, 4096))
-        pending_read.thread.join(0.3)
-        assert not pending_read.done(), "a read of a pending extent took no lock"
+        pending_read.thread.join(5.0)
+        assert pending_read.done(), "a read of one pending extent waited for the lock"
+        spanning = Async(lambda: live.read("src", 21 * EXT + EXT - 512, 1024))
+        spanning.thread.join(0.3)
+        assert not spanning.done(), "a read across pending extents took no lock"
         pending_write = Async(lambda: live.write("src", b"Y" * 512, 22 * EXT))
         pending_write.thread.join(0.3)
         assert not pending_write.done(), "a write into a pending extent took no lock"
@@ -44,6 +49,7 @@ def test_requests_on_extents_not_copied_again_take_no_lock(live):
     assert protected_read == (b"W" * 4096 + clone_data[20 * EXT + 4096:20 * EXT + 8192]
                               + b"X" * 4096)
     assert pending_read.result(5.0) == clone_data[21 * EXT:21 * EXT + 4096]
+    assert spanning.result(5.0) == clone_data[22 * EXT - 512:22 * EXT + 512]
     pending_write.result(5.0)
     live.cmd("restore_resume", source="src")
     live.cmd("restore_rate", source="src", limit="0")

@@ -170,6 +170,10 @@ class ExtentGuard:
         # Reads taking data from a restore's clone: the restore does not
         # finish (and its clone cannot change) under them.
         self.clone_readers = 0
+        # The same for reads that decided without the lock (``Family.pread``):
+        # each appends before it looks at the maps and pops when done
+        # (list.append/pop are atomic; a count += 1 is not).
+        self.lock_free_clone_reads: list[None] = []
         # Set when an extent's last writer ends (only if someone waits).
         self.writer_done: dict[int, threading.Event] = {}
 
@@ -180,7 +184,7 @@ class ExtentGuard:
         return bool(self.inflight)
 
     def reading_clone(self) -> bool:
-        return self.clone_readers > 0
+        return self.clone_readers > 0 or bool(self.lock_free_clone_reads)
 
     def writing(self, i: int) -> bool:
         return bool(self.writers.get(i))
@@ -303,6 +307,8 @@ class Family:
         if r is None or (r.ready.is_set() and _all_copied(r, offset, len(buf), self.shift)):
             vf.read_into(vol.fd, buf, offset)  # no lock: see ``_all_copied``
             return
+        if r.ready.is_set() and self._read_one_extent(r, vol, buf, offset):
+            return
         r, from_clone = self._prepare_read(offset, len(buf))
         if not from_clone:
             vf.read_into(vol.fd, buf, offset)
@@ -317,6 +323,32 @@ class Family:
         finally:
             with self.maps_lock:
                 self.guard.clone_readers -= 1
+
+    def _read_one_extent(self, r: Restore, vol: Volume, buf, offset: int) -> bool:
+        """A read within one extent, without the lock: from the source if the
+        extent is copied or protected, from the clone if it is pending and
+        nothing is in flight or being written there; False (not read) if it
+        must wait or spans extents.  Counted in ``lock_free_clone_reads``
+        before it looks, so a restore that finishes meanwhile (its clone may
+        change afterwards) either waits for it or was seen finished: then
+        the pending bit is clear and the source is read."""
+        i = offset >> self.shift
+        if (offset + len(buf) - 1) >> self.shift != i:
+            return False
+        guard = self.guard
+        reads = guard.lock_free_clone_reads
+        reads.append(None)
+        try:
+            byte, bit = i >> 3, i & 7
+            if not r.pending.bits[byte] >> bit & 1 or r.protected.bits[byte] >> bit & 1:
+                vf.read_into(vol.fd, buf, offset)
+                return True
+            if i in guard.inflight or guard.writers.get(i):
+                return False
+            r.data_source.pread(buf, offset)
+            return True
+        finally:
+            reads.pop()
 
     def pwrite(self, vol: Volume, buf, offset: int, fua: bool) -> None:
         # Fast path: one extent whose delta bits are committed in every
