@@ -185,24 +185,33 @@ class Committer:
                                    "data written since its last flush may be lost; restart "
                                    "the daemon to copy again what the maps still need")
             log.error("fdatasync of fd %d failed: %s; maps put back to the database", fd, exc)
+            kept = self._sets_to_keep(fd)
             for bm in self.maps:
                 if bm.key is not None:
-                    bm.assign(self.md.load_bitmap(*bm.key, bm.nbits))
+                    loaded = self.md.load_bitmap(*bm.key, bm.nbits)
+                    for i in kept.get(bm, ()):
+                        loaded.set_committed(i)
+                    # In place, page by page: reads that look without the
+                    # lock never see a kept bit cleared.
+                    bm.assign(loaded)
+                    for i in kept.get(bm, ()):
+                        bm.set(i)  # (its page goes out with the next commit)
             # Every clear that counted on it is undone, and none counts on it
             # from now on (``Family._on_failed_volume``): no commit syncs it.
             self._sync_fds.discard(fd)
-            self._keep_sets_until_flush(fd)
 
-    def _keep_sets_until_flush(self, failed_fd: int) -> None:
-        """After the reload: bits set by ``set_until_flush`` are not in the
-        database yet, but they stand for acknowledged writes; set them again
-        (their commit is still to come), unless their data was on the
-        volume whose write-back failed (its flushes fail from now on)."""
+    def _sets_to_keep(self, failed_fd: int) -> dict[Bitmap, list[int]]:
+        """Bits set by ``set_until_flush`` are not in the database yet, but
+        they stand for acknowledged writes: the reload keeps them (their
+        commit is still to come), unless their data was on the volume whose
+        write-back failed (its flushes fail from now on)."""
+        kept: dict[Bitmap, list[int]] = {}
         batches = [self._open] + ([self._committing] if self._committing else [])
         for batch in batches:
             for bm, i, fd in batch.until_flush:
                 if fd != failed_fd and fd not in self.failed_fds and bm in self.maps:
-                    bm.set(i)
+                    kept.setdefault(bm, []).append(i)
+        return kept
 
     # -- the committer thread ---------------------------------------------------
     def start(self) -> None:

@@ -304,10 +304,11 @@ class Family:
     def pread(self, vol: Volume, buf, offset: int) -> None:
         self.host_requests += 1
         r = self._restore
-        if r is None or (r.ready.is_set() and _all_copied(r, offset, len(buf), self.shift)):
+        started = r is not None and self._started(r)
+        if r is None or (started and _all_copied(r, offset, len(buf), self.shift)):
             vf.read_into(vol.fd, buf, offset)  # no lock: see ``_all_copied``
             return
-        if r.ready.is_set() and self._read_one_extent(r, vol, buf, offset):
+        if started and self._read_one_extent(r, vol, buf, offset):
             return
         r, from_clone = self._prepare_read(offset, len(buf))
         if not from_clone:
@@ -323,6 +324,12 @@ class Family:
         finally:
             with self.maps_lock:
                 self.guard.clone_readers -= 1
+
+    def _started(self, r: Restore) -> bool:
+        """Without the lock: is ``r`` a restore whose start is committed?  Its
+        gate also opens when the start fails, but only after the restore
+        was taken back (``Restores.begin``): then it is no longer ours."""
+        return r.ready.is_set() and self._restore is r
 
     def _read_one_extent(self, r: Restore, vol: Volume, buf, offset: int) -> bool:
         """A read within one extent, without the lock: from the source if the
