@@ -1,5 +1,6 @@
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -39,6 +40,24 @@ def daemon(workdir):
     yield d
     rc = d.stop()
     assert rc == 0, f"daemon exit {rc}: {d.log()}"
+
+
+@pytest.fixture
+def small_fs(workdir):
+    """A tmpfs of a few MiB: sparse files, holes and copy_file_range work on it."""
+    mnt = os.path.join(workdir, "small")
+    os.makedirs(mnt)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", mnt]).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+    yield mnt
+    subprocess.run(["umount", "-l", mnt])
+
+
+@pytest.fixture
+def small_daemon(small_fs, workdir):
+    d = Daemon(os.path.join(small_fs, "state"), os.path.join(workdir, "run")).start()
+    yield d
+    d.stop()
 
 
 @pytest.fixture

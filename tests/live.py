@@ -9,6 +9,7 @@ No nbdkit here: what only nbdkit shows is tested with ``helpers.Daemon``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import os
 import threading
@@ -19,6 +20,27 @@ from lunclone.engine import Engine
 from lunclone.iopath import Volume
 
 from helpers import EXT, SMALL, MiB  # noqa: F401  (EXT, MiB: tests import them from here)
+
+PENDING = 32  # extents 0..31 differ between source and clone in ``pending_restore``
+
+
+def pattern(tag: bytes, n: int = SMALL) -> bytes:
+    """``tag`` repeated to ``n`` bytes."""
+    return (tag * (n // len(tag) + 1))[:n]
+
+
+def fail_fdatasync_once(monkeypatch, fd: int) -> list[int]:
+    """The next ``os.fdatasync`` of ``fd`` raises EIO (a lost write-back, as
+    Linux reports it once); the returned list gets ``fd`` when it did."""
+    real, hit = os.fdatasync, []
+
+    def failing(f):
+        if f == fd and not hit:
+            hit.append(f)
+            raise OSError(errno.EIO, "injected write-back error")
+        return real(f)
+    monkeypatch.setattr(os, "fdatasync", failing)
+    return hit
 
 
 class LiveEngine:
@@ -91,6 +113,19 @@ class LiveEngine:
 
     def wait_clone(self, name: str, state: str, timeout: float = 30.0) -> None:
         self.wait(lambda: self.clone(name).state == state, timeout, f"{name} {state}")
+
+    def pending_restore(self, paused: bool = False) -> bytes:
+        """A protected restore of src from its fractured clone c1, extents
+        0..PENDING-1 differing, throttled (64K/s) so that they stay pending
+        for a while, or ``paused`` at once (only host requests and commits
+        touch the maps then); returns the clone's data."""
+        clone_data = pattern(b"clone-")
+        self.fractured_clone(data=clone_data)
+        self.write("src", pattern(b"old-", PENDING * EXT), 0)
+        self.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+        if paused:
+            self.cmd("restore_pause", source="src")
+        return clone_data
 
     def fractured_clone(self, source: str = "src", clone: str = "c1", size: int = SMALL,
                         data: bytes | None = None) -> None:

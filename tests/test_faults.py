@@ -9,25 +9,7 @@ import time
 import nbd
 import pytest
 
-from helpers import LUNCLONE, MiB, Daemon, fractured_clone, wait_clone_state, wait_for, whole
-
-
-@pytest.fixture
-def small_fs(workdir):
-    """A tmpfs of a few MiB: sparse files, holes and copy_file_range work on it."""
-    mnt = os.path.join(workdir, "small")
-    os.makedirs(mnt)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", mnt]).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
-    yield mnt
-    subprocess.run(["umount", "-l", mnt])
-
-
-@pytest.fixture
-def small_daemon(small_fs, workdir):
-    d = Daemon(os.path.join(small_fs, "state"), os.path.join(workdir, "run")).start()
-    yield d
-    d.stop()
+from helpers import LUNCLONE, MiB, fractured_clone, wait_clone_state, wait_for, whole
 
 
 def fill_up(path: str, size: int) -> None:

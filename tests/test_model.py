@@ -58,7 +58,7 @@ from lunclone import faults, policy
 from lunclone import volume as vf
 from lunclone.errors import Busy, LuncloneError, NotFound, ReadOnly
 from helpers import read_bitmap, short_tmpdir
-from live import EXT, MiB, Async, Hold, LiveEngine
+from live import EXT, MiB, Async, Hold, LiveEngine, fail_fdatasync_once
 
 SIZE = MiB + 12 * 1024  # ragged end: the last extent is 12 KiB
 NEXT = (SIZE + EXT - 1) // EXT
@@ -582,15 +582,7 @@ class EngineModel(RuleBasedStateMachine):
         self.observe()
         if self.fam() is None:  # no clones: a host flush is a plain fdatasync
             return
-        src_fd = self.live.volume("src").fd
-        real, hit = os.fdatasync, []
-
-        def failing(fd):
-            if fd == src_fd and not hit:
-                hit.append(fd)
-                raise OSError(errno.EIO, "injected write-back error")
-            return real(fd)
-        self.patches.setattr(os, "fdatasync", failing)
+        hit = fail_fdatasync_once(self.patches, self.live.volume("src").fd)
         try:
             for attempt in (1, 2):
                 try:

@@ -12,28 +12,10 @@ from __future__ import annotations
 
 import time
 
-from live import EXT, MiB, Async
-
-SIZE = 4 * MiB
-PENDING = 32  # extents 0..31 differ between the source and the clone
-
-
-def pattern(tag: bytes, n: int = SIZE) -> bytes:
-    return (tag * (n // len(tag) + 1))[:n]
-
-
-def slow_restore(live) -> bytes:
-    """A protected restore of src from c1, throttled so that extents 20..31
-    stay pending for the test; returns the clone's data."""
-    clone_data = pattern(b"clone-")
-    live.fractured_clone(data=clone_data)
-    live.write("src", pattern(b"old-", PENDING * EXT), 0)
-    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
-    return clone_data
-
+from live import EXT, Async
 
 def test_writes_into_pending_extents_wait_for_no_commit(live):
-    clone_data = slow_restore(live)
+    clone_data = live.pending_restore()
     partial, whole = b"P" * 4096, b"W" * EXT
     lock = live.engine.committer.commit_lock
     lock.acquire()
@@ -63,7 +45,7 @@ def test_writes_into_pending_extents_wait_for_no_commit(live):
 
 
 def test_fua_write_into_a_pending_extent_survives_a_crash(live):
-    clone_data = slow_restore(live)
+    clone_data = live.pending_restore()
     live.write("src", b"F" * 4096, 25 * EXT, fua=True)
     live.restart()
     expected = b"F" * 4096 + clone_data[25 * EXT + 4096:26 * EXT]
@@ -73,7 +55,7 @@ def test_fua_write_into_a_pending_extent_survives_a_crash(live):
 def test_partial_writes_to_different_pending_extents_copy_at_once(live, monkeypatch):
     """Copies on demand of different extents do not wait for each other:
     each copy is held until the other has started."""
-    slow_restore(live)
+    live.pending_restore()
     live.cmd("restore_pause", source="src")  # only the host copies
     from lunclone import policy
     real, started = policy.copy_range, []

@@ -12,24 +12,16 @@ from __future__ import annotations
 import time
 
 from lunclone import volume as vf
-from live import EXT, MiB, Async, Hold
+from live import EXT, PENDING, MiB, Async, Hold, pattern
 
 SIZE = 4 * MiB
-PENDING = 32  # extents 0..31 differ between the source and the clone
-READ_AT = 20 * EXT  # one of them, reached late by a throttled restore
-
-
-def pattern(tag: bytes, n: int = SIZE) -> bytes:
-    return (tag * (n // len(tag) + 1))[:n]
+READ_AT = 20 * EXT  # pending in ``pending_restore``, reached late by its job
 
 
 def _held_clone_read(live, monkeypatch) -> tuple[bytes, Async, Hold]:
     """A protected restore of src from c1 (slow); a host read of a pending
     extent held after it chose the clone, just before it reads the clone."""
-    clone_data = pattern(b"clone-")
-    live.fractured_clone(data=clone_data)
-    live.write("src", pattern(b"old-", PENDING * EXT), 0)
-    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    clone_data = live.pending_restore()
     clone_fd = live.clone("c1").volume.fd
     hold = Hold(monkeypatch, vf, "read_into",
                 lambda fd, buf, off: fd == clone_fd and off == READ_AT)

@@ -8,27 +8,10 @@ return; writes into pending extents and reads across extents wait for it.
 """
 from __future__ import annotations
 
-from live import EXT, MiB, Async
-
-SIZE = 4 * MiB
-PENDING = 32  # extents 0..31 differ between the source and the clone
-
-
-def pattern(tag: bytes, n: int = SIZE) -> bytes:
-    return (tag * (n // len(tag) + 1))[:n]
-
-
-def paused_restore(live) -> bytes:
-    clone_data = pattern(b"clone-")
-    live.fractured_clone(data=clone_data)
-    live.write("src", pattern(b"old-", PENDING * EXT), 0)
-    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
-    live.cmd("restore_pause", source="src")
-    return clone_data
-
+from live import EXT, Async
 
 def test_requests_on_extents_not_copied_again_take_no_lock(live):
-    clone_data = paused_restore(live)
+    clone_data = live.pending_restore(paused=True)
     live.write("src", b"W" * 4096, 20 * EXT)  # copied on demand: protected
     fam = live.family("src")
     with fam.maps_lock:  # (an RLock: other threads wait for it)
@@ -65,7 +48,7 @@ def test_requests_on_extents_not_copied_again_take_no_lock(live):
 def test_no_fast_path_before_the_gate_opens_or_when_unprotected(live):
     """The restore's gate closed (pending map not filled yet), or an
     unprotected restore (writes are mirrored): no lock-free write."""
-    paused_restore(live)
+    live.pending_restore(paused=True)
     fam = live.family("src")
     r = fam.restore
     assert fam.fast_maps is not None

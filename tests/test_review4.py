@@ -5,42 +5,9 @@ on it.  Both failed before the fix (Committer._keep_sets_until_flush).
 """
 from __future__ import annotations
 
-import errno
-import os
-
 import pytest
 
-from live import EXT, MiB
-
-SIZE = 4 * MiB
-PENDING = 32
-
-
-def pattern(tag: bytes, n: int = SIZE) -> bytes:
-    return (tag * (n // len(tag) + 1))[:n]
-
-
-def paused_restore(live) -> bytes:
-    """A protected restore of src from c1, paused at once: extents stay
-    pending, only host requests (and commits) touch the maps."""
-    clone_data = pattern(b"clone-")
-    live.fractured_clone(data=clone_data)
-    live.write("src", pattern(b"old-", PENDING * EXT), 0)
-    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
-    live.cmd("restore_pause", source="src")
-    return clone_data
-
-
-def fail_fdatasync_once(monkeypatch, fd: int) -> list[int]:
-    real, hit = os.fdatasync, []
-
-    def failing(f):
-        if f == fd and not hit:
-            hit.append(f)
-            raise OSError(errno.EIO, "injected write-back error")
-        return real(f)
-    monkeypatch.setattr(os, "fdatasync", failing)
-    return hit
+from live import EXT, fail_fdatasync_once, pattern
 
 
 def test_a_clone_writeback_error_does_not_undo_acknowledged_source_writes(live, monkeypatch):
@@ -50,7 +17,7 @@ def test_a_clone_writeback_error_does_not_undo_acknowledged_source_writes(live, 
     was only set in memory becomes pending and unprotected again: reads
     return the clone's data, and a flush that then succeeds does not bring
     the write back; the restore job copies the clone over it."""
-    paused_restore(live)
+    live.pending_restore(paused=True)
     whole = b"W" * EXT
     lock = live.engine.committer.commit_lock
     with lock:  # no commit until both writes are in
@@ -83,7 +50,7 @@ def test_another_volumes_writeback_error_does_not_undo_acknowledged_writes(live,
     map back to the database, so this restore's protected bit, set in
     memory by an acknowledged write, is gone.  The next flush of src
     succeeds and the write reads as the clone's data."""
-    paused_restore(live)
+    live.pending_restore(paused=True)
     live.fractured_clone(source="other", clone="d1", data=pattern(b"other-"))
     whole = b"W" * EXT
     with live.engine.committer.commit_lock:

@@ -8,45 +8,15 @@ made it read the clone where no serial order allows it (both failed on
 """
 from __future__ import annotations
 
-import errno
-import os
 import threading
 
 import pytest
 
 from lunclone import faults
 from lunclone.bitmap import Bitmap
-from live import EXT, MiB, Async, Hold
+from live import EXT, PENDING, Async, Hold, fail_fdatasync_once, pattern
 
-SIZE = 4 * MiB
-PENDING = 32
 READER = "review6-reader"
-
-
-def pattern(tag: bytes, n: int = SIZE) -> bytes:
-    return (tag * (n // len(tag) + 1))[:n]
-
-
-def paused_restore(live) -> bytes:
-    """A protected restore of src from c1, paused at once (as test_review4)."""
-    clone_data = pattern(b"clone-")
-    live.fractured_clone(data=clone_data)
-    live.write("src", pattern(b"old-", PENDING * EXT), 0)
-    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
-    live.cmd("restore_pause", source="src")
-    return clone_data
-
-
-def fail_fdatasync_once(monkeypatch, fd: int) -> list[int]:
-    real, hit = os.fdatasync, []
-
-    def failing(f):
-        if f == fd and not hit:
-            hit.append(f)
-            raise OSError(errno.EIO, "injected write-back error")
-        return real(f)
-    monkeypatch.setattr(os, "fdatasync", failing)
-    return hit
 
 
 def finish_read(reader: Async, hold) -> bytes:
@@ -65,7 +35,7 @@ def test_a_read_during_the_writeback_reload_sees_acknowledged_writes(live, monke
     locked path could not see that, a lock-free read did and read the
     clone, though the write was acknowledged before the read started.  Now
     the kept bits are in the map the reload assigns."""
-    paused_restore(live)
+    live.pending_restore(paused=True)
     whole, part = b"W" * EXT, b"P" * 4096
     committer = live.engine.committer
     with committer.commit_lock:  # both writes' bits go out in the commit that fails

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import LUNCLONE, MiB, Daemon, fractured_clone, restore_status, wait_for, whole
+from helpers import LUNCLONE, MiB, fractured_clone, restore_status, wait_for, whole
 from lunclone.client import Client
 from lunclone.errors import InvalidArgument, NotFound
 
@@ -102,29 +102,16 @@ def test_status_watch_until_done_returns_at_the_end(daemon):
     assert p.returncode == 0 and "done" in err.strip().splitlines()[-1]
 
 
-@pytest.fixture
-def small_daemon(workdir):
-    """A daemon whose state is on a 48 MiB tmpfs (test_faults.small_fs)."""
-    mnt = os.path.join(workdir, "small")
-    os.makedirs(mnt)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", mnt]).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
-    d = Daemon(os.path.join(mnt, "state"), os.path.join(workdir, "run")).start()
-    d.mnt = mnt
-    yield d
-    d.stop()
-    subprocess.run(["umount", "-l", mnt])
-
-
-def test_restore_wait_fails_with_one_line_when_the_restore_pauses_on_an_error(small_daemon):
+def test_restore_wait_fails_with_one_line_when_the_restore_pauses_on_an_error(
+        small_daemon, small_fs):
     d = small_daemon
     h = fractured_clone(d, 32 * MiB, 16 * MiB)
     h.trim(16 * MiB, 0)  # the source loses its data: the restore needs space
     h.flush()
     del h
-    filler = os.path.join(d.mnt, "filler")
+    filler = os.path.join(small_fs, "filler")
     with open(filler, "wb") as f:
-        f.write(b"\xff" * (shutil.disk_usage(d.mnt).free - 2 * MiB))
+        f.write(b"\xff" * (shutil.disk_usage(small_fs).free - 2 * MiB))
     p = subprocess.run([LUNCLONE, "restore", "src", "--from", "c1", "--wait",
                         "--run-dir", d.run_dir], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1, p.stderr
