@@ -94,9 +94,6 @@ class Committer:
         self.maps: set[Bitmap] = set()
         self._open = Batch()
         self._requested: dict[tuple[int, int], Batch] = {}
-        # The batch whose commit carries bits set by ``set_until_flush``
-        # (None once it is durable): what a host flush waits for.
-        self._unflushed: Batch | None = None
         self._committing: Batch | None = None  # the batch a commit is writing now
         self._sync_fds: set[int] = set()
         self._wake = threading.Event()
@@ -138,12 +135,14 @@ class Committer:
         bm.set(i)
         self._sync_fds.add(fd)
         self._open.until_flush.append((bm, i, fd))
-        self._unflushed = self._open
 
     def commit_for_flush(self) -> None:
-        """Wait until the bits set by ``set_until_flush`` so far are durable."""
+        """Wait until the bits set by ``set_until_flush`` so far are durable:
+        for the open batch if it carries some (a failed commit hands its own
+        on to it), else for the commit in progress if that one does."""
         with self.maps_lock:
-            batch = self._unflushed
+            batch = next((b for b in (self._open, self._committing)
+                          if b is not None and b.until_flush), None)
         if batch is not None:
             self._wake.set()
             batch.wait()
@@ -245,8 +244,6 @@ class Committer:
             if not pages and not fds and not batch.bits:
                 with self.maps_lock:  # e.g. its map was deleted meanwhile
                     self._committing = None
-                    if self._unflushed is batch:
-                        self._unflushed = None
                 batch.event.set()
                 return
             try:
@@ -266,8 +263,6 @@ class Committer:
                 for bm, i in batch.bits:
                     bm.set_committed(i)
                     self._requested.pop((id(bm), i), None)
-                if self._unflushed is batch:
-                    self._unflushed = None
                 self._committing = None
             self.commits += 1
             batch.event.set()
@@ -299,8 +294,6 @@ class Committer:
                 self._requested.pop((id(bm), i), None)
             self._committing = None
             self._open.until_flush += batch.until_flush  # not durable: the next one
-            if self._unflushed is batch:  # its pages are dirty again: the next one
-                self._unflushed = self._open
         batch.error = exc
         batch.event.set()
 

@@ -716,12 +716,11 @@ class Family:
                 self.guard.end_copies(todo)  # its write-back failed meanwhile
                 raise OSError(errno.EIO, f"copy on demand from {r.clone.name}: a volume's "
                               "write-back failed; restart the daemon")
-            for i in todo:
+            for i in todo:  # (set_until_flush has the source fdatasync'ed first)
                 r.pending.clear(i)
                 self.committer.set_until_flush(r.protected, i, self.source.fd)
             r.on_demand += len(todo)
             r.progress.add(copied)
-            self.committer.copied_into(self.source.fd)
             self._copied_into(r.data_source)  # what was read is durable too
             self.guard.end_copies(todo)
 
