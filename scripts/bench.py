@@ -402,6 +402,71 @@ def bench_io_during_restore(d: Daemon, args, every_mb: list[int]) -> None:
           f"restore took {m(took):.1f} s meanwhile")
 
 
+DURING_CASES = {
+    "4k randrw qd16": dict(rw="randrw", bs="4k", iodepth=16),
+    "1M rw seq qd4": dict(rw="rw", bs="1M", iodepth=4),
+}
+
+
+def restore_alone(d: Daemon, flags: list[str], every_mb: list[int]) -> float:
+    """Seconds from ``restore`` to its end with no host I/O."""
+    damage_and_fracture(d, "v", "c", every_mb, n=1 << 20)
+    pretouch(1 << 30)
+    t0 = time.monotonic()
+    d.cli("restore", "v", "--from", "c", *flags)
+    wait_restore_done(d, "v")
+    return time.monotonic() - t0
+
+
+DURING_MB = 4096  # alone, its restore outlasts a few seconds of fio
+
+
+def bench_during(args) -> None:
+    """Host I/O over a whole 4 GiB volume during an unthrottled restore of
+    it (every extent differs), beside the same fio on the same volume with
+    no restore (its clone fractured, as after any restore), for protected
+    and ``--unprotected`` restores; and the restore's duration under that
+    load beside its duration alone.  The sides alternate."""
+    with bench_daemon() as (d, work):
+        d.cli("create", "v", "--size", f"{DURING_MB}M")
+        fill(d.volume_path("v"), DURING_MB)
+        d.cli("clone", "create", "v", "c")
+        wait_state(d, "v", "c", "synchronized")
+        every_mb = [mb << 20 for mb in range(DURING_MB)]
+        size = f"{DURING_MB}M"
+        print(f"-- host I/O during an unthrottled restore of {DURING_MB >> 10} GiB (every "
+              f"extent differs) vs no restore, fio {args.runtime:.0f}s per run, "
+              f"{args.rounds} alternated rounds:")
+        for mode, flags in (("protected", []), ("unprotected", ["--unprotected"])):
+            alone: list[float] = []
+            res = {c: {"during": [], "idle": [], "took": []} for c in DURING_CASES}
+            for r in range(args.rounds):
+                alone.append(restore_alone(d, flags, every_mb))
+                for case_name, case in DURING_CASES.items():
+                    for side in (("during", "idle") if r % 2 == 0 else ("idle", "during")):
+                        damage_and_fracture(d, "v", "c", every_mb if side == "during" else [],
+                                            n=1 << 20)
+                        pretouch(1 << 30)
+                        if side == "during":
+                            t0 = time.monotonic()
+                            d.cli("restore", "v", "--from", "c", *flags)
+                        res[case_name][side].append(measure(d.uri("v"), case, size,
+                                                            args.runtime))
+                        if side == "during":
+                            wait_restore_done(d, "v")
+                            res[case_name]["took"].append(time.monotonic() - t0)
+                print(f"  {mode} round {r + 1}/{args.rounds} done", file=sys.stderr)
+            m = statistics.median
+            print(f"   {mode} restore alone: {m(alone):.2f} s "
+                  f"({', '.join(f'{a:.2f}' for a in alone)})")
+            for case_name, by in res.items():
+                unit = "IOPS" if case_name.startswith("4k") else "MB/s"
+                rounds = ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(by["during"], by["idle"]))
+                ratio = m(a / b for a, b in zip(by["during"], by["idle"]))
+                print(f"   {mode:11} {case_name:15} during/idle {unit}: {rounds}; median ratio "
+                      f"{ratio:.3f}; restore took {m(by['took']):.2f} s under it", flush=True)
+
+
 # case -> (fio job, the restore's rate limit on the "pending" side)
 PENDING_CASES = {
     "4k randread qd16": (dict(rw="randread", bs="4k", iodepth=16), "1M"),
@@ -455,7 +520,8 @@ def bench_pending(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("suite", choices=["io", "clone", "restore", "scattered", "pending", "remote"])
+    p.add_argument("suite", choices=["io", "clone", "restore", "scattered", "pending", "during",
+                                      "remote"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runtime", type=float, default=5.0)
     p.add_argument("--size", default="1G")
@@ -463,7 +529,7 @@ def main() -> None:
     args = p.parse_args()
     from bench_remote import bench_remote
     {"io": bench_io, "clone": bench_clone, "restore": bench_restore, "scattered": bench_scattered,
-     "pending": bench_pending, "remote": bench_remote}[args.suite](args)
+     "pending": bench_pending, "during": bench_during, "remote": bench_remote}[args.suite](args)
 
 
 if __name__ == "__main__":

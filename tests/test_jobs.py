@@ -97,3 +97,84 @@ def test_a_copy_that_keeps_failing_pauses_the_job_with_its_error(live):
     live.wait(lambda: restore(live)["state"] == "done", what="restore done")
     assert restore(live)["error"] is None
     assert live.whole("src") == data
+
+
+def test_a_job_takes_a_tenth_of_the_time_while_the_host_is_busy(live):
+    """After a copy during which host requests came in, the job waits nine
+    times as long as the copy took (HOST_SHARE); after a quiet one it goes
+    on at once."""
+    import asyncio
+    from lunclone import jobs
+    live.pending_restore(paused=True)
+    job = live.engine.jobs.get(jobs.JobKey("restore", "src"))
+    source = live.volume("src")
+
+    def yield_after(busy: bool) -> float:
+        async def run() -> float:
+            seen = source.reads + source.writes
+            if busy:
+                live.read("src", 0, 4096)  # (a pending extent: read from the clone)
+            t0 = time.monotonic()
+            await job._yield_to_host(seen, took=0.02)
+            return time.monotonic() - t0
+        return asyncio.run_coroutine_threadsafe(run(), live.engine.loop).result(10)
+
+    share = jobs.HOST_SHARE
+    assert yield_after(busy=True) >= 0.02 * (1 - share) / share * 0.95
+    assert job.host_busy
+    assert yield_after(busy=False) < 0.05
+    assert not job.host_busy
+
+
+def test_while_the_host_is_busy_a_copy_writes_its_data_back_itself(live, monkeypatch):
+    """Host writes wait for commits of their map bits, and a commit first
+    fdatasyncs what jobs copied: while the host is busy, a job's copy
+    fdatasyncs both local ends in its own thread, so the commit finds its
+    data written back already.  The restore still ends with the clone's
+    data."""
+    import threading
+    committer = live.engine.committer
+    real = committer.sync_volume
+    synced: list[tuple[int, str]] = []
+
+    def recording(fd: int) -> None:
+        synced.append((fd, threading.current_thread().name))
+        real(fd)
+    monkeypatch.setattr(committer, "sync_volume", recording)
+    data = damaged(live, range(NEXT))
+    live.cmd("restore", source="src", clone_name="c1", rate_limit="4M")  # many small copies
+    done = threading.Event()
+
+    def host() -> None:
+        while not done.is_set():
+            live.read("src", (NEXT - 1) * EXT, 4096)
+            time.sleep(0.001)
+    reader = threading.Thread(target=host)
+    reader.start()
+    try:
+        live.wait(lambda: restore(live)["state"] == "done", what="restore done")
+    finally:
+        done.set()
+        reader.join()
+    by_copies = {fd for fd, thread in synced if thread.startswith("lunclone-copy")}
+    assert {live.volume("src").fd, live.volume("c1").fd} <= by_copies
+    assert live.whole("src") == data
+
+
+def test_alone_a_job_leaves_the_write_back_to_the_commit(live, monkeypatch):
+    """With no host request, one fdatasync per commit costs less than one
+    per copy: the copies do not sync."""
+    import threading
+    committer = live.engine.committer
+    real = committer.sync_volume
+    threads: list[str] = []
+
+    def recording(fd: int) -> None:
+        threads.append(threading.current_thread().name)
+        real(fd)
+    monkeypatch.setattr(committer, "sync_volume", recording)
+    data = damaged(live, range(NEXT))
+    live.cmd("restore", source="src", clone_name="c1", rate_limit="4M")
+    live.wait(lambda: restore(live)["state"] == "done", what="restore done")
+    assert not [t for t in threads if t.startswith("lunclone-copy")]
+    assert live.whole("src") == data

@@ -10,6 +10,15 @@ picked up on the next pass.  A job ends through its ``finish`` hook (the
 clone or restore admin) in one metadata transaction.  ``JobRunner`` keeps
 the running jobs by ``JobKey``.
 
+While the host is busy with the source (its request counters moved during
+a copy), a job takes at most ``HOST_SHARE`` of the time: after each copy it
+waits nine times as long as the copy took.  md's resync backs off under
+array I/O in the same spirit (down to ``speed_limit_min``); a share of the
+time needs no rate to tune, follows the disk's speed, and never starves the
+job.  Host requests on extents a job is copying wait for that copy, and a
+slower job leaves more extents for copies on demand, which are cheap (a
+read takes a pending extent from the clone; see ``policy``).
+
 Throttle, pause and resume apply to every job; a failing copy is retried
 ``MAX_RETRIES`` times with backoff, then the job pauses with the error in
 ``status`` and goes on after ``resume``.  A job to or from a remote clone
@@ -39,7 +48,7 @@ REMOTE_RETRIES = 7
 MAX_BACKOFF_S = 5.0
 REMOTE_WINDOW = 8
 IDLE_WAIT = 0.005
-HOST_YIELD_S = 0.002
+HOST_SHARE = 0.1  # of the time a job may copy while the host is busy
 
 
 class Throttle:
@@ -80,6 +89,7 @@ class CopyJob(abc.ABC):
         self.on_failure: Callable[[], None] = lambda: None  # JobRunner.run: wakes waiters
         self._copies: set[asyncio.Future] = set()  # copies whose thread has not returned
         self.run_extents = max(1, min(RUN_EXTENTS, MAX_RUN_BYTES >> family.shift))
+        self.host_busy = False  # host requests came in during the last copy
 
     # what a kind of job says ----------------------------------------------
     @abc.abstractmethod
@@ -158,7 +168,7 @@ class CopyJob(abc.ABC):
         fam, bm = self.family, self.bitmap()
         src, dst = self.stores()
         copy = asyncio.get_running_loop().run_in_executor(
-            self.pool, fam.copy_runs, src, dst, runs)
+            self.pool, fam.copy_runs, src, dst, runs, self.host_busy)
 
         def finished(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None and self.active()
@@ -175,15 +185,16 @@ class CopyJob(abc.ABC):
     async def _copy(self, copy: asyncio.Future) -> None:
         """Wait for a copy (never cancelling it: the thread would go on), then
         account for it; a failure is retried on a later pass."""
-        seen = self.family.host_requests
+        seen, began = self._host_requests(), time.monotonic()
         try:
             copied = await asyncio.shield(copy)
         except OSError as e:
             await self._retry_or_pause(e)
             return
+        took = time.monotonic() - began
         self.failures = 0
         await self.throttle.account(copied)
-        await self._yield_to_host(seen)
+        await self._yield_to_host(seen, took)
 
     def fail(self, message: str) -> None:
         """``failed``, then tell whoever waits for this job (``JobRunner.wait_any``)."""
@@ -207,10 +218,17 @@ class CopyJob(abc.ABC):
         """Does this job copy to or from a remote store?"""
         return not all(is_local(s) for s in self.stores())
 
-    async def _yield_to_host(self, seen: int) -> None:
-        """Host requests came in during the last copy: give them the CPU for
-        a moment, so that host latency stays low while the job runs."""
-        await asyncio.sleep(HOST_YIELD_S if self.family.host_requests != seen else 0)
+    def _host_requests(self) -> int:
+        """Reads and writes the host sent to the source so far (the
+        volume's metrics counters: no cost on the request path)."""
+        source = self.family.source
+        return source.reads + source.writes
+
+    async def _yield_to_host(self, seen: int, took: float) -> None:
+        """If host requests came in during the last copy, wait so that the
+        job takes ``HOST_SHARE`` of the time (see the module docstring)."""
+        self.host_busy = self._host_requests() != seen
+        await asyncio.sleep(took * (1 - HOST_SHARE) / HOST_SHARE if self.host_busy else 0)
 
     def _run_limit(self) -> int:
         """Extents per copy: smaller under a rate limit, so the rate stays smooth."""
