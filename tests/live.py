@@ -147,7 +147,7 @@ class LiveEngine:
         """As SIGKILL leaves things (the page cache kept): no final commit,
         no flush; threads stopped, descriptors and the lock dropped."""
         eng = self.engine
-        eng.committer.commit_now = lambda: None  # no last commit (one in progress ends)
+        eng.committer.commit_now = lambda *a, **k: None  # no last commit (one in progress ends)
         eng.committer._stop = True
         eng.committer._wake.set()
         if eng.committer._thread:

@@ -291,3 +291,94 @@ def test_a_failed_fdatasync_marks_the_volume_failed_and_puts_the_maps_back(lazy,
     again.wait()
     assert m.in_db("src", "protected") == {3}
     assert m.fd in m.committer.failed_fds  # until the daemon is restarted
+
+
+def test_requested_bits_alone_need_no_fdatasync_and_carry_no_lazy_clear(lazy, lazy_maps):
+    """While a clear waits for the fdatasync of copied data, a writer's bit
+    is committed alone, into its page as stored: no fdatasync, the clear
+    stays out of the database, and a power cut then finds the bit set and
+    the extent still to copy (its data may be gone).  The full commit
+    follows (once per LAZY_INTERVAL, or for a flush)."""
+    import time
+    from lunclone import commit
+    m = lazy_maps
+    m.set_durably(m.delta, 0, 1)
+    os.pwrite(m.fd, b"n" * 4096, 0)  # a copy's data, not yet durable
+    with m.lock:
+        m.delta.clear(0)
+        m.committer.copied_into(m.fd)
+        batch = m.committer.request(m.delta, 5)  # same page as the clear
+    assert not m.committer._full_due(), "requested bits should go alone"
+    synced: list[str] = []
+    faults.arm("commit.before_fdatasync", lambda: synced.append("fdatasync"))
+    m.committer.commit_now(full=m.committer._full_due())
+    batch.wait()
+    assert synced == [], "requested bits waited for an fdatasync"
+    assert m.delta.test(5) and not m.delta.test(0)
+    assert m.in_db() == {0, 1, 5}, "the lazy clear went out without its fdatasync"
+    m.committer._last_full -= commit.LAZY_INTERVAL
+    assert m.committer._full_due()
+    bits, data = after_power_cut(lazy, m)
+    assert bits == {0, 1, 5}  # extent 0 is copied again after the cut
+    assert data[:4096] == b"o" * 4096, "the power cut is not real"
+
+
+def test_a_full_commit_writes_the_clear_after_requested_bits_went_alone(maps):
+    maps.set_durably(maps.delta, 0, 1)
+    fd = os.open(os.path.join(maps.state_dir, "vol.img"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with maps.lock:
+            maps.delta.clear(0)
+            maps.committer.copied_into(fd)
+            batch = maps.committer.request(maps.delta, 5)
+        maps.committer.commit_now(full=False)
+        batch.wait()
+        assert maps.in_db() == {0, 1, 5}
+        maps.committer.commit_now()
+        assert maps.in_db() == {1, 5}
+    finally:
+        os.close(fd)
+
+
+def test_a_flush_waiting_for_bits_set_until_a_flush_makes_the_next_commit_full(maps):
+    fd = os.open(os.path.join(maps.state_dir, "vol.img"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with maps.lock:
+            maps.committer.set_until_flush(maps.protected, 3, fd)
+            batch = maps.committer.request(maps.delta, 5)
+        assert not maps.committer._full_due()
+        flushed = threading.Thread(target=maps.committer.commit_for_flush, daemon=True)
+        flushed.start()
+        deadline = threading.Event()
+        while not maps.committer._flush_wanted and not deadline.wait(0.01):
+            pass
+        assert maps.committer._full_due(), "a flush waits: the next commit must be full"
+        maps.committer.commit_now(full=maps.committer._full_due())
+        flushed.join(10)
+        assert not flushed.is_alive(), "the flush still waits after a full commit"
+        batch.wait()
+        assert maps.in_db("src", "protected") == {3} and maps.in_db() == {5}
+    finally:
+        os.close(fd)
+
+
+def test_a_commit_of_requested_bits_alone_leaves_a_waiting_flush_waiting(maps):
+    """Its bits set until a flush are not durable after it."""
+    fd = os.open(os.path.join(maps.state_dir, "vol.img"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with maps.lock:
+            maps.committer.set_until_flush(maps.protected, 3, fd)
+            batch = maps.committer.request(maps.delta, 5)
+        flushed = threading.Thread(target=maps.committer.commit_for_flush, daemon=True)
+        flushed.start()
+        maps.committer.commit_now(full=False)
+        batch.wait()
+        flushed.join(0.3)
+        assert flushed.is_alive(), "a flush returned before its bits were committed"
+        assert maps.in_db("src", "protected") == set()
+        maps.committer.commit_now()
+        flushed.join(10)
+        assert not flushed.is_alive()
+        assert maps.in_db("src", "protected") == {3}
+    finally:
+        os.close(fd)

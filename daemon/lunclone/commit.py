@@ -16,6 +16,14 @@ Invariants (docs/DESIGN.md, "Crash consistency"):
   database out of order; the writing itself happens without ``maps_lock``.
 - Requests gather while a commit is in progress and share the next one;
   only the waiters of a finished batch are woken (rule 4).
+- A commit that only sets requested bits needs no fdatasync: while lazy
+  clears wait for one (``copied_into``), the committer commits requested
+  bits alone, each into its page *as stored* (never the in-memory page,
+  which holds clears whose data may not be durable yet), and makes the
+  full commit (fdatasync, then every dirty page) once per
+  ``LAZY_INTERVAL``, or at once when a flush waits for it.  A host write
+  waiting for its map bit then waits for one SQLite commit, not for the
+  write-back of what jobs and copies on demand wrote meanwhile.
 - An fdatasync that fails is never retried as if harmless: Linux reports a
   write-back error once, and the data it lost is gone, so a retry would
   "succeed" and commit clears for lost data (PostgreSQL's fsync problem).
@@ -50,6 +58,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from typing import Iterator
 
 from . import faults
@@ -92,9 +101,15 @@ class Committer:
         self.maps_lock = maps_lock if maps_lock is not None else threading.RLock()
         self.commit_lock = threading.Lock()
         self.maps: set[Bitmap] = set()
-        self._open = Batch()
+        self._open = Batch()  # requested bits (``request``)
+        self._open_flush = Batch()  # bits set until a flush (``set_until_flush``)
         self._requested: dict[tuple[int, int], Batch] = {}
-        self._committing: Batch | None = None  # the batch a commit is writing now
+        # The batches a commit is writing now (a commit of requested bits
+        # alone leaves the flush batch open).
+        self._committing: Batch | None = None
+        self._committing_flush: Batch | None = None
+        self._flush_wanted = False  # a flush waits for the next full commit
+        self._last_full = time.monotonic()
         self._sync_fds: set[int] = set()
         self._wake = threading.Event()
         self._stop = False
@@ -134,15 +149,17 @@ class Committer:
         undoes only writes never flushed: docs/DESIGN.md, rule 3)."""
         bm.set(i)
         self._sync_fds.add(fd)
-        self._open.until_flush.append((bm, i, fd))
+        self._open_flush.until_flush.append((bm, i, fd))
 
     def commit_for_flush(self) -> None:
         """Wait until the bits set by ``set_until_flush`` so far are durable:
         for the open batch if it carries some (a failed commit hands its own
         on to it), else for the commit in progress if that one does."""
         with self.maps_lock:
-            batch = next((b for b in (self._open, self._committing)
+            batch = next((b for b in (self._open_flush, self._committing_flush)
                           if b is not None and b.until_flush), None)
+            if batch is not None:
+                self._flush_wanted = True
         if batch is not None:
             self._wake.set()
             batch.wait()
@@ -205,7 +222,8 @@ class Committer:
         commit is still to come), unless their data was on the volume whose
         write-back failed (its flushes fail from now on)."""
         kept: dict[Bitmap, list[int]] = {}
-        batches = [self._open] + ([self._committing] if self._committing else [])
+        batches = [self._open_flush] + ([self._committing_flush]
+                                        if self._committing_flush else [])
         for batch in batches:
             for bm, i, fd in batch.until_flush:
                 if fd != failed_fd and fd not in self.failed_fds and bm in self.maps:
@@ -229,22 +247,37 @@ class Committer:
             self._wake.wait(LAZY_INTERVAL)
             self._wake.clear()
             try:
-                self.commit_now()
+                self.commit_now(full=self._full_due())
             except Exception:
                 log.exception("metadata commit failed")
 
-    def commit_now(self) -> None:
-        """Commit the open batch and every lazily changed page."""
+    def _full_due(self) -> bool:
+        """Is a full commit due, or would it cost no more than requested
+        bits alone (no fdatasync waits)?  See the module docstring."""
+        with self.maps_lock:
+            return (not self._open.bits or not self._sync_fds or self._flush_wanted
+                    or time.monotonic() - self._last_full >= LAZY_INTERVAL)
+
+    def commit_now(self, full: bool = True) -> None:
+        """Commit the open batch and every lazily changed page; not ``full``:
+        only the requested bits (``_commit_requests``)."""
+        if not full:
+            self._commit_requests()
+            return
         with self.commit_lock:
             with self.maps_lock:
                 batch, self._open = self._open, Batch()
+                flushed, self._open_flush = self._open_flush, Batch()
+                self._flush_wanted = False
                 pages, fds = self._compose(batch), self._sync_fds
                 self._sync_fds = set()
-                self._committing = batch
+                self._committing, self._committing_flush = batch, flushed
             if not pages and not fds and not batch.bits:
                 with self.maps_lock:  # e.g. its map was deleted meanwhile
-                    self._committing = None
+                    self._committing = self._committing_flush = None
+                self._last_full = time.monotonic()
                 batch.event.set()
+                flushed.event.set()
                 return
             try:
                 if faults.armed is not None:
@@ -257,15 +290,45 @@ class Committer:
                     for (owner, kind, p), data in pages.items():
                         tx.save_page(owner, kind, p, data)
             except BaseException as e:
-                self._failed(batch, pages, fds, e)
+                self._failed(batch, flushed, pages, fds, e)
                 raise
+            self._committed(batch)
+            self._last_full = time.monotonic()
+            flushed.event.set()
+
+    def _commit_requests(self) -> None:
+        """Commit the requested bits alone, each set into its page as the
+        database holds it: no lazy change rides along, so no volume needs an
+        fdatasync first (rule 1 needs none: the data is written after)."""
+        with self.commit_lock:
             with self.maps_lock:
+                batch, self._open = self._open, Batch()
+                self._committing = batch
+                pages: dict[tuple[str, str, int], tuple[list[int], int]] = {}
                 for bm, i in batch.bits:
-                    bm.set_committed(i)
-                    self._requested.pop((id(bm), i), None)
-                self._committing = None
-            self.commits += 1
-            batch.event.set()
+                    if bm.key is not None and bm in self.maps:
+                        p = i // PAGE_BITS
+                        offsets, _ = pages.setdefault((*bm.key, p), ([], len(bm.page(p))))
+                        offsets.append(i - p * PAGE_BITS)
+            try:
+                if pages:
+                    with self.md.transaction() as tx:
+                        for (owner, kind, p), (offsets, length) in pages.items():
+                            tx.set_bits(owner, kind, p, offsets, length)
+            except BaseException as e:
+                self._failed(batch, None, {}, set(), e)
+                raise
+            self._committed(batch)
+
+    def _committed(self, batch: Batch) -> None:
+        """The batch's bits are durable: set them in memory, wake its waiters."""
+        with self.maps_lock:
+            for bm, i in batch.bits:
+                bm.set_committed(i)
+                self._requested.pop((id(bm), i), None)
+            self._committing = self._committing_flush = None
+        self.commits += 1
+        batch.event.set()
 
     def _compose(self, batch: Batch) -> dict[tuple[str, str, int], bytes]:
         """Snapshot the pages to write: dirty pages plus the batch's bits."""
@@ -282,7 +345,8 @@ class Committer:
             pages[(*bm.key, p)] = bm.page_with(p, bits)
         return pages
 
-    def _failed(self, batch: Batch, pages, fds, exc: BaseException) -> None:
+    def _failed(self, batch: Batch, flushed: Batch | None, pages, fds,
+                exc: BaseException) -> None:
         """Nothing was committed: keep the pages dirty, fail the waiters."""
         with self.maps_lock:
             self._sync_fds |= fds - self.failed_fds.keys()
@@ -292,10 +356,13 @@ class Committer:
                         bm.dirty_pages.add(p)
             for bm, i in batch.bits:
                 self._requested.pop((id(bm), i), None)
-            self._committing = None
-            self._open.until_flush += batch.until_flush  # not durable: the next one
-        batch.error = exc
-        batch.event.set()
+            self._committing = self._committing_flush = None
+            if flushed is not None:  # not durable: the next one carries them
+                self._open_flush.until_flush += flushed.until_flush
+        for b in (batch, flushed):
+            if b is not None:
+                b.error = exc
+                b.event.set()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:

@@ -160,6 +160,17 @@ class Transaction:
                 "INSERT OR REPLACE INTO bitmaps VALUES (?, ?, ?, ?)",
                 (owner, kind, page, data))
 
+    def set_bits(self, owner: str, kind: str, page: int, offsets: list[int],
+                 length: int) -> None:
+        """Set bits (offsets within the page) in the page as stored; a page
+        with no row is ``length`` zero bytes."""
+        row = self._db.execute("SELECT bits FROM bitmaps WHERE owner=? AND kind=? AND page=?",
+                               (owner, kind, page)).fetchone()
+        data = bytearray(row[0]) if row else bytearray(length)
+        for j in offsets:
+            data[j >> 3] |= 1 << (j & 7)
+        self.save_page(owner, kind, page, bytes(data))
+
     def delete_bitmap(self, owner: str, kind: str) -> None:
         self._db.execute("DELETE FROM bitmaps WHERE owner=? AND kind=?", (owner, kind))
 
