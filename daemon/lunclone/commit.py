@@ -90,6 +90,12 @@ class Batch:
             raise commit_error(self.error)
 
 
+def _writeback_message(exc: OSError) -> str:
+    return (f"write-back to the volume file failed ({exc.strerror}): data written since "
+            "its last flush may be lost; restart the daemon to copy again what the maps "
+            "still need")
+
+
 def commit_error(exc: BaseException) -> Exception:
     """What a request whose commit failed raises: ENOSPC for a full disk."""
     return no_space(exc, "data or metadata") or MetadataError(f"metadata commit failed: {exc}")
@@ -116,6 +122,8 @@ class Committer:
         self._thread: threading.Thread | None = None
         self.commits = 0
         self.failed_fds: dict[int, str] = {}  # volumes whose write-back failed
+        self._reloaded: set[int] = set()  # ... whose maps were put back (once each)
+        self._sync_locks: dict[int, threading.Lock] = {}  # one fdatasync of a file at a time
 
     # -- called with ``maps_lock`` held ------------------------------------------
     def register(self, bm: Bitmap) -> None:
@@ -177,6 +185,7 @@ class Committer:
         number may be reused by another file."""
         self._sync_fds.discard(fd)
         self.failed_fds.pop(fd, None)
+        self._reloaded.discard(fd)
 
     def check_writable(self, fd: int) -> None:
         """Refuse to copy into (or vouch for) a volume whose write-back failed."""
@@ -185,21 +194,32 @@ class Committer:
             raise OSError(errno.EIO, msg)
 
     def sync_volume(self, fd: int) -> None:
-        """fdatasync a volume file; a failure marks it failed (see above)."""
-        self.check_writable(fd)
-        try:
-            os.fdatasync(fd)
-        except OSError as e:
-            self._writeback_failed(fd, e)
-            raise OSError(e.errno, self.failed_fds[fd]) from e
+        """fdatasync a volume file; a failure marks it failed (see above).
+
+        One fdatasync of a file at a time, from check to mark (a lock per
+        descriptor): Linux reports a write-back error to one fdatasync of
+        the descriptor only, so a commit, a host flush or a copy thread
+        whose fdatasync ran beside the one that was told would return 0
+        and vouch for lost data.  Serialized, the second one finds the
+        file marked failed.  The maps are put back after the lock is
+        released (``maps_lock`` may be held by a caller waiting for it)."""
+        with self._sync_locks.setdefault(fd, threading.Lock()):
+            self.check_writable(fd)
+            try:
+                os.fdatasync(fd)
+                return
+            except OSError as e:
+                error = e
+                self.failed_fds.setdefault(fd, _writeback_message(e))
+        self._writeback_failed(fd, error)
+        raise OSError(error.errno, self.failed_fds.get(fd, str(error))) from error
 
     def _writeback_failed(self, fd: int, exc: OSError) -> None:
         with self.maps_lock:
-            if fd in self.failed_fds:
+            if fd in self._reloaded:
                 return
-            self.failed_fds[fd] = (f"write-back to the volume file failed ({exc.strerror}): "
-                                   "data written since its last flush may be lost; restart "
-                                   "the daemon to copy again what the maps still need")
+            self._reloaded.add(fd)
+            self.failed_fds.setdefault(fd, _writeback_message(exc))
             log.error("fdatasync of fd %d failed: %s; maps put back to the database", fd, exc)
             kept = self._sets_to_keep(fd)
             for bm in self.maps:

@@ -49,6 +49,8 @@ MAX_BACKOFF_S = 5.0
 REMOTE_WINDOW = 8
 IDLE_WAIT = 0.005
 HOST_SHARE = 0.1  # of the time a job may copy while the host is busy
+MAX_HOST_WAIT_S = 1.0
+STOP_POLL_S = 0.02
 
 
 class Throttle:
@@ -226,9 +228,18 @@ class CopyJob(abc.ABC):
 
     async def _yield_to_host(self, seen: int, took: float) -> None:
         """If host requests came in during the last copy, wait so that the
-        job takes ``HOST_SHARE`` of the time (see the module docstring)."""
+        job takes ``HOST_SHARE`` of the time (see the module docstring), at
+        most ``MAX_HOST_WAIT_S`` (a copy slowed by a stall says nothing of
+        the disk's speed), and no longer than the job counts: an admin
+        command that stops it (clone delete, a restore start stopping the
+        syncs) waits for its end."""
         self.host_busy = self._host_requests() != seen
-        await asyncio.sleep(took * (1 - HOST_SHARE) / HOST_SHARE if self.host_busy else 0)
+        if not self.host_busy:
+            await asyncio.sleep(0)
+            return
+        until = time.monotonic() + min(took * (1 - HOST_SHARE) / HOST_SHARE, MAX_HOST_WAIT_S)
+        while self.active() and (left := until - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, STOP_POLL_S))
 
     def _run_limit(self) -> int:
         """Extents per copy: smaller under a rate limit, so the rate stays smooth."""
