@@ -10,9 +10,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import nbd
+
+from lunclone.bitmap import Bitmap
+from lunclone.commit import Committer
+from lunclone.metadata import Metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LUNCLONE = os.path.join(os.path.dirname(sys.executable), "lunclone")
@@ -230,3 +235,45 @@ def fractured_then_damaged(daemon: Daemon, rng, size: int = SIZE,
     clone_data = whole(daemon.connect("c1"), size)
     assert whole(src, size) != clone_data
     return clone_data, src
+
+
+# -- the group committer over a real database (test_commit, test_review8) -------
+
+NBITS = 64
+
+
+class Maps:
+    """A committer over a real database in ``state_dir`` and two maps."""
+
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        self.md = Metadata(state_dir)
+        self.lock = threading.RLock()
+        self.committer = Committer(self.md, self.lock)
+        self.delta = Bitmap(NBITS, key=("c1", "delta"))
+        self.protected = Bitmap(NBITS, key=("src", "protected"))
+        with self.lock:
+            for bm in (self.delta, self.protected):
+                self.committer.register(bm)
+
+    def in_db(self, owner: str = "c1", kind: str = "delta") -> set[int]:
+        return read_bitmap(self.state_dir, owner, kind)
+
+    def set_durably(self, bm: Bitmap, *bits: int) -> None:
+        with self.lock:
+            batches = [self.committer.request(bm, i) for i in bits]
+        self.committer.commit_now()
+        for b in batches:
+            if b is not None:
+                b.wait()
+
+    def close(self) -> None:
+        self.md.close()
+
+
+def sync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -25,41 +25,9 @@ import pytest
 
 from lunclone import faults
 from lunclone.bitmap import Bitmap
-from lunclone.commit import Committer
 from lunclone.errors import LuncloneError, NoSpace
 from lunclone.metadata import Metadata
-from helpers import read_bitmap
-
-NBITS = 64
-
-
-class Maps:
-    """A committer over a real database in ``state_dir`` and two maps."""
-
-    def __init__(self, state_dir: str):
-        self.state_dir = state_dir
-        self.md = Metadata(state_dir)
-        self.lock = threading.RLock()
-        self.committer = Committer(self.md, self.lock)
-        self.delta = Bitmap(NBITS, key=("c1", "delta"))
-        self.protected = Bitmap(NBITS, key=("src", "protected"))
-        with self.lock:
-            for bm in (self.delta, self.protected):
-                self.committer.register(bm)
-
-    def in_db(self, owner: str = "c1", kind: str = "delta") -> set[int]:
-        return read_bitmap(self.state_dir, owner, kind)
-
-    def set_durably(self, bm: Bitmap, *bits: int) -> None:
-        with self.lock:
-            batches = [self.committer.request(bm, i) for i in bits]
-        self.committer.commit_now()
-        for b in batches:
-            if b is not None:
-                b.wait()
-
-    def close(self) -> None:
-        self.md.close()
+from helpers import Maps, sync_dir
 
 
 @pytest.fixture
@@ -209,14 +177,6 @@ def lazy_maps(lazy):
     m.close()
 
 
-def sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def after_power_cut(lazy, m: Maps) -> tuple[set[int], bytes]:
     """Cut the power; return (bits of c1's delta, the file's first 8 KiB)."""
     os.close(m.fd)
@@ -299,7 +259,6 @@ def test_requested_bits_alone_need_no_fdatasync_and_carry_no_lazy_clear(lazy, la
     stays out of the database, and a power cut then finds the bit set and
     the extent still to copy (its data may be gone).  The full commit
     follows (once per LAZY_INTERVAL, or for a flush)."""
-    import time
     from lunclone import commit
     m = lazy_maps
     m.set_durably(m.delta, 0, 1)

@@ -22,8 +22,6 @@ import os
 import threading
 import time
 
-import pytest
-
 from lunclone import policy
 from lunclone.jobs import HOST_SHARE, JobKey
 from live import EXT, MiB, Hold, pattern

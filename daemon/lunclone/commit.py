@@ -18,7 +18,7 @@ Invariants (docs/DESIGN.md, "Crash consistency"):
   only the waiters of a finished batch are woken (rule 4).
 - A commit that only sets requested bits needs no fdatasync: while lazy
   clears wait for one (``copied_into``), the committer commits requested
-  bits alone, each into its page *as stored* (never the in-memory page,
+  bits alone (unless one stops a copy: ``SETS_STOP_COPIES``), each into its page *as stored* (never the in-memory page,
   which holds clears whose data may not be durable yet), and makes the
   full commit (fdatasync, then every dirty page) once per
   ``LAZY_INTERVAL``, or at once when a flush waits for it.  A host write
@@ -64,11 +64,17 @@ from typing import Iterator
 from . import faults
 from .bitmap import PAGE_BITS, Bitmap
 from .errors import MetadataError, no_space
-from .metadata import Metadata, Transaction
+from .metadata import PROTECTED, Metadata, Transaction
 
 log = logging.getLogger("lunclone.commit")
 
 LAZY_INTERVAL = 1.0
+# Maps whose set bit stops a copy, as a clear does: a protected extent is
+# never copied again, so its bit must follow the data the copy before it
+# put there (rule 2) and never goes out in a commit of requested bits alone
+# (review8: an extent pending and protected after a power cut, holding
+# pre-restore data).  A delta bit set only adds a copy.
+SETS_STOP_COPIES = (PROTECTED,)
 
 
 class Batch:
@@ -273,10 +279,13 @@ class Committer:
 
     def _full_due(self) -> bool:
         """Is a full commit due, or would it cost no more than requested
-        bits alone (no fdatasync waits)?  See the module docstring."""
+        bits alone (no fdatasync waits), or does a requested bit stop a
+        copy?  See the module docstring."""
         with self.maps_lock:
             return (not self._open.bits or not self._sync_fds or self._flush_wanted
-                    or time.monotonic() - self._last_full >= LAZY_INTERVAL)
+                    or time.monotonic() - self._last_full >= LAZY_INTERVAL
+                    or any(bm.key is not None and bm.key[1] in SETS_STOP_COPIES
+                           for bm, _ in self._open.bits))
 
     def commit_now(self, full: bool = True) -> None:
         """Commit the open batch and every lazily changed page; not ``full``:
