@@ -343,7 +343,7 @@ def redo(d: Daemon) -> None:
     import nbd
     from bench import wait_restore_done
     with client(d) as c:
-        c.call("restore_rate", source="v", rate_limit=0)
+        c.call("restore_rate", source="v", limit=0)
     wait_restore_done(d, "v")
     with client(d) as c:
         c.call("clone_sync", name="c")

@@ -106,3 +106,16 @@ def test_a_map_of_one_extent():
     b = Bitmap(1)
     b.set(0)
     assert list(b.iter_set()) == [0] and b.count() == 1 and len(b.page(0)) == 1
+
+
+def test_load_page_counts_whole_and_partial_pages():
+    b = Bitmap(PAGE_BITS + 100)
+    b.set(5)
+    b.load_page(0, b"\x03" + bytes(4095))  # a whole page replaces what was there
+    assert list(b.iter_set()) == [0, 1] and b.count() == 2
+    b.load_page(1, b"\x01" * 13)  # the last page is 13 bytes long
+    assert b.count() == 2 + 13 and b.test(PAGE_BITS) and b.test(PAGE_BITS + 96)
+    b.load_page(0, b"\x80\x00")  # a short piece: the rest of the page stays
+    b.set(4095 * 8)
+    b.load_page(0, b"\x81")
+    assert list(b.iter_set())[:3] == [0, 7, 4095 * 8] and b.count() == 3 + 13

@@ -18,6 +18,7 @@ A Bitmap does no locking: its owner (``policy``/``jobs``) holds the lock.
 from __future__ import annotations
 
 import mmap
+from itertools import compress
 from typing import Iterator
 
 PAGE_BYTES = 4096
@@ -89,13 +90,12 @@ class Bitmap:
 
     def assign(self, other: "Bitmap") -> None:
         """self := other, marking every changed page dirty."""
-        for p in range(len(self.counts)):
-            if self.counts[p] or other.counts[p]:
-                s = slice(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)
-                if self.bits[s] != other.bits[s]:
-                    self.bits[s] = other.bits[s]
-                    self.counts[p] = other.counts[p]
-                    self.dirty_pages.add(p)
+        for p in sorted(set(self._used_pages()).union(other._used_pages())):
+            s = slice(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)
+            if self.bits[s] != other.bits[s]:
+                self.bits[s] = other.bits[s]
+                self.counts[p] = other.counts[p]
+                self.dirty_pages.add(p)
 
     def union(self, other: "Bitmap") -> None:
         """self |= other."""
@@ -161,7 +161,7 @@ class Bitmap:
         return min(PAGE_BYTES, len(self.bits) - p * PAGE_BYTES)
 
     def _used_pages(self) -> list[int]:
-        return [p for p, n in enumerate(self.counts) if n]
+        return list(compress(range(len(self.counts)), self.counts))
 
     def _recount(self, p: int) -> None:
         data = self.bits[p * PAGE_BYTES:(p + 1) * PAGE_BYTES]
@@ -182,8 +182,12 @@ class Bitmap:
     def load_page(self, p: int, data: bytes) -> None:
         start = p * PAGE_BYTES
         end = min(start + len(data), len(self.bits))
-        self.bits[start:end] = data[:end - start]
-        self._recount(p)
+        data = data[:end - start]
+        self.bits[start:end] = data
+        if end - start == self._page_len(p):  # the whole page: count what came in
+            self.counts[p] = int.from_bytes(data, "little").bit_count()
+        else:
+            self._recount(p)
 
     def take_dirty(self) -> list[int]:
         pages = sorted(self.dirty_pages)
