@@ -67,3 +67,24 @@ def test_damaged_database_refused_untouched(tmp_path, damage):
         Metadata(str(tmp_path))
     assert "\n" not in e.value.message
     assert digest(path) == before
+
+
+def test_replace_bitmap_stores_exactly_the_map(tmp_path):
+    """replace_bitmap drops pages that became empty and writes only pages
+    with bits set."""
+    md = Metadata(str(tmp_path))
+    old = Bitmap(1 << 20)
+    for i in (5, 300_000, 900_000):
+        old.set(i)
+    new = Bitmap(1 << 20)
+    new.set(300_001)
+    new.set(600_000)
+    with md.transaction() as tx:
+        tx.save_bitmap("c", "delta", old, pages=old.used_pages())
+        tx.save_bitmap("c", "pending", old, pages=old.used_pages())
+    with md.transaction() as tx:
+        tx.replace_bitmap("c", "delta", new)
+    assert list(md.load_bitmap("c", "delta", 1 << 20).iter_set()) == [300_001, 600_000]
+    assert list(md.load_bitmap("c", "pending", 1 << 20).iter_set()) == [5, 300_000, 900_000]
+    db = sqlite3.connect(os.path.join(tmp_path, DB_NAME))
+    assert db.execute("SELECT COUNT(*) FROM bitmaps WHERE kind='delta'").fetchone()[0] == 2

@@ -1,7 +1,11 @@
 """An in-memory bitmap of extents, persisted as pages.
 
-One bit per extent in a flat ``bytearray`` (a 1 TiB volume with 64 KiB
-extents needs 2 MiB).  ``PAGE_BYTES`` bytes form a page, the unit the
+One bit per extent in a flat buffer (a 1 TiB volume with 64 KiB extents
+needs 2 MiB): an anonymous private mapping (``zeroed``), whose pages cost
+no memory until a bit in them is set, so a 16 TiB map with few bits set
+costs a few pages, and making one costs no time.  It is indexed as a
+``bytearray`` is (``bits[byte]`` is an int; slices are ``bytes``); its
+identity never changes (readers without the lock keep a reference).  ``PAGE_BYTES`` bytes form a page, the unit the
 metadata stores; only pages touched since the last save are written, and
 an all-zero page is stored as no row at all, so a sparse map costs nothing.
 
@@ -13,6 +17,8 @@ A Bitmap does no locking: its owner (``policy``/``jobs``) holds the lock.
 """
 from __future__ import annotations
 
+import mmap
+from itertools import compress
 from typing import Iterator
 
 PAGE_BYTES = 4096
@@ -27,7 +33,7 @@ class Bitmap:
     def __init__(self, nbits: int, bits: bytearray | None = None,
                  key: tuple[str, str] | None = None):
         self.nbits = nbits
-        self.bits = bits if bits is not None else bytearray((nbits + 7) // 8)
+        self.bits = bits if bits is not None else zeroed((nbits + 7) // 8)
         self.counts = [0] * self.page_count()
         self.dirty_pages: set[int] = set()
         self.key = key
@@ -65,8 +71,11 @@ class Bitmap:
         return any(self.counts)
 
     def copy(self, key: tuple[str, str] | None = None) -> "Bitmap":
+        """A copy (no page dirty); its cost follows the pages with bits set."""
         b = Bitmap(self.nbits, key=key)
-        b.bits[:] = self.bits
+        for p in self._used_pages():
+            s = slice(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)
+            b.bits[s] = self.bits[s]
         b.counts = list(self.counts)
         return b
 
@@ -81,13 +90,12 @@ class Bitmap:
 
     def assign(self, other: "Bitmap") -> None:
         """self := other, marking every changed page dirty."""
-        for p in range(len(self.counts)):
-            if self.counts[p] or other.counts[p]:
-                s = slice(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)
-                if self.bits[s] != other.bits[s]:
-                    self.bits[s] = other.bits[s]
-                    self.counts[p] = other.counts[p]
-                    self.dirty_pages.add(p)
+        for p in sorted(set(self._used_pages()).union(other._used_pages())):
+            s = slice(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)
+            if self.bits[s] != other.bits[s]:
+                self.bits[s] = other.bits[s]
+                self.counts[p] = other.counts[p]
+                self.dirty_pages.add(p)
 
     def union(self, other: "Bitmap") -> None:
         """self |= other."""
@@ -100,6 +108,25 @@ class Bitmap:
                 self.bits[s] = merged
                 self._recount(p)
                 self.dirty_pages.add(p)
+
+    def union_pages(self, other: "Bitmap") -> dict[int, bytes]:
+        """The pages of self | other that differ from self's, by page
+        number; self is not changed (what ``union`` would write)."""
+        out = {}
+        for p in other._used_pages():
+            s = slice(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)
+            mine, theirs = self.bits[s], other.bits[s]
+            if mine == theirs:
+                continue
+            a = int.from_bytes(mine, "little")
+            merged = a | int.from_bytes(theirs, "little")
+            if merged != a:
+                out[p] = merged.to_bytes(len(mine), "little")
+        return out
+
+    def used_pages(self) -> list[int]:
+        """The pages with a bit set."""
+        return self._used_pages()
 
     def mark_all_dirty(self) -> None:
         self.dirty_pages.update(range(self.page_count()))
@@ -134,7 +161,7 @@ class Bitmap:
         return min(PAGE_BYTES, len(self.bits) - p * PAGE_BYTES)
 
     def _used_pages(self) -> list[int]:
-        return [p for p, n in enumerate(self.counts) if n]
+        return list(compress(range(len(self.counts)), self.counts))
 
     def _recount(self, p: int) -> None:
         data = self.bits[p * PAGE_BYTES:(p + 1) * PAGE_BYTES]
@@ -155,13 +182,26 @@ class Bitmap:
     def load_page(self, p: int, data: bytes) -> None:
         start = p * PAGE_BYTES
         end = min(start + len(data), len(self.bits))
-        self.bits[start:end] = data[:end - start]
-        self._recount(p)
+        data = data[:end - start]
+        self.bits[start:end] = data
+        if end - start == self._page_len(p):  # the whole page: count what came in
+            self.counts[p] = int.from_bytes(data, "little").bit_count()
+        else:
+            self._recount(p)
 
     def take_dirty(self) -> list[int]:
         pages = sorted(self.dirty_pages)
         self.dirty_pages.clear()
         return pages
+
+
+def zeroed(n: int):
+    """``n`` zero bytes, indexed as a bytearray: an anonymous private
+    mapping, so a page is resident only once written (and a fork copies on
+    write); an empty map needs no mapping."""
+    if n == 0:
+        return bytearray()
+    return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 def _next_nonzero(bits: bytearray, start: int, end: int) -> int:

@@ -145,9 +145,13 @@ class Transaction:
             self.save_page(owner, kind, p, bm.page(p))
 
     def replace_bitmap(self, owner: str, kind: str, bm: Bitmap) -> None:
-        """Write every page of ``bm``: the stored map becomes exactly ``bm``
-        (for a map computed as a copy, whose changes are not tracked)."""
-        self.save_bitmap(owner, kind, bm, pages=list(range(bm.page_count())))
+        """The stored map becomes exactly ``bm`` (for a map computed as a
+        copy, whose changes are not tracked): its rows are deleted and its
+        pages with a bit set written, so the cost follows the bits set."""
+        self.delete_bitmap(owner, kind)
+        for p in bm.used_pages():
+            self._db.execute("INSERT INTO bitmaps VALUES (?, ?, ?, ?)",
+                             (owner, kind, p, bm.page(p)))
 
     def save_page(self, owner: str, kind: str, page: int, data: bytes) -> None:
         """Store one page; an all-zero page is stored as no row."""

@@ -196,10 +196,13 @@ class Restores:
                     continue
                 if other.state in MIRRORED:
                     self.clones.set_state(other, FRACTURED, tx)
-                grown = other.delta.copy(other.delta.key)
-                grown.union(r.pending)
-                tx.replace_bitmap(other.name, DELTA, grown)
-                tx.then(functools.partial(other.delta.union, r.pending))
+                # Stored: delta | pending.  Only the pages the union changes,
+                # and those changed in memory but not stored yet, can
+                # differ from the stored map (no commit runs meanwhile).
+                grown = other.delta.union_pages(r.pending)
+                for p in sorted(grown.keys() | other.delta.dirty_pages):
+                    tx.save_page(other.name, DELTA, p, grown.get(p) or other.delta.page(p))
+                tx.then(functools.partial(_put_pages, other.delta, grown))
             tx.delete_bitmap(fam.source.name, PENDING)
             tx.delete_bitmap(fam.source.name, PROTECTED)
             tx.save_bitmap(fam.source.name, PENDING, r.pending)
@@ -342,3 +345,9 @@ class Restores:
             job = self.jobs.get(JobKey("restore", source))
             if job is not None:
                 job.throttle.set(limit)
+
+
+def _put_pages(bm: Bitmap, pages: dict[int, bytes]) -> None:
+    """Pages just stored (``Bitmap.union_pages``) become the map's."""
+    for p, data in pages.items():
+        bm.load_page(p, data)
