@@ -140,6 +140,14 @@ def fill(path: str, size_mb: int, every: int = 1) -> None:
         os.fsync(f.fileno())
 
 
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def wait_state(d: Daemon, source: str, clone: str, state: str, timeout: float = 600) -> float:
     """Poll in-process (a CLI call costs ~0.1 s, too coarse for timing)."""
     from lunclone.client import Client
@@ -343,8 +351,12 @@ def raw_copy_extents(src: str, dst: str, exts: range | list[int], extent: int) -
 def bench_scattered(args) -> None:
     """``restore`` until done of a 2 GiB volume with 1%, 10% and 100% of its
     64 KiB extents changed at random places, beside a raw copy_file_range
-    loop over exactly those extents (the disk's speed for that change)."""
+    loop over exactly those extents (the disk's speed for that change) and
+    qemu-storage-daemon's block-stream of exactly those extents from the
+    clone (``bench_qsd``): into a qcow2 overlay whose data file is the raw
+    loop's file (written in place), and into a plain qcow2 overlay."""
     import random
+    from bench_qsd import make_overlay, timed_block_stream
     from lunclone.client import Client
     size_mb, extent = 2048, 65536
     with bench_daemon() as (d, work):
@@ -352,31 +364,50 @@ def bench_scattered(args) -> None:
         fill(d.volume_path("v"), size_mb)
         d.cli("clone", "create", "v", "c")
         wait_state(d, "v", "c", "synchronized")
+        clone = d.volume_path("c")
         raw_dst = os.path.join(work, "raw.img")
         shutil.copyfile(d.volume_path("v"), raw_dst)
+        fsync_file(raw_dst)  # else raw's first fdatasync writes the whole copy
+        overlay = os.path.join(work, "stream.qcow2")
         next_ = (size_mb << 20) // extent
-        print(f"-- restore of scattered changes, 2 GiB, {args.rounds} alternated rounds "
-              "(seconds per round, restore/raw; ratio = raw time / restore time):")
+        print(f"-- restore of scattered changes, 2 GiB, {args.rounds} alternated rounds; seconds "
+              "per round: restore/raw/qsd/qsd-qcow2, ratio = their time / restore's time.\n"
+              "   raw: copy_file_range of the changed extents + fdatasync.  qsd: "
+              "qemu-storage-daemon block-stream of the same extents from the clone (raw, backing)\n"
+              "   into a qcow2 overlay (unchanged clusters: zero clusters, changed: unallocated) "
+              "+ fdatasync; qsd: its data file is raw's file,\n   written in place; "
+              "qsd-qcow2: a plain qcow2, new clusters appended.")
+        sides = ("job", "raw", "qsd", "qsd-qcow2")
         for pct in (1, 10, 100):
             exts = sorted(random.Random(pct).sample(range(next_), next_ * pct // 100))
-            job_s, raw_s = [], []
+            took = {s: [] for s in sides}
             for r in range(args.rounds):
-                for side in (("job", "raw") if r % 2 == 0 else ("raw", "job")):
+                for side in (sides if r % 2 == 0 else sides[::-1]):
                     if side == "raw":
                         pretouch(1 << 30)
-                        raw_s.append(raw_copy_extents(d.volume_path("c"), raw_dst, exts, extent))
-                        continue
-                    damage_and_fracture(d, "v", "c", [i * extent for i in exts], n=4096)
-                    pretouch(1 << 30)
-                    t0 = time.monotonic()
-                    with Client(d.run_dir) as c:
-                        c.call("restore", source="v", clone_name="c")
-                    wait_restore_done(d, "v")
-                    job_s.append(time.monotonic() - t0)
-            rounds = ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(job_s, raw_s))
-            ratio = statistics.median(b / a for a, b in zip(job_s, raw_s))
-            print(f"   {pct:3d}% ({len(exts)} extents): {rounds}; median ratio {ratio:.3f}",
+                        took[side].append(raw_copy_extents(clone, raw_dst, exts, extent))
+                    elif side.startswith("qsd"):
+                        in_place = side == "qsd"
+                        make_overlay(overlay, clone, size_mb << 20, exts, extent, in_place)
+                        pretouch(1 << 30)
+                        took[side].append(timed_block_stream(
+                            overlay, clone, work, raw_dst if in_place else None))
+                    else:
+                        damage_and_fracture(d, "v", "c", [i * extent for i in exts], n=4096)
+                        pretouch(1 << 30)
+                        t0 = time.monotonic()
+                        with Client(d.run_dir) as c:
+                            c.call("restore", source="v", clone_name="c")
+                        wait_restore_done(d, "v")
+                        took[side].append(time.monotonic() - t0)
+            rounds = ", ".join("/".join(f"{t:.3f}" for t in ts) for ts in zip(*took.values()))
+            ratio = " ".join(
+                f"{s} {statistics.median(b / a for a, b in zip(took['job'], took[s])):.3f}"
+                for s in sides[1:])
+            print(f"   {pct:3d}% ({len(exts)} extents): {rounds}; median ratio {ratio}",
                   flush=True)
+        if os.path.exists(overlay):
+            os.unlink(overlay)
 
 
 def bench_io_during_restore(d: Daemon, args, every_mb: list[int]) -> None:

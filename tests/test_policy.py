@@ -306,3 +306,36 @@ def test_block_status_during_a_restore_answers_for_what_a_read_returns(live):
     assert not any(hole for _, _, hole in runs), runs
     assert sum(n for _, n, _ in runs) == 2 * EXT
     assert live.read("src", 2 * EXT, 2 * EXT) == b"C" * 2 * EXT
+
+
+def test_take_runs_groups_scattered_extents_in_one_scan_and_ends_them_together(restoring):
+    """The job's step for local files: several runs at once, skipping
+    protected extents (cleared on the way) and extents in flight, up to
+    ``limit`` extents and ``max_runs`` runs; they share one in-flight event,
+    so a request on any of them waits until ``finish_runs`` ends them all."""
+    live = restoring
+    fam = live.family("src")
+    r = fam.restore
+    live.write("src", b"P" * EXT, 2 * EXT)  # protected: needs no copy
+    assert take(live, 4, 1) == (4, 1)       # in flight already
+    with fam.maps_lock:  # (from extent 1: the job may have copied extent 0)
+        assert fam.take_runs(r.pending, 1, 5, r.protected, max_runs=2) == [(1, 1), (3, 1)]
+        fam.finish_runs(r.pending, [(1, 1), (3, 1)], fam.source.store, copied=False)
+        runs = fam.take_runs(r.pending, 1, 5, r.protected, max_runs=3)
+        assert runs == [(1, 1), (3, 1), (5, 3)], runs
+        assert 2 not in set(r.pending.iter_set())
+        ev = fam.guard.copy_of(1)
+        assert all(fam.guard.copy_of(i) is ev for i in (3, 5, 6, 7))
+    read = Async(lambda: live.read("src", 6 * EXT, 4096))
+    time.sleep(0.2)
+    assert not read.done(), "a read passed an extent in flight"
+    copied = fam.copy_runs(r.data_source, fam.source.store, runs)
+    assert copied == 5 * EXT
+    with fam.maps_lock:
+        fam.finish_runs(r.pending, runs, fam.source.store, copied=True, src=r.data_source)
+    assert read.result() == b"C" * 4096
+    assert maps(live)[0] - {0} == {4, 8}
+    data = live.file("src")
+    assert data[EXT:2 * EXT] == data[3 * EXT:4 * EXT] == b"C" * EXT
+    assert data[5 * EXT:8 * EXT] == b"C" * 3 * EXT
+    copy_and_finish(live, 4, 1)

@@ -47,6 +47,7 @@ MAX_RETRIES = 3
 REMOTE_RETRIES = 7
 MAX_BACKOFF_S = 5.0
 REMOTE_WINDOW = 8
+LOCAL_WINDOW = 2
 IDLE_WAIT = 0.005
 HOST_SHARE = 0.1  # of the time a job may copy while the host is busy
 MAX_HOST_WAIT_S = 1.0
@@ -175,8 +176,7 @@ class CopyJob(abc.ABC):
         def finished(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None and self.active()
             with fam.maps_lock:
-                for first, n in runs:
-                    fam.finish_run(bm, first, n, dst, copied=ok, src=src)
+                fam.finish_runs(bm, runs, dst, copied=ok, src=src)
                 if ok:
                     self.progress().add(f.result())
         copy.add_done_callback(finished)
@@ -204,11 +204,12 @@ class CopyJob(abc.ABC):
         self.on_failure()
 
     def window(self) -> int:
-        """Runs copied at once: one for local files (copy_file_range is
-        bound by the disk) and under a rate limit, several to a remote."""
-        if self.throttle.limit or not self._remote():
+        """Copies at once: one under a rate limit; two for local files (one
+        copies while the loop takes the next runs and finishes the last:
+        copy_file_range releases the GIL); several to a remote."""
+        if self.throttle.limit:
             return 1
-        return REMOTE_WINDOW
+        return REMOTE_WINDOW if self._remote() else LOCAL_WINDOW
 
     def _runs_per_copy(self) -> int:
         """Runs one worker call copies: many for local files (a thread

@@ -65,7 +65,7 @@ from .bitmap import Bitmap, extent_range
 from .commit import Batch, Committer
 from .errors import ReadOnly
 from .iopath import Volume, WriteBarrier
-from .store import Store, copy_range, is_local
+from .store import Store, copy_range, is_local, start_writeback
 
 log = logging.getLogger("lunclone.policy")
 
@@ -200,14 +200,21 @@ class ExtentGuard:
         return self.writer_done.setdefault(i, threading.Event())
 
     def start_copies(self, exts) -> None:
+        """One event for extents whose copy starts together (a job's runs,
+        an on-demand copy): they must end together, in one ``end_copies``
+        of the same extents, so a waiter woken by the event never finds
+        one of them still in flight on it."""
+        ev = threading.Event()
         for i in exts:
-            self.inflight[i] = threading.Event()
+            self.inflight[i] = ev
 
     def end_copies(self, exts) -> None:
+        last = None
         for i in exts:
             ev = self.inflight.pop(i, None)
-            if ev is not None:
+            if ev is not None and ev is not last:
                 ev.set()
+                last = ev
 
     def start_write(self, exts: range) -> None:
         for i in exts:
@@ -738,49 +745,61 @@ class Family:
     def take_run(self, bm: Bitmap, start: int, limit: int,
                  skip: Bitmap | None = None) -> tuple[int, int] | None:
         """Under lock: the first run of copyable extents at or after ``start``
-        set in ``bm``; marks it in flight.  Extents in ``skip`` (protected)
-        are cleared from ``bm`` on the way: they need no copy."""
+        set in ``bm`` (``take_runs`` with one run), marked in flight."""
+        runs = self.take_runs(bm, start, limit, skip)
+        return runs[0] if runs else None
+
+    def take_runs(self, bm: Bitmap, start: int, limit: int, skip: Bitmap | None = None,
+                  max_runs: int = 1) -> list[tuple[int, int]]:
+        """Under lock: up to ``max_runs`` runs of consecutive extents from
+        ``start`` on, ``limit`` extents in all, that are set in ``bm`` and
+        copyable (not in flight, not being written), marked in flight:
+        scattered extents are copied by one worker call, not one call each.
+        Extents in ``skip`` (protected) are cleared from ``bm`` on the way:
+        they need no copy.  One scan of the map, and one in-flight event
+        for all of them: ``finish_runs`` ends them together."""
         guard = self.guard
+        runs: list[tuple[int, int]] = []
+        first = n = 0
         for i in bm.iter_set(start):
             if skip is not None and skip.test(i):
                 bm.clear(i)
                 continue
             if guard.busy(i):
                 continue
-            n = 1
-            while (n < limit and i + n < self.nextents and bm.test(i + n)
-                   and not guard.busy(i + n) and (skip is None or not skip.test(i + n))):
+            if n and i == first + n:
                 n += 1
-            guard.start_copies(range(i, i + n))
-            return i, n
-        return None
-
-    def take_runs(self, bm: Bitmap, start: int, limit: int, skip: Bitmap | None = None,
-                  max_runs: int = 1) -> list[tuple[int, int]]:
-        """Under lock: up to ``max_runs`` runs (as ``take_run``) from
-        ``start`` on, ``limit`` extents in all, marked in flight: scattered
-        extents are copied by one worker call, not one call each."""
-        runs: list[tuple[int, int]] = []
-        while limit > 0 and len(runs) < max_runs:
-            run = self.take_run(bm, start, limit, skip)
-            if run is None:
+            elif n and len(runs) + 1 == max_runs:
                 break
-            runs.append(run)
-            start, limit = run[0] + run[1], limit - run[1]
+            else:
+                if n:
+                    runs.append((first, n))
+                first, n = i, 1
+            limit -= 1
+            if limit <= 0:
+                break
+        if n:
+            runs.append((first, n))
+        if runs:
+            guard.start_copies([i for f, k in runs for i in range(f, f + k)])
         return runs
 
     def copy_runs(self, src: Store, dst: Store, runs: list[tuple[int, int]],
                   write_back: bool = False) -> int:
         """Copy runs taken by ``take_runs``; no lock held (they are in flight).
 
-        With ``write_back`` (the host is busy), local ends are fdatasync'ed
-        here, in the copy's own thread.  The clears still wait for the next
-        commit's fdatasync (rule 2), but that one then finds the job's data
-        written back already: host writes waiting for a commit of their
-        map bits do not wait for the job's megabytes to reach the disk.
-        Alone, a job leaves that to the commit: one fdatasync a second
-        costs less than one per copy."""
-        copied = sum(self.copy_extents(src, dst, first, n) for first, n in runs)
+        A local destination starts writing each run back as soon as it is
+        copied, so the disk works while the job copies on (and the pages
+        are still hot).  With ``write_back`` (the host is busy), local ends
+        are also fdatasync'ed here, in the copy's own thread: the clears
+        still wait for the next commit's fdatasync (rule 2), but that one
+        then finds the job's data written back already, so host writes
+        waiting for a commit of their map bits do not wait for the job's
+        megabytes to reach the disk."""
+        copied = 0
+        for first, n in runs:
+            copied += self.copy_extents(src, dst, first, n)
+            start_writeback(dst, first << self.shift, n << self.shift)
         if write_back:
             for store in (dst, src):
                 if is_local(store):
@@ -789,18 +808,25 @@ class Family:
 
     def finish_run(self, bm: Bitmap, first: int, n: int, dst: Store, copied: bool,
                    src: Store | None = None) -> None:
-        """Under lock: the copy of a run returned; release its extents, and
-        if it ``copied`` (and still counts) clear its bits (rule 2).  Both
+        """``finish_runs`` of one run taken alone (``take_run``)."""
+        self.finish_runs(bm, [(first, n)], dst, copied, src)
+
+    def finish_runs(self, bm: Bitmap, runs: list[tuple[int, int]], dst: Store, copied: bool,
+                    src: Store | None = None) -> None:
+        """Under lock: the copy of runs taken together returned; release
+        their extents (all at once: they share one in-flight event), and if
+        it ``copied`` (and still counts) clear their bits (rule 2).  Both
         ends must be durable before the clear is committed: the copy may
         have read a host write to ``src`` that was never flushed, and a
         power cut would then take it from the source but not from the copy."""
+        exts = [i for first, n in runs for i in range(first, first + n)]
         if copied and not self._on_failed_volume(dst, src):
-            for i in range(first, first + n):
+            for i in exts:
                 bm.clear(i)
             self._copied_into(dst)
             if src is not None:
                 self._copied_into(src)
-        self.guard.end_copies(range(first, first + n))
+        self.guard.end_copies(exts)
 
 
 class CloneExport:

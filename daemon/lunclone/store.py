@@ -86,6 +86,14 @@ def is_local(store: Store) -> bool:
     return store.fd >= 0
 
 
+def start_writeback(store: Store, offset: int, length: int) -> None:
+    """A local file: start writing back what was copied into the range
+    (``volume.start_writeback``).  A remote store: nothing (its copy was
+    flushed already)."""
+    if is_local(store):
+        vf.start_writeback(store.fd, offset, length)
+
+
 def copy_range(src: Store, dst: Store, offset: int, length: int) -> int:
     """Make dst[offset:offset+length] equal src's; return the bytes covered.
 
