@@ -22,13 +22,22 @@ import os
 import threading
 import time
 
-from lunclone import policy
+import pytest
+
+from lunclone import jobs, policy
 from lunclone.jobs import HOST_SHARE, JobKey
 from live import EXT, MiB, Hold, pattern
 
 SIZE = 8 * MiB          # 128 extents: a sync takes two copies of 64
 NEXT = SIZE // EXT
 RUN = 64                # jobs.RUN_EXTENTS: the first copy's extents are 0..63
+
+
+@pytest.fixture(autouse=True)
+def one_copy_at_a_time(monkeypatch):
+    """These scenarios are a sequence of copies (the first held, its clears
+    waiting, then the next): one local copy in flight at a time."""
+    monkeypatch.setattr(jobs, "LOCAL_WINDOW", 1)
 
 
 def until(pred, timeout: float) -> bool:
