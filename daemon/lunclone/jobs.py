@@ -206,10 +206,14 @@ class CopyJob(abc.ABC):
     def window(self) -> int:
         """Copies at once: one under a rate limit; two for local files (one
         copies while the loop takes the next runs and finishes the last:
-        copy_file_range releases the GIL); several to a remote."""
+        copy_file_range releases the GIL), but one while the host is busy
+        (two overlapping copies, each followed by its own wait, would take
+        twice ``HOST_SHARE``); several to a remote."""
         if self.throttle.limit:
             return 1
-        return REMOTE_WINDOW if self._remote() else LOCAL_WINDOW
+        if self._remote():
+            return REMOTE_WINDOW
+        return 1 if self.host_busy else LOCAL_WINDOW
 
     def _runs_per_copy(self) -> int:
         """Runs one worker call copies: many for local files (a thread
