@@ -98,3 +98,27 @@ def lazy_daemon(lazy):
     yield d
     d.kill()
     shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.fixture
+def lazy_maps(lazy):
+    """The group committer (``helpers.Maps``) with its database on LazyFS,
+    and a volume file there holding b"o" * 8192, durable (``m.fd``)."""
+    import contextlib
+    from helpers import Maps, sync_dir
+    from lunclone import faults
+    state = os.path.join(lazy.mountpoint, "state")
+    os.makedirs(state)
+    m = Maps(state)
+    path = os.path.join(lazy.mountpoint, "vol.img")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.pwrite(fd, b"o" * 8192, 0)
+    os.fsync(fd)
+    for d in (state, lazy.mountpoint):  # the new files' names are durable too
+        sync_dir(d)
+    m.fd, m.path = fd, path
+    yield m
+    faults.disarm()
+    with contextlib.suppress(OSError):
+        os.close(m.fd)
+    m.close()

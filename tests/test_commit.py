@@ -15,7 +15,6 @@ moment it chooses, as the thread would.  Durability is shown with LazyFS
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import sqlite3
@@ -27,7 +26,7 @@ from lunclone import faults
 from lunclone.bitmap import Bitmap
 from lunclone.errors import LuncloneError, NoSpace
 from lunclone.metadata import Metadata
-from helpers import Maps, sync_dir
+from helpers import Maps
 
 
 @pytest.fixture
@@ -157,25 +156,6 @@ def test_a_failed_commit_fails_its_waiters_and_the_next_one_writes_the_pages(map
 
 
 # -- with a volume file on LazyFS: what a power cut keeps ----------------------
-
-@pytest.fixture
-def lazy_maps(lazy):
-    state = os.path.join(lazy.mountpoint, "state")
-    os.makedirs(state)
-    m = Maps(state)
-    path = os.path.join(lazy.mountpoint, "vol.img")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.pwrite(fd, b"o" * 8192, 0)
-    os.fsync(fd)
-    for d in (state, lazy.mountpoint):  # the new files' names are durable too
-        sync_dir(d)
-    m.fd, m.path = fd, path
-    yield m
-    faults.disarm()
-    with contextlib.suppress(OSError):
-        os.close(m.fd)
-    m.close()
-
 
 def after_power_cut(lazy, m: Maps) -> tuple[set[int], bytes]:
     """Cut the power; return (bits of c1's delta, the file's first 8 KiB)."""

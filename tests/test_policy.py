@@ -4,7 +4,7 @@ with host requests made from threads as nbdkit's workers make them.
 
 The restore is started and paused through the command table, so the maps
 stand still unless a test moves them: a background copy is made by hand
-with the job's own steps (``take_run``, ``copy_extents``, ``finish_run``).
+with the job's own steps (``take_runs``, ``copy_extents``, ``finish_runs``).
 
 The volume has a ragged end: its last extent is 12 KiB.  The clone holds
 ``C`` everywhere, the source ``S`` (every extent differs: all pending).
@@ -202,7 +202,8 @@ def take(live, first: int, limit: int):
     """The job's first step: take a run of pending, copyable extents."""
     fam = live.family("src")
     with fam.maps_lock:
-        return fam.take_run(fam.restore.pending, first, limit, fam.restore.protected)
+        runs = fam.take_runs(fam.restore.pending, first, limit, fam.restore.protected)
+        return runs[0] if runs else None
 
 
 def copy_and_finish(live, first: int, n: int, copied: bool = True) -> None:
@@ -213,7 +214,8 @@ def copy_and_finish(live, first: int, n: int, copied: bool = True) -> None:
     if copied:
         fam.copy_extents(r.data_source, fam.source.store, first, n)
     with fam.maps_lock:
-        fam.finish_run(r.pending, first, n, fam.source.store, copied=copied, src=r.data_source)
+        fam.finish_runs(r.pending, [(first, n)], fam.source.store, copied=copied,
+                        src=r.data_source)
 
 
 def test_request_on_an_extent_being_copied_waits_for_the_copy(restoring):

@@ -3,7 +3,7 @@ writes requested bits into their pages as stored, with no fdatasync; the
 full commit follows once per LAZY_INTERVAL or for a waiting flush).
 
 The bug found: a requested *protected* bit acts like a clear of the
-extent's *pending* bit (``take_run`` clears pending extents that are
+extent's *pending* bit (``take_runs`` clears pending extents that are
 protected, reads go to the source): it stops the copy, so it must follow
 the data as a clear does (rule 2).  A host write into an extent the job
 has just copied (its pending clear still lazy, the copy not fdatasync'ed:
@@ -16,7 +16,6 @@ ahead of the copy's data.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -26,37 +25,26 @@ import pytest
 from lunclone import commit, faults
 from lunclone.bitmap import PAGE_BITS, Bitmap
 from helpers import read_bitmap
-from helpers import NBITS, Maps, sync_dir
+from helpers import NBITS, Maps
 from live import EXT
 
 
 @pytest.fixture
-def lazy_maps(lazy):
-    state = os.path.join(lazy.mountpoint, "state")
-    os.makedirs(state)
-    m = Maps(state)
+def lazy_maps(lazy_maps):
+    """conftest's, with the restore-pending map of ``src`` registered too
+    (its volume file's b"o" is the pre-restore data)."""
+    m = lazy_maps
     m.pending = Bitmap(NBITS, key=("src", "pending"))
     with m.lock:
         m.committer.register(m.pending)
-    path = os.path.join(lazy.mountpoint, "vol.img")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.pwrite(fd, b"o" * 8192, 0)  # pre-restore data
-    os.fsync(fd)
-    for d in (state, lazy.mountpoint):
-        sync_dir(d)
-    m.fd, m.path = fd, path
-    yield m
-    faults.disarm()
-    with contextlib.suppress(OSError):
-        os.close(m.fd)
-    m.close()
+    return m
 
 
 def test_a_protected_bit_committed_alone_does_not_outrun_the_copy_it_stops(lazy, lazy_maps):
     m = lazy_maps
     m.set_durably(m.pending, 0)  # the restore start: extent 0 pending
     # The job copies the clone's data into extent 0 (host quiet: no
-    # write-back in the copy thread), ``finish_run`` clears the bit lazily.
+    # write-back in the copy thread), ``finish_runs`` clears the bit lazily.
     os.pwrite(m.fd, b"n" * 4096, 0)
     with m.lock:
         m.pending.clear(0)
@@ -79,7 +67,7 @@ def test_a_protected_bit_committed_alone_does_not_outrun_the_copy_it_stops(lazy,
     protected = read_bitmap(m.state_dir, "src", "protected")
     with open(m.path, "rb") as f:
         data = f.read(4096)
-    if 0 in protected:  # never copied again (take_run skips and clears it)
+    if 0 in protected:  # never copied again (take_runs skips and clears it)
         assert data[512:] == b"n" * (4096 - 512), (
             f"pending={pending} protected={protected}: extent 0 is protected, so never "
             f"copied again, but holds {data[512:516]!r}... (pre-restore data)")
@@ -104,7 +92,7 @@ def test_live_write_into_a_just_copied_extent_commits_protected_before_the_copy_
     live.commit()  # a full commit now: the next ones (within 60 s) are requests-only
     monkeypatch.setattr(os, "fdatasync", recording)
     # As the job does it alone: the clone's extent copied into the source
-    # (page cache only), then ``finish_run`` under the lock.
+    # (page cache only), then ``finish_runs`` under the lock.
     i = max(r.pending.iter_set())  # an extent the job has not copied (paused)
     assert i in read_bitmap(live.state_dir, "src", "pending")
     data = live.read("c1", i * EXT, EXT)

@@ -73,7 +73,7 @@ class Bitmap:
     def copy(self, key: tuple[str, str] | None = None) -> "Bitmap":
         """A copy (no page dirty); its cost follows the pages with bits set."""
         b = Bitmap(self.nbits, key=key)
-        for p in self._used_pages():
+        for p in self.used_pages():
             s = slice(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)
             b.bits[s] = self.bits[s]
         b.counts = list(self.counts)
@@ -90,7 +90,7 @@ class Bitmap:
 
     def assign(self, other: "Bitmap") -> None:
         """self := other, marking every changed page dirty."""
-        for p in sorted(set(self._used_pages()).union(other._used_pages())):
+        for p in sorted(set(self.used_pages()).union(other.used_pages())):
             s = slice(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)
             if self.bits[s] != other.bits[s]:
                 self.bits[s] = other.bits[s]
@@ -99,9 +99,9 @@ class Bitmap:
 
     def union(self, other: "Bitmap") -> None:
         """self |= other."""
-        for p in other._used_pages():
+        for p in other.used_pages():
             s = slice(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)
-            n = self._page_len(p)
+            n = self.page_len(p)
             merged = (int.from_bytes(self.bits[s], "little")
                       | int.from_bytes(other.bits[s], "little")).to_bytes(n, "little")
             if merged != self.bits[s]:
@@ -113,7 +113,7 @@ class Bitmap:
         """The pages of self | other that differ from self's, by page
         number; self is not changed (what ``union`` would write)."""
         out = {}
-        for p in other._used_pages():
+        for p in other.used_pages():
             s = slice(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)
             mine, theirs = self.bits[s], other.bits[s]
             if mine == theirs:
@@ -123,10 +123,6 @@ class Bitmap:
             if merged != a:
                 out[p] = merged.to_bytes(len(mine), "little")
         return out
-
-    def used_pages(self) -> list[int]:
-        """The pages with a bit set."""
-        return self._used_pages()
 
     def mark_all_dirty(self) -> None:
         self.dirty_pages.update(range(self.page_count()))
@@ -157,10 +153,11 @@ class Bitmap:
     def page_count(self) -> int:
         return (len(self.bits) + PAGE_BYTES - 1) // PAGE_BYTES
 
-    def _page_len(self, p: int) -> int:
+    def page_len(self, p: int) -> int:
         return min(PAGE_BYTES, len(self.bits) - p * PAGE_BYTES)
 
-    def _used_pages(self) -> list[int]:
+    def used_pages(self) -> list[int]:
+        """The pages with a bit set."""
         return list(compress(range(len(self.counts)), self.counts))
 
     def _recount(self, p: int) -> None:
@@ -184,7 +181,7 @@ class Bitmap:
         end = min(start + len(data), len(self.bits))
         data = data[:end - start]
         self.bits[start:end] = data
-        if end - start == self._page_len(p):  # the whole page: count what came in
+        if end - start == self.page_len(p):  # the whole page: count what came in
             self.counts[p] = int.from_bytes(data, "little").bit_count()
         else:
             self._recount(p)

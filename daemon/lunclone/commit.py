@@ -225,7 +225,6 @@ class Committer:
             if fd in self._reloaded:
                 return
             self._reloaded.add(fd)
-            self.failed_fds.setdefault(fd, _writeback_message(exc))
             log.error("fdatasync of fd %d failed: %s; maps put back to the database", fd, exc)
             kept = self._sets_to_keep(fd)
             for bm in self.maps:
@@ -337,7 +336,7 @@ class Committer:
                 for bm, i in batch.bits:
                     if bm.key is not None and bm in self.maps:
                         p = i // PAGE_BITS
-                        offsets, _ = pages.setdefault((*bm.key, p), ([], len(bm.page(p))))
+                        offsets, _ = pages.setdefault((*bm.key, p), ([], bm.page_len(p)))
                         offsets.append(i - p * PAGE_BITS)
             try:
                 if pages:

@@ -42,9 +42,9 @@ the source.  A read copies nothing: the job copies those extents later.
 Host write on a clone: allowed only while fractured; sets its delta bit.
 
 Background copies (jobs.py drives them, these methods decide):
-    take_run     picks consecutive extents not in flight, not being written,
+    take_runs    picks runs of extents not in flight, not being written,
                  not protected; marks them in flight
-    finish_run   clears their bits *after* the copy returned, records the
+    finish_runs  clears their bits *after* the copy returned, records the
                  destination for fdatasync before the next commit (rule 2)
 A job never clears a bit while a host write to that extent is in progress,
 and a host write never starts on an extent in flight: that is claim 1.
@@ -742,13 +742,6 @@ class Family:
         with self.maps_lock:
             self.guard.end_copies(exts)
 
-    def take_run(self, bm: Bitmap, start: int, limit: int,
-                 skip: Bitmap | None = None) -> tuple[int, int] | None:
-        """Under lock: the first run of copyable extents at or after ``start``
-        set in ``bm`` (``take_runs`` with one run), marked in flight."""
-        runs = self.take_runs(bm, start, limit, skip)
-        return runs[0] if runs else None
-
     def take_runs(self, bm: Bitmap, start: int, limit: int, skip: Bitmap | None = None,
                   max_runs: int = 1) -> list[tuple[int, int]]:
         """Under lock: up to ``max_runs`` runs of consecutive extents from
@@ -805,11 +798,6 @@ class Family:
                 if is_local(store):
                     self.committer.sync_volume(store.fd)
         return copied
-
-    def finish_run(self, bm: Bitmap, first: int, n: int, dst: Store, copied: bool,
-                   src: Store | None = None) -> None:
-        """``finish_runs`` of one run taken alone (``take_run``)."""
-        self.finish_runs(bm, [(first, n)], dst, copied, src)
 
     def finish_runs(self, bm: Bitmap, runs: list[tuple[int, int]], dst: Store, copied: bool,
                     src: Store | None = None) -> None:
