@@ -41,6 +41,7 @@ log = logging.getLogger("lunclone.clones")
 
 MAX_CLONES = 8
 INTENT_SWEEP_S = 3.0
+INTENT_QUIESCE_S = 30.0  # how long a sweep waits for fast-path writes
 
 
 class Clones:
@@ -74,27 +75,38 @@ class Clones:
             self._sweeper.cancel()
 
     async def _sweep_intents(self) -> None:
-        """Clear idle write-intent bits of synchronized clones, every few
-        seconds: pick the idle bits, flush a remote clone (a local one is
-        fdatasync'ed by the commit), then clear what stayed idle."""
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(INTENT_SWEEP_S)
             for fam in list(self.families.by_source.values()):
                 for clone in list(fam.clones.values()):
-                    with self.maps_lock:
-                        idle = fam.idle_intents(clone)
-                    if not idle:
-                        continue
-                    store = clone.volume.store
-                    if not is_local(store):
-                        try:
-                            await loop.run_in_executor(self.jobs.pool, store.sweep_flush)
-                        except OSError as e:  # mirrored writes may be lost: re-copy
-                            fam.mirror_broken(clone, "flush", e)
-                            continue
-                    with self.maps_lock:
-                        fam.clear_intents(clone, idle)
+                    await self.sweep_intents(fam, clone)
+
+    async def sweep_intents(self, fam: Family, clone: Clone) -> int:
+        """Clear the idle write-intent bits of a synchronized clone (every
+        INTENT_SWEEP_S): pick the idle bits, let fast-path writes that may
+        have missed ``clone.hot`` end, flush a remote clone (a local one is
+        fdatasync'ed by the commit), then clear what stayed idle.  Returns
+        how many bits were cleared."""
+        with self.maps_lock:
+            idle = fam.idle_intents(clone)
+            if not idle:
+                return 0
+            before = fam.fast_writes_before()
+        try:
+            for writes in before:
+                await quiesce(writes, INTENT_QUIESCE_S, fam.source.name)
+        except Busy:  # a write hangs (a remote mirror): next time
+            return 0
+        store = clone.volume.store
+        if not is_local(store):
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.jobs.pool,
+                                                                 store.sweep_flush)
+            except OSError as e:  # mirrored writes may be lost: re-copy
+                fam.mirror_broken(clone, "flush", e)
+                return 0
+        with self.maps_lock:
+            return fam.clear_intents(clone, idle)
 
     # -- create ----------------------------------------------------------------
     async def create(self, source: str, name: str, remote: str | None = None) -> None:

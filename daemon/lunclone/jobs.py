@@ -36,6 +36,7 @@ import time
 from typing import Callable, Iterable, Literal, NamedTuple
 
 from .bitmap import Bitmap
+from .iopath import quiesce
 from .policy import PAUSED, SYNCHRONIZING, Clone, Family, Progress, Restore
 from .store import Store, is_local
 
@@ -279,6 +280,13 @@ class SyncJob(CopyJob):
         super().__init__(family, pool)
         self.clone = clone
         self._finish = finish
+
+    async def run(self) -> None:
+        """Fast-path writes begun while the clone was still synchronized
+        (before a mirror failed) may still write into it: they end before
+        the first copy, which could otherwise be overtaken by one."""
+        await quiesce(self.family.switch_fast(), float("inf"), self.clone.name)
+        await super().run()
 
     def active(self) -> bool:
         return (not self.stopped and self.clone.state == SYNCHRONIZING

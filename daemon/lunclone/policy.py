@@ -256,10 +256,13 @@ class Family:
         self.clones: dict[str, Clone] = {}
         self._restore: Restore | None = None
         self.last_restore: Restore | None = None
-        # The fractured fast path: see ``pwrite``.
-        self.fast_maps: list[bytearray] | None = None
+        # The fast path (see ``refresh_fast``): the maps whose bits a write
+        # checks, and the synchronized clones it also writes to; one tuple,
+        # read once, so a writer never pairs old maps with new mirrors.
+        self.fast: tuple[list[bytearray], list[Clone]] | None = None
         self.plain_reads = True  # no restore: a read is a plain read
         self.fast_writes = WriteBarrier()  # writes that may take the fast path
+        self._fast_before: list[list[None]] = []  # switched out, maybe not ended
         self.guard = ExtentGuard()
         self.on_mirror_failed = on_mirror_failed
 
@@ -284,27 +287,53 @@ class Family:
         self.refresh_fast()
 
     def refresh_fast(self) -> None:
-        """The fast path is on while every other clone is fractured and no
-        restore runs, or a protected one runs past its start: then a write
-        into one extent whose bits are all set (each fractured clone's
-        delta bit, the restore's protected bit) needs no lock, no map
-        change and no copy (the steady state of rule 4).  A protected
-        extent is never copied again, so nothing can be in flight on it."""
+        """The fast path is on while no clone is synchronizing or being
+        fractured and no restore runs, or a protected one runs past its
+        start (then every other clone is fractured).  A write into one
+        extent whose bits are all set then needs no lock, no map change and
+        no copy: each fractured clone's delta bit (the steady state of rule
+        4), the restore's protected bit (a protected extent is never copied
+        again, so nothing can be in flight on it), each synchronized
+        clone's committed write-intent bit (the write goes to that clone
+        too, and its extent into ``clone.hot`` *before* the bit is read:
+        ``clear_intents``).  Nothing can copy into a synchronized clone,
+        and whatever takes a clone out of that state quiesces
+        ``switch_fast`` before its first copy or clear."""
         r = self._restore
         self.plain_reads = r is None
         restore_ok = r is None or (r.protected_mode and r.ready.is_set())
         others = [c for c in self.clones.values() if r is None or c is not r.clone]
-        if restore_ok and all(c.state == FRACTURED and c.fracturing is None for c in others):
-            self.fast_maps = [c.delta.bits for c in others]
+        mirrors = [c for c in others if c.state == SYNCHRONIZED]
+        fast_ok = restore_ok and (r is None or not mirrors) and all(
+            c.state in (FRACTURED, SYNCHRONIZED) and c.fracturing is None for c in others)
+        if fast_ok:
+            maps = [c.delta.bits for c in others]
             if r is not None:
-                self.fast_maps.append(r.protected.bits)
+                maps.append(r.protected.bits)
+            self.fast = (maps, mirrors)
         else:
-            self.fast_maps = None
+            self.fast = None
+
+    @property
+    def fast_maps(self) -> list[bytearray] | None:
+        """The maps a fast-path write checks (None: the fast path is off)."""
+        fast = self.fast
+        return None if fast is None else fast[0]
 
     def switch_fast(self) -> list[None]:
         """After a state change under the lock: the generation of writes
         that may have passed the fast path under the old state (quiesce it)."""
-        return self.fast_writes.switch()
+        old = self.fast_writes.switch()
+        self._fast_before = [gen for gen in self._fast_before if gen] + [old]
+        return old
+
+    def fast_writes_before(self) -> list[list[None]]:
+        """Under the lock: start a new generation and return every older one
+        not yet seen empty.  The intent sweep waits for them all: a write
+        that read its bit set may have been switched out by a command whose
+        wait gave up, or by a sweep that had nothing idle to clear."""
+        self.switch_fast()
+        return list(self._fast_before)
 
     # -- host requests on the source -----------------------------------------
     def pread(self, vol: Volume, buf, offset: int) -> None:
@@ -363,29 +392,46 @@ class Family:
             reads.pop()
 
     def pwrite(self, vol: Volume, buf, offset: int, fua: bool) -> None:
-        # Fast path: one extent whose delta bits are committed in every
-        # (fractured) clone.  Entered in the barrier first, then checked, so
+        # Fast path: one extent whose bits are committed in every map of
+        # ``refresh_fast``.  Entered in the barrier first, then checked, so
         # that a state change followed by a quiesce of ``switch_fast``'s
         # generation never misses a write in progress.
         gen = self.fast_writes.current
         gen.append(None)
         try:
-            maps = self.fast_maps
-            if maps is not None:
+            fast = self.fast
+            if fast is not None:
                 i = offset >> self.shift
                 if (offset + len(buf) - 1) >> self.shift == i:
+                    maps, mirrors = fast
+                    for clone in mirrors:
+                        clone.hot.add(i)
                     byte, bit = i >> 3, i & 7
                     for bits in maps:
                         if not bits[byte] >> bit & 1:
                             break
                     else:
-                        vf.write_from(vol.fd, buf, offset)
+                        self._write_fast(vol, buf, offset, mirrors)
                         if fua:
                             self.flush(vol)
                         return
         finally:
             gen.pop()
         self._write(offset, len(buf), fua, lambda store: store.pwrite(buf, offset))
+
+    def _write_fast(self, vol: Volume, buf, offset: int, mirrors: list[Clone]) -> None:
+        """The fast path's write: the source, then each mirror (as ``_write``)."""
+        try:
+            vf.write_from(vol.fd, buf, offset)
+        except OSError as e:
+            for clone in mirrors:
+                self.mirror_broken(clone, "write (source failed)", e)
+            raise
+        for clone in mirrors:
+            try:
+                clone.volume.store.pwrite(buf, offset)
+            except OSError as e:
+                self.mirror_broken(clone, "write", e)
 
     def trim(self, vol: Volume, count: int, offset: int, fua: bool) -> None:
         self._write(offset, count, fua, lambda store: store.zero(offset, count))
@@ -522,15 +568,29 @@ class Family:
         return [i for i in clone.delta.iter_set() if i not in hot and not self.guard.writing(i)]
 
     def clear_intents(self, clone: Clone, idle: list[int]) -> int:
-        """Under lock, second half: the clone was flushed after ``idle_intents``;
-        clear the bits no write touched meanwhile.  The source is fdatasync'ed
-        (and a local clone too) before the clear is committed (rule 2)."""
+        """Under lock, second half: the clone was flushed after ``idle_intents``
+        (and the fast-path writes begun before it had ended); clear the
+        bits no write touched meanwhile.  The source is fdatasync'ed (and a
+        local clone too) before the clear is committed (rule 2).
+
+        A fast-path write takes no lock: it adds its extent to ``clone.hot``
+        and then reads the bit.  So the bits are cleared first and ``hot``
+        read after: a write that saw its bit still set is in ``hot`` by
+        then, and its bit is set back (it is still the committed state: no
+        commit runs while the lock is held); any later write sees the bit
+        clear and takes the slow path."""
         if clone.state != SYNCHRONIZED or self.clones.get(clone.name) is not clone or any(
                 fd in self.committer.failed_fds for fd in (self.source.fd, clone.volume.fd)):
             return 0
-        cleared = [i for i in idle if i not in clone.hot and not self.guard.writing(i)]
-        for i in cleared:
-            clone.delta.clear(i)
+        delta = clone.delta
+        for i in idle:
+            delta.clear(i)
+        cleared = []
+        for i in idle:
+            if i in clone.hot or self.guard.writing(i):
+                delta.set_committed(i)
+            else:
+                cleared.append(i)
         if cleared:
             self.committer.copied_into(self.source.fd)
             self._copied_into(clone.volume.store)
