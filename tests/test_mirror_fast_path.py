@@ -21,11 +21,12 @@ from lunclone import policy
 from lunclone import volume as vf
 from live import EXT, MiB, Async, Hold, pattern
 
-SIZE = 4 * MiB
+SIZE = 16 * MiB  # 4 intent chunks of 64 extents
+CHUNK = 1 << policy.INTENT_CHUNK_SHIFT
 
 
 def synchronized(live, intents: tuple[int, ...] = (3, 7)) -> None:
-    """src mirrored to c1, the intent bits ``intents`` committed and not
+    """src mirrored to c1, the intent bits of the chunks of ``intents`` committed and not
     hot (as a sweep round that found them being written leaves them), no
     sweeper running (the test sweeps when it chooses)."""
     live.on_loop(live.engine.clones.stop)
@@ -36,7 +37,8 @@ def synchronized(live, intents: tuple[int, ...] = (3, 7)) -> None:
     for i in intents:  # slow path: the intent bit is committed first
         live.write("src", b"b" * 4096, i * EXT)
     fam, clone = live.family("src"), live.clone("c1")
-    assert set(clone.delta.iter_set()) == set(intents)
+    assert set(clone.delta.iter_set()) == {j for i in intents
+                                           for j in range(i // CHUNK * CHUNK, (i // CHUNK + 1) * CHUNK)}
     with fam.maps_lock:
         clone.hot = set()
     assert fam.fast is not None and fam.fast[1] == [clone]
@@ -59,7 +61,7 @@ def test_mirrored_write_with_its_intent_committed_takes_no_lock(live):
     fam = live.family("src")
     with fam.maps_lock:
         Async(lambda: live.write("src", b"F" * 4096, 3 * EXT + 4096)).result(5.0)
-        slow = Async(lambda: live.write("src", b"S" * 4096, 5 * EXT))  # bit 5 not set
+        slow = Async(lambda: live.write("src", b"S" * 4096, 2 * CHUNK * EXT))  # not set
         slow.thread.join(0.3)
         assert not slow.done(), "a write whose intent bit is not committed took no lock"
     slow.result(5.0)
@@ -84,7 +86,7 @@ def test_sweep_waits_for_a_fast_write_from_before_its_last_round(live, monkeypat
     finally:
         hold.release()
     w.result(5.0)
-    assert second.result(10.0) == 1
+    assert second.result(10.0) == CHUNK
     assert live.file("c1") == live.file("src")
 
 
@@ -96,13 +98,13 @@ def test_sweep_clears_before_it_reads_hot(live):
     fam, clone = live.family("src"), live.clone("c1")
     with fam.maps_lock:
         idle = fam.idle_intents(clone)
-    assert idle == [3, 7]
+    assert idle == list(range(CHUNK))
     writer: list[Async] = []
 
     class WriteAfterLookup(set):
-        def __contains__(self, i):
-            seen = set.__contains__(self, i)
-            if i == 3 and not writer:  # the write comes just after the lookup
+        def copy(self):
+            seen = set(self)
+            if not writer:  # the write comes just after the lookup
                 writer.append(Async(lambda: live.write("src", b"R" * 4096, 3 * EXT)))
                 writer[0].thread.join(0.3)
             return seen
@@ -162,4 +164,19 @@ def test_fracture_waits_for_a_fast_mirrored_write(live, monkeypatch):
     w.result(5.0)
     frac.result(10.0)
     assert live.clone("c1").delta.count() == 0
+    assert live.file("c1") == live.file("src")
+
+
+def test_intents_go_by_chunks(live):
+    """The first write into a chunk commits the intent bits of the whole
+    chunk (its neighbours then take the fast path); the sweep clears a
+    chunk only when none of its extents was written that round."""
+    synchronized(live, intents=(3, CHUNK + 5))
+    fam, clone = live.family("src"), live.clone("c1")
+    with fam.maps_lock:  # a neighbour in the chunk needs no commit, no lock
+        Async(lambda: live.write("src", b"N" * 4096, (CHUNK + 40) * EXT)).result(5.0)
+    assert sweep(live) == CHUNK  # chunk 0 idle; chunk 1 had a write this round
+    assert set(clone.delta.iter_set()) == set(range(CHUNK, 2 * CHUNK))
+    assert sweep(live) == CHUNK
+    assert clone.delta.count() == 0
     assert live.file("c1") == live.file("src")

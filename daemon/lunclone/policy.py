@@ -32,10 +32,13 @@ Host write / trim / zero on the source, per extent touched:
                                         (unprotected restore: also mirrored)
     fractured clone                  -> delta bit committed, then write
     synchronizing clone              -> delta bit committed, then write
-    synchronized clone               -> delta bit committed as a write
-                                        intent (md's bitmap), then write to
-                                        both; ``sweep_intents`` clears idle
-                                        bits once both copies are durable
+    synchronized clone               -> delta bits of its intent chunk
+                                        committed as a write intent (md's
+                                        bitmap), then write to both;
+                                        ``sweep_intents`` clears idle chunks
+                                        once both copies are durable
+A one-extent write whose bits are all committed takes the fast path
+(``refresh_fast``): no lock, no map change.
 Host read on the source: wait for in-flight copies (and whole-extent writes
 into pending extents); read pending extents from the clone, the rest from
 the source.  A read copies nothing: the job copies those extents later.
@@ -77,6 +80,14 @@ RUNNING, PAUSED, DONE = "running", "paused", "done"
 CLONE_STATES = (SYNCHRONIZING, SYNCHRONIZED, FRACTURED, RESTORING)
 RESTORE_STATES = (RUNNING, PAUSED, DONE)
 MIRRORED = (SYNCHRONIZED, SYNCHRONIZING)  # states that follow the source
+# Write intents go by chunks of 2**INTENT_CHUNK_SHIFT extents (md's bitmap
+# chunk; 4 MiB at 64 KiB extents): the first write into a chunk commits the
+# intent bits of the whole chunk, so that later writes near it take the fast
+# path, and the sweep clears a chunk's bits once no write touched any of
+# its extents for a round.  After a crash or a failed mirror write, a sync
+# copies those chunks: a few MiB each, for one commit per chunk instead of
+# one per extent.
+INTENT_CHUNK_SHIFT = 6
 
 
 class Progress:
@@ -411,7 +422,10 @@ class Family:
                         if not bits[byte] >> bit & 1:
                             break
                     else:
-                        self._write_fast(vol, buf, offset, mirrors)
+                        if mirrors:
+                            self._write_fast(vol, buf, offset, mirrors)
+                        else:
+                            vf.write_from(vol.fd, buf, offset)
                         if fua:
                             self.flush(vol)
                         return
@@ -420,7 +434,8 @@ class Family:
         self._write(offset, len(buf), fua, lambda store: store.pwrite(buf, offset))
 
     def _write_fast(self, vol: Volume, buf, offset: int, mirrors: list[Clone]) -> None:
-        """The fast path's write: the source, then each mirror (as ``_write``)."""
+        """The fast path's mirrored write: the source, then each mirror (as
+        ``_write`` does; a failure sends the clone back to synchronizing)."""
         try:
             vf.write_from(vol.fd, buf, offset)
         except OSError as e:
@@ -558,14 +573,17 @@ class Family:
 
     def idle_intents(self, clone: Clone) -> list[int]:
         """Under lock, first half of a sweep: the write-intent bits of a
-        synchronized clone that no write touched since the last sweep and
-        none is writing now.  Their writes ended before this call, so a
-        flush of the clone started after it makes them durable."""
+        synchronized clone in chunks no write touched since the last sweep,
+        none being written now.  Their slow-path writes ended before this
+        call, and the sweep waits for fast-path ones, so a flush of the
+        clone started after that makes them durable."""
         if clone.state != SYNCHRONIZED or self.clones.get(clone.name) is not clone:
             clone.hot = set()
             return []
-        hot, clone.hot = clone.hot, set()
-        return [i for i in clone.delta.iter_set() if i not in hot and not self.guard.writing(i)]
+        hot = _chunks(clone.hot)
+        clone.hot = set()
+        return [i for i in clone.delta.iter_set()
+                if i >> INTENT_CHUNK_SHIFT not in hot and not self.guard.writing(i)]
 
     def clear_intents(self, clone: Clone, idle: list[int]) -> int:
         """Under lock, second half: the clone was flushed after ``idle_intents``
@@ -586,8 +604,9 @@ class Family:
         for i in idle:
             delta.clear(i)
         cleared = []
+        hot = _chunks(clone.hot)
         for i in idle:
-            if i in clone.hot or self.guard.writing(i):
+            if i >> INTENT_CHUNK_SHIFT in hot or self.guard.writing(i):
                 delta.set_committed(i)
             else:
                 cleared.append(i)
@@ -734,7 +753,7 @@ class Family:
         for clone in self.clones.values():
             st = clone.state
             if st == SYNCHRONIZED:
-                batches += [req(clone.delta, i) for i in exts]  # write intent
+                batches += self._intents(clone.delta, exts)
                 clone.hot.update(exts)
                 mirrors.append(clone)
             elif st in (FRACTURED, SYNCHRONIZING):
@@ -750,6 +769,17 @@ class Family:
                 if r.mirrored:
                     mirrors.append(clone)
         return WritePlan(exts, batches, mirrors, late)
+
+    def _intents(self, delta: Bitmap, exts: range) -> list[Batch | None]:
+        """Under the lock: the write-intent bits a mirrored write needs
+        committed, whole chunks of them (INTENT_CHUNK_SHIFT)."""
+        if all(delta.test(i) for i in exts):
+            return []
+        first = exts.start >> INTENT_CHUNK_SHIFT << INTENT_CHUNK_SHIFT
+        stop = min((((exts.stop - 1) >> INTENT_CHUNK_SHIFT) + 1) << INTENT_CHUNK_SHIFT,
+                   self.nextents)
+        req = self.committer.request
+        return [req(delta, i) for i in range(first, stop)]
 
     def _end_write(self, exts: range) -> None:
         with self.maps_lock:
@@ -933,6 +963,12 @@ def _wait(batches: list[Batch | None]) -> None:
             seen.add(id(b))
             b.wait()
 
+
+
+def _chunks(hot: set[int]) -> set[int]:
+    """The intent chunks of the extents in ``hot``.  Fast-path writers add
+    to the set without the lock: ``set.copy`` takes it in one C call."""
+    return {i >> INTENT_CHUNK_SHIFT for i in hot.copy()}
 
 
 def _all_copied(r: Restore, offset: int, length: int, shift: int) -> bool:
