@@ -98,8 +98,8 @@ def test_live_write_into_a_just_copied_extent_commits_protected_before_the_copy_
     data = live.read("c1", i * EXT, EXT)
     os.pwrite(src_fd, data, i * EXT)
     with fam.maps_lock:
-        r.pending.clear(i)
-        eng.committer.copied_into(src_fd)
+        fam.guard.start_copies([i])
+        fam.finish_runs(r.pending, [(i, 1)], fam.source.store, copied=True, src=r.data_source)
     live.write("src", b"h" * 4096, i * EXT)  # returns once its protected bit is committed
     state = live.state_dir
     assert i in read_bitmap(state, "src", "protected")

@@ -18,7 +18,8 @@ Invariants (docs/DESIGN.md, "Crash consistency"):
   only the waiters of a finished batch are woken (rule 4).
 - A commit that only sets requested bits needs no fdatasync: while lazy
   clears wait for one (``copied_into``), the committer commits requested
-  bits alone (unless one stops a copy: ``SETS_STOP_COPIES``), each into its page *as stored* (never the in-memory page,
+  bits alone (unless one stops a copy whose data may not be durable yet:
+  ``SETS_STOP_COPIES``), each into its page *as stored* (never the in-memory page,
   which holds clears whose data may not be durable yet), and makes the
   full commit (fdatasync, then every dirty page) once per
   ``LAZY_INTERVAL``, or at once when a flush waits for it.  A host write
@@ -71,16 +72,17 @@ log = logging.getLogger("lunclone.commit")
 LAZY_INTERVAL = 1.0
 # Maps whose set bit stops a copy, as a clear does: a protected extent is
 # never copied again, so its bit must follow the data the copy before it
-# put there (rule 2) and never goes out in a commit of requested bits alone
-# (review8: an extent pending and protected after a power cut, holding
-# pre-restore data).  A delta bit set only adds a copy.
+# put there (rule 2) and goes out in a commit of requested bits alone only
+# if that data is durable already (``request(copy_durable=True)``; review8:
+# an extent pending and protected after a power cut, holding pre-restore
+# data).  A delta bit set only adds a copy.
 SETS_STOP_COPIES = (PROTECTED,)
 
 
 class Batch:
     """The bits one commit sets; waiters block on ``wait``."""
 
-    __slots__ = ("bits", "event", "error", "until_flush")
+    __slots__ = ("bits", "event", "error", "until_flush", "stops_copies")
 
     def __init__(self) -> None:
         self.bits: list[tuple[Bitmap, int]] = []
@@ -89,6 +91,7 @@ class Batch:
         self.until_flush: list[tuple[Bitmap, int, int]] = []
         self.event = threading.Event()
         self.error: BaseException | None = None
+        self.stops_copies = False  # a bit that needs the full commit's fdatasync
 
     def wait(self) -> None:
         self.event.wait()
@@ -130,6 +133,11 @@ class Committer:
         self.failed_fds: dict[int, str] = {}  # volumes whose write-back failed
         self._reloaded: set[int] = set()  # ... whose maps were put back (once each)
         self._sync_locks: dict[int, threading.Lock] = {}  # one fdatasync of a file at a time
+        # Full commits (and admin transactions) started, and the last of them
+        # whose fdatasyncs are done: data copied before ``copied_into(fd)``
+        # under epoch e is durable once ``synced_epoch > e``.
+        self.epoch = 0
+        self.synced_epoch = 0
 
     # -- called with ``maps_lock`` held ------------------------------------------
     def register(self, bm: Bitmap) -> None:
@@ -138,8 +146,13 @@ class Committer:
     def unregister(self, bm: Bitmap) -> None:
         self.maps.discard(bm)
 
-    def request(self, bm: Bitmap, i: int) -> Batch | None:
-        """Ask for bit ``i`` of ``bm`` to be set; None if it is already durable."""
+    def request(self, bm: Bitmap, i: int, copy_durable: bool = False) -> Batch | None:
+        """Ask for bit ``i`` of ``bm`` to be set; None if it is already durable.
+
+        A bit of a map in SETS_STOP_COPIES waits for the full commit (whose
+        fdatasync makes a copy into the extent durable first) unless the
+        caller knows ``copy_durable``: no copy into the extent waits for
+        an fdatasync."""
         if bm.test(i):
             return None
         key = (id(bm), i)
@@ -149,6 +162,9 @@ class Committer:
             batch.bits.append((bm, i))
             self._requested[key] = batch
             self._wake.set()
+        if not copy_durable and bm.key is not None and bm.key[1] in SETS_STOP_COPIES \
+                and batch is self._open:
+            batch.stops_copies = True
         return batch
 
     def set_until_flush(self, bm: Bitmap, i: int, fd: int) -> None:
@@ -283,8 +299,7 @@ class Committer:
         with self.maps_lock:
             return (not self._open.bits or not self._sync_fds or self._flush_wanted
                     or time.monotonic() - self._last_full >= LAZY_INTERVAL
-                    or any(bm.key is not None and bm.key[1] in SETS_STOP_COPIES
-                           for bm, _ in self._open.bits))
+                    or self._open.stops_copies)
 
     def commit_now(self, full: bool = True) -> None:
         """Commit the open batch and every lazily changed page; not ``full``:
@@ -300,9 +315,12 @@ class Committer:
                 pages, fds = self._compose(batch), self._sync_fds
                 self._sync_fds = set()
                 self._committing, self._committing_flush = batch, flushed
+                self.epoch += 1
+                epoch = self.epoch
             if not pages and not fds and not batch.bits:
                 with self.maps_lock:  # e.g. its map was deleted meanwhile
                     self._committing = self._committing_flush = None
+                self.synced_epoch = epoch
                 self._last_full = time.monotonic()
                 batch.event.set()
                 flushed.event.set()
@@ -312,6 +330,7 @@ class Committer:
                     faults.hit("commit.before_fdatasync")
                 for fd in fds:
                     self.sync_volume(fd)
+                self.synced_epoch = epoch
                 if faults.armed is not None:
                     faults.hit("commit.after_fdatasync")
                 with self.md.transaction() as tx:
@@ -403,9 +422,12 @@ class Committer:
         """
         with self.commit_lock, self.maps_lock:
             fds, self._sync_fds = self._sync_fds, set()
+            self.epoch += 1
+            epoch = self.epoch
             try:
                 for fd in fds:
                     self.sync_volume(fd)
+                self.synced_epoch = epoch
             except BaseException:
                 self._sync_fds |= fds - self.failed_fds.keys()
                 raise

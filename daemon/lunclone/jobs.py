@@ -171,13 +171,14 @@ class CopyJob(abc.ABC):
         awaiting it is cancelled before it ever ran."""
         fam, bm = self.family, self.bitmap()
         src, dst = self.stores()
+        write_back = self.host_busy
         copy = asyncio.get_running_loop().run_in_executor(
-            self.pool, fam.copy_runs, src, dst, runs, self.host_busy)
+            self.pool, fam.copy_runs, src, dst, runs, write_back)
 
         def finished(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None and self.active()
             with fam.maps_lock:
-                fam.finish_runs(bm, runs, dst, copied=ok, src=src)
+                fam.finish_runs(bm, runs, dst, copied=ok, src=src, durable=write_back)
                 if ok:
                     self.progress().add(f.result())
         copy.add_done_callback(finished)

@@ -156,6 +156,12 @@ class Restore:
         # An unprotected restore whose mirror failed goes on protected: the
         # clone is no longer written, and is resynchronized once it is done.
         self.mirror_lost = False
+        # Extents the job copied with no write-back of its own, each with the
+        # committer's epoch then: until a full commit of a later epoch has
+        # fdatasync'ed the source, a protected bit there waits for one
+        # (``Family.copy_durable``).  Pruned as the epochs go by.
+        self.unsynced: dict[int, int] = {}
+        self.pruned_at = 0
 
     @property
     def mirrored(self) -> bool:
@@ -765,7 +771,7 @@ class Family:
                     if r.pending.test(i) and not r.protected.test(i):
                         late.append(i)
                     else:
-                        batches.append(req(r.protected, i))
+                        batches.append(req(r.protected, i, self.copy_durable(r, i)))
                 if r.mirrored:
                     mirrors.append(clone)
         return WritePlan(exts, batches, mirrors, late)
@@ -875,10 +881,10 @@ class Family:
         copied, so the disk works while the job copies on (and the pages
         are still hot).  With ``write_back`` (the host is busy), local ends
         are also fdatasync'ed here, in the copy's own thread: the clears
-        still wait for the next commit's fdatasync (rule 2), but that one
-        then finds the job's data written back already, so host writes
-        waiting for a commit of their map bits do not wait for the job's
-        megabytes to reach the disk."""
+        need no other fdatasync (``finish_runs(durable=True)``), so host
+        writes waiting for a commit of their map bits do not wait for the
+        job's megabytes to reach the disk, and a write into an extent so
+        copied has its protected bit committed alone (``copy_durable``)."""
         copied = 0
         for first, n in runs:
             copied += self.copy_extents(src, dst, first, n)
@@ -890,21 +896,45 @@ class Family:
         return copied
 
     def finish_runs(self, bm: Bitmap, runs: list[tuple[int, int]], dst: Store, copied: bool,
-                    src: Store | None = None) -> None:
+                    src: Store | None = None, durable: bool = False) -> None:
         """Under lock: the copy of runs taken together returned; release
         their extents (all at once: they share one in-flight event), and if
         it ``copied`` (and still counts) clear their bits (rule 2).  Both
         ends must be durable before the clear is committed: the copy may
         have read a host write to ``src`` that was never flushed, and a
-        power cut would then take it from the source but not from the copy."""
+        power cut would then take it from the source but not from the copy.
+        They are already if the copy was ``durable`` (``copy_runs`` with
+        ``write_back``); else the next commit fdatasyncs them first."""
         exts = [i for first, n in runs for i in range(first, first + n)]
         if copied and not self._on_failed_volume(dst, src):
             for i in exts:
                 bm.clear(i)
-            self._copied_into(dst)
-            if src is not None:
-                self._copied_into(src)
+            if not durable:
+                self._copied_into(dst)
+                if src is not None:
+                    self._copied_into(src)
+                r = self._restore
+                if r is not None and bm is r.pending:
+                    self._note_unsynced(r, exts)
         self.guard.end_copies(exts)
+
+    def _note_unsynced(self, r: Restore, exts: list[int]) -> None:
+        """Under lock: the job copied ``exts`` into the source, not yet durable."""
+        synced = self.committer.synced_epoch
+        if r.pruned_at != synced:
+            r.unsynced = {i: e for i, e in r.unsynced.items() if e >= synced}
+            r.pruned_at = synced
+        epoch = self.committer.epoch
+        for i in exts:
+            r.unsynced[i] = epoch
+
+    def copy_durable(self, r: Restore, i: int) -> bool:
+        """Under lock: is every copy the job made into extent ``i`` durable?
+        Then its protected bit, which stops the copy, may be committed
+        without waiting for the full commit's fdatasync (SETS_STOP_COPIES).
+        A copy on demand needs no answer: it protects its extent itself."""
+        epoch = r.unsynced.get(i)
+        return epoch is None or epoch < self.committer.synced_epoch
 
 
 class CloneExport:
