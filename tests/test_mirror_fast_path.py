@@ -180,3 +180,40 @@ def test_intents_go_by_chunks(live):
     assert sweep(live) == CHUNK
     assert clone.delta.count() == 0
     assert live.file("c1") == live.file("src")
+
+
+def test_unprotected_restore_mirrors_protected_extents_on_the_fast_path(live, monkeypatch):
+    """During an unprotected restore, a write into an extent the host has
+    written already (protected) goes to the source and the clone without
+    the lock; a fast-path write still held when the restore ends is
+    through before the clone's resync copies anything."""
+    live.fractured_clone(size=SIZE, data=pattern(b"C", SIZE))
+    live.write("src", pattern(b"S", 4 * EXT), 0)  # extents 0..3 differ
+    live.cmd("restore", source="src", clone_name="c1", protected=False, rate_limit="64K")
+    live.cmd("restore_pause", source="src")
+    fam = live.family("src")
+    live.write("src", b"P" * 4096, 9 * EXT)  # not pending: protected bit committed
+    assert fam.fast is not None and fam.fast[1] == [live.clone("c1")]
+    with fam.maps_lock:
+        Async(lambda: live.write("src", b"Q" * 4096, 9 * EXT + 8192)).result(5.0)
+    assert live.file("c1")[9 * EXT + 8192:9 * EXT + 12288] == b"Q" * 4096
+    hold = held_write(monkeypatch, b"HOLD")
+    w = Async(lambda: live.write("src", b"HOLD" * 1024, 9 * EXT))
+    hold.wait_arrived()
+    copies = []
+    real_copy = policy.Family.copy_runs
+    monkeypatch.setattr(policy.Family, "copy_runs",
+                        lambda self, *a, **k: copies.append(a[2]) or real_copy(self, *a, **k))
+    live.cmd("restore_resume", source="src")
+    live.cmd("restore_rate", source="src", limit="0")
+    live.wait(lambda: fam.restore is None, what="restore done")
+    n = len(copies)  # the restore's own copies
+    threading.Event().wait(0.5)
+    try:
+        assert len(copies) == n, "the clone's resync copied while a fast write was in flight"
+    finally:
+        hold.release()
+    w.result(5.0)
+    live.wait_clone("c1", "synchronized")
+    assert live.file("c1") == live.file("src")
+    assert live.file("src")[9 * EXT:9 * EXT + 4096] == b"HOLD" * 1024

@@ -45,25 +45,22 @@ def test_requests_on_extents_not_copied_again_take_no_lock(live):
     assert set(live.clone("c1").delta.iter_set()) == {20, 22}
 
 
-def test_no_fast_path_before_the_gate_opens_or_when_unprotected(live):
-    """The restore's gate closed (pending map not filled yet), or an
-    unprotected restore (writes are mirrored): no lock-free write."""
+def test_no_fast_path_before_the_gate_opens_and_unprotected_ones_mirror(live):
+    """The restore's gate closed (pending map not filled yet): no lock-free
+    write.  An unprotected restore's fast-path writes go to the clone too,
+    until its mirror is lost."""
     live.pending_restore(paused=True)
     fam = live.family("src")
     r = fam.restore
-    assert fam.fast_maps is not None
+    assert fam.fast_maps is not None and fam.fast[1] == []
     r.ready.clear()
     with fam.maps_lock:
         fam.refresh_fast()
     assert fam.fast_maps is None
     r.ready.set()
-    with fam.maps_lock:
-        fam.refresh_fast()
     r.protected_mode = False
     with fam.maps_lock:
         fam.refresh_fast()
-    assert fam.fast_maps is None
-    r.protected_mode = True
-    with fam.maps_lock:
-        fam.refresh_fast()
-    assert fam.fast_maps is not None
+    assert fam.fast_maps is not None and fam.fast[1] == [r.clone]
+    fam.mirror_broken(r.clone, "write", OSError(5, "injected"))
+    assert r.mirror_lost and fam.fast[1] == []

@@ -305,28 +305,32 @@ class Family:
 
     def refresh_fast(self) -> None:
         """The fast path is on while no clone is synchronizing or being
-        fractured and no restore runs, or a protected one runs past its
-        start (then every other clone is fractured).  A write into one
-        extent whose bits are all set then needs no lock, no map change and
-        no copy: each fractured clone's delta bit (the steady state of rule
-        4), the restore's protected bit (a protected extent is never copied
-        again, so nothing can be in flight on it), each synchronized
-        clone's committed write-intent bit (the write goes to that clone
-        too, and its extent into ``clone.hot`` *before* the bit is read:
-        ``clear_intents``).  Nothing can copy into a synchronized clone,
-        and whatever takes a clone out of that state quiesces
-        ``switch_fast`` before its first copy or clear."""
+        fractured and no restore runs, or one runs past its start (then
+        every other clone is fractured).  A write into one extent whose
+        bits are all set then needs no lock, no map change and no copy:
+        each fractured clone's delta bit (the steady state of rule 4), the
+        restore's protected bit (a protected extent is never copied again,
+        so nothing can be in flight on it; ``--unprotected``: the write goes
+        to the restoring clone too, as ``_write`` mirrors it), each
+        synchronized clone's committed write-intent bit (the write goes to
+        that clone too, and its extent into ``clone.hot`` *before* the bit
+        is read: ``clear_intents``).  Nothing can copy into a mirror, and
+        whatever takes a clone out of that state quiesces ``switch_fast``
+        before its first copy or clear (a restoring clone whose mirror
+        failed is read only where the host never wrote: a late mirror write
+        there is harmless until its resync, which quiesces first)."""
         r = self._restore
         self.plain_reads = r is None
-        restore_ok = r is None or (r.protected_mode and r.ready.is_set())
         others = [c for c in self.clones.values() if r is None or c is not r.clone]
         mirrors = [c for c in others if c.state == SYNCHRONIZED]
-        fast_ok = restore_ok and (r is None or not mirrors) and all(
+        fast_ok = (r is None or (r.ready.is_set() and not mirrors)) and all(
             c.state in (FRACTURED, SYNCHRONIZED) and c.fracturing is None for c in others)
         if fast_ok:
             maps = [c.delta.bits for c in others]
             if r is not None:
                 maps.append(r.protected.bits)
+                if r.mirrored:
+                    mirrors = [r.clone]
             self.fast = (maps, mirrors)
         else:
             self.fast = None
@@ -445,8 +449,10 @@ class Family:
         try:
             vf.write_from(vol.fd, buf, offset)
         except OSError as e:
+            r = self._restore  # (its protected bit covers the restoring clone)
             for clone in mirrors:
-                self.mirror_broken(clone, "write (source failed)", e)
+                if r is None or r.clone is not clone:
+                    self.mirror_broken(clone, "write (source failed)", e)
             raise
         for clone in mirrors:
             try:
@@ -564,6 +570,7 @@ class Family:
             clone.mirror_failures += 1
             if r is not None and r.clone is clone:
                 r.mirror_lost = True
+                self.refresh_fast()
                 r.error = (f"mirror {what} to {clone.name} failed ({e.strerror or e}); the "
                            f"restore goes on protected and {clone.name} is resynchronized "
                            "when it is done")
