@@ -91,7 +91,7 @@ class Clones:
             idle = fam.idle_intents(clone)
             if not idle:
                 return 0
-            before = fam.fast_writes_before()
+            before = fam.switch_fast()
         try:
             for writes in before:
                 await quiesce(writes, INTENT_QUIESCE_S, fam.source.name)
@@ -283,7 +283,7 @@ class Clones:
         if clone.state != FRACTURED or self.volumes.records[clone.name].clone_state == FRACTURED:
             return ()
         clone.state = SYNCHRONIZING  # its own export refuses writes from now on
-        return (clone.volume.barrier.switch(), fam.switch_fast())
+        return (clone.volume.barrier.switch(), *fam.switch_fast())
 
     # -- sync --------------------------------------------------------------------
     async def sync(self, name: str) -> None:
@@ -304,7 +304,7 @@ class Clones:
 
             def install():
                 clone.state = SYNCHRONIZING  # its own export refuses writes from now on
-                return (clone.volume.barrier.switch(), fam.switch_fast())
+                return (clone.volume.barrier.switch(), *fam.switch_fast())
 
             def undo():
                 clone.state = FRACTURED  # the rules of both states set delta bits alike

@@ -36,7 +36,6 @@ import time
 from typing import Callable, Iterable, Literal, NamedTuple
 
 from .bitmap import Bitmap
-from .iopath import quiesce
 from .policy import PAUSED, SYNCHRONIZING, Clone, Family, Progress, Restore
 from .store import Store, is_local
 
@@ -286,7 +285,11 @@ class SyncJob(CopyJob):
         """Fast-path writes begun while the clone was still synchronized
         (before a mirror failed) may still write into it: they end before
         the first copy, which could otherwise be overtaken by one."""
-        await quiesce(self.family.switch_fast(), float("inf"), self.clone.name)
+        with self.family.maps_lock:
+            older = self.family.switch_fast()
+        for gen in older:
+            while gen and self.active():  # (a stopped job copies nothing)
+                await asyncio.sleep(0.001)
         await super().run()
 
     def active(self) -> bool:

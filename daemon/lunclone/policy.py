@@ -315,7 +315,7 @@ class Family:
         synchronized clone's committed write-intent bit (the write goes to
         that clone too, and its extent into ``clone.hot`` *before* the bit
         is read: ``clear_intents``).  Nothing can copy into a mirror, and
-        whatever takes a clone out of that state quiesces ``switch_fast``
+        whatever takes a clone out of that state quiesces what ``switch_fast`` returns
         before its first copy or clear (a restoring clone whose mirror
         failed is read only where the host never wrote: a late mirror write
         there is harmless until its resync, which quiesces first)."""
@@ -341,19 +341,14 @@ class Family:
         fast = self.fast
         return None if fast is None else fast[0]
 
-    def switch_fast(self) -> list[None]:
-        """After a state change under the lock: the generation of writes
-        that may have passed the fast path under the old state (quiesce it)."""
+    def switch_fast(self) -> list[list[None]]:
+        """After a state change under the lock: every generation of writes
+        that may have passed the fast path under the old state and was not
+        seen ended (quiesce them all).  Not only the one switched out now:
+        an intent sweep switches generations too, and a write it is still
+        waiting for (or gave up on) is in an older one."""
         old = self.fast_writes.switch()
         self._fast_before = [gen for gen in self._fast_before if gen] + [old]
-        return old
-
-    def fast_writes_before(self) -> list[list[None]]:
-        """Under the lock: start a new generation and return every older one
-        not yet seen empty.  The intent sweep waits for them all: a write
-        that read its bit set may have been switched out by a command whose
-        wait gave up, or by a sweep that had nothing idle to clear."""
-        self.switch_fast()
         return list(self._fast_before)
 
     # -- host requests on the source -----------------------------------------
@@ -416,7 +411,7 @@ class Family:
         # Fast path: one extent whose bits are committed in every map of
         # ``refresh_fast``.  Entered in the barrier first, then checked, so
         # that a state change followed by a quiesce of ``switch_fast``'s
-        # generation never misses a write in progress.
+        # generations never misses a write in progress.
         gen = self.fast_writes.current
         gen.append(None)
         try:

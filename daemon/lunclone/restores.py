@@ -119,7 +119,7 @@ class Restores:
             def install():
                 fam.restore = r
                 clone.state = RESTORING
-                return (clone.volume.barrier.switch(), fam.switch_fast())
+                return (clone.volume.barrier.switch(), *fam.switch_fast())
 
             def undo():
                 # Only these two changed before the commit (the gate); other
