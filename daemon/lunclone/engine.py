@@ -11,6 +11,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -104,6 +105,7 @@ class Engine:
         self.restores.load_all()
         # Last: a refusal above stays one line, without this warning before it.
         self.io_flusher = set_io_flusher()
+        sys.setswitchinterval(GIL_SWITCH_S)
 
     # -- plain volumes -----------------------------------------------------
     def create_volume(self, name: str, size, extent_size=None) -> None:
@@ -206,6 +208,17 @@ class Engine:
                 pass
         self.lock.release()
         log.info("engine stopped")
+
+
+# How long a thread waiting for the GIL waits before the holder is asked to
+# drop it (Python's default is 5 ms).  The committer thread, whose commit
+# every first write into an extent waits for, takes the GIL about four
+# times per commit (each SQLite call releases it) against nbdkit's request
+# threads; at 5 ms each a commit stretched to several ms and host writes
+# during a restore waited for it.  1 ms: 4k random I/O during a restore
+# went from about 0.77 to 0.83 of idle, plain 4k random writes unchanged
+# (A/B of 5 alternated rounds: 0.993).
+GIL_SWITCH_S = 0.001
 
 
 def set_io_flusher() -> bool:
