@@ -371,13 +371,14 @@ def bench_scattered(args) -> None:
         overlay = os.path.join(work, "stream.qcow2")
         next_ = (size_mb << 20) // extent
         print(f"-- restore of scattered changes, 2 GiB, {args.rounds} alternated rounds; seconds "
-              "per round: restore/raw/qsd/qsd-qcow2, ratio = their time / restore's time.\n"
+              "per round: restore/resync/raw/qsd/qsd-qcow2, ratio = their time / restore's "
+              "time.\n   resync: 'clone sync' of the same change source -> clone.\n"
               "   raw: copy_file_range of the changed extents + fdatasync.  qsd: "
               "qemu-storage-daemon block-stream of the same extents from the clone (raw, backing)\n"
               "   into a qcow2 overlay (unchanged clusters: zero clusters, changed: unallocated) "
               "+ fdatasync; qsd: its data file is raw's file,\n   written in place; "
               "qsd-qcow2: a plain qcow2, new clusters appended.")
-        sides = ("job", "raw", "qsd", "qsd-qcow2")
+        sides = ("job", "resync", "raw", "qsd", "qsd-qcow2")
         for pct in (1, 10, 100):
             exts = sorted(random.Random(pct).sample(range(next_), next_ * pct // 100))
             took = {s: [] for s in sides}
@@ -392,6 +393,16 @@ def bench_scattered(args) -> None:
                         pretouch(1 << 30)
                         took[side].append(timed_block_stream(
                             overlay, clone, work, raw_dst if in_place else None))
+                    elif side == "resync":  # the same change, source -> clone
+                        damage_and_fracture(d, "v", "c", [i * extent for i in exts], n=4096)
+                        pretouch(1 << 30)
+                        t0 = time.monotonic()
+                        with Client(d.run_dir) as c:
+                            c.call("clone_sync", name="c")
+                            while c.call("wait", name="v", timeout=10.0)["clones"][0][
+                                    "state"] != "synchronized":
+                                pass
+                        took[side].append(time.monotonic() - t0)
                     else:
                         damage_and_fracture(d, "v", "c", [i * extent for i in exts], n=4096)
                         pretouch(1 << 30)
@@ -403,7 +414,8 @@ def bench_scattered(args) -> None:
             rounds = ", ".join("/".join(f"{t:.3f}" for t in ts) for ts in zip(*took.values()))
             ratio = " ".join(
                 f"{s} {statistics.median(b / a for a, b in zip(took['job'], took[s])):.3f}"
-                for s in sides[1:])
+                for s in sides[1:]) + " (each / restore); raw/resync {:.3f}".format(
+                statistics.median(b / a for a, b in zip(took["resync"], took["raw"])))
             print(f"   {pct:3d}% ({len(exts)} extents): {rounds}; median ratio {ratio}",
                   flush=True)
         if os.path.exists(overlay):
