@@ -304,8 +304,7 @@ class Committer:
     def commit_now(self, full: bool = True) -> None:
         """Commit the open batch and every lazily changed page; not ``full``:
         only the requested bits (``_commit_requests``)."""
-        if not full:
-            self._commit_requests()
+        if not full and self._commit_requests():
             return
         with self.commit_lock:
             with self.maps_lock:
@@ -343,12 +342,18 @@ class Committer:
             self._last_full = time.monotonic()
             flushed.event.set()
 
-    def _commit_requests(self) -> None:
+    def _commit_requests(self) -> bool:
         """Commit the requested bits alone, each set into its page as the
         database holds it: no lazy change rides along, so no volume needs an
-        fdatasync first (rule 1 needs none: the data is written after)."""
+        fdatasync first (rule 1 needs none: the data is written after).
+        False, with nothing done, if a requested bit stops a copy whose data
+        may not be durable yet: the full commit must go instead.  The caller
+        decided (``_full_due``) without ``commit_lock``, and a host write may
+        have requested such a bit since (review11)."""
         with self.commit_lock:
             with self.maps_lock:
+                if self._open.stops_copies:
+                    return False
                 batch, self._open = self._open, Batch()
                 self._committing = batch
                 pages: dict[tuple[str, str, int], tuple[list[int], int]] = {}
@@ -366,6 +371,7 @@ class Committer:
                 self._failed(batch, None, {}, set(), e)
                 raise
             self._committed(batch)
+        return True
 
     def _committed(self, batch: Batch) -> None:
         """The batch's bits are durable: set them in memory, wake its waiters."""
