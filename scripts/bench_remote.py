@@ -9,7 +9,7 @@ of added round trip.  Ceph: the clone on an RBD image behind qemu-nbd
 baseline is ``nbdcopy`` of the same export to a file on the client side
 (the same extents: every extent differs), and the sides alternate.
 
-On the +2 ms link and on Ceph, also host I/O on pending extents: with the
+On each link (+0 and +2 ms) and on Ceph, also host I/O on pending extents: with the
 restore held at 1 MiB/s (nearly every extent pending, so each read goes to
 the remote clone), fio 4k randread qd16 on the source beside the same fio
 on the remote export itself; and the first read of one pending extent
@@ -214,8 +214,7 @@ def bench_network(args, size: int) -> None:
                     print(f"   ({rtt} ms added by {lat.how})")
                 compare(f"TLS over veth, +{rtt} ms RTT", d, link_uri, prefix, work,
                         size, args.rounds)
-                if lat:
-                    network_pending(f"+{rtt} ms", d, net, link_uri, work, size, args)
+                network_pending(f"+{rtt} ms", d, net, link_uri, work, size, args)
             finally:
                 d.stop()
                 if lat:

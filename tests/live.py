@@ -136,9 +136,39 @@ class LiveEngine:
         self.wait_clone(clone, "synchronized")
         self.cmd("clone_fracture", name=clone)
 
+    def job_copy(self, i: int, write_back: bool) -> None:
+        """The restore job's steps on pending extent ``i`` of src: take,
+        copy (``write_back``: written back in the copy's thread), finish."""
+        fam = self.family("src")
+        r = fam.restore
+        with fam.maps_lock:
+            runs = fam.take_runs(r.pending, i, 1)
+        assert runs == [(i, 1)]
+        fam.copy_runs(r.data_source, fam.source.store, runs, write_back=write_back)
+        with fam.maps_lock:
+            fam.finish_runs(r.pending, runs, fam.source.store, copied=True,
+                            src=r.data_source, durable=write_back)
+
     # -- ends ---------------------------------------------------------------------
     def commit(self) -> None:
         self.engine.committer.commit_now()
+
+    def quiet_committer(self, monkeypatch) -> list[int]:
+        """No periodic full commit for a minute (one now); returns the log
+        of fdatasync calls from then on."""
+        from lunclone import commit
+        monkeypatch.setattr(commit, "LAZY_INTERVAL", 60.0)
+        self.engine.committer._wake.set()  # its next periodic wake is 60 s away
+        time.sleep(0.3)
+        self.commit()
+        synced: list[int] = []
+        real = os.fdatasync
+
+        def recording(fd):
+            synced.append(fd)
+            return real(fd)
+        monkeypatch.setattr(os, "fdatasync", recording)
+        return synced
 
     def stop(self) -> None:
         self.engine.stop()

@@ -19,38 +19,8 @@ import os
 import threading
 import time
 
-from lunclone import commit
 from helpers import read_bitmap
 from live import EXT, Async, Hold
-
-
-def quiet_committer(live, monkeypatch) -> list[int]:
-    """No periodic full commit for a minute; returns the fdatasync log."""
-    monkeypatch.setattr(commit, "LAZY_INTERVAL", 60.0)
-    live.engine.committer._wake.set()
-    time.sleep(0.3)
-    live.commit()
-    synced: list[int] = []
-    real = os.fdatasync
-
-    def recording(fd):
-        synced.append(fd)
-        return real(fd)
-    monkeypatch.setattr(os, "fdatasync", recording)
-    return synced
-
-
-def job_copy(live, i: int, write_back: bool) -> None:
-    """The job's steps on pending extent ``i``: take, copy, finish."""
-    fam = live.family("src")
-    r = fam.restore
-    with fam.maps_lock:
-        runs = fam.take_runs(r.pending, i, 1)
-    assert runs == [(i, 1)]
-    fam.copy_runs(r.data_source, fam.source.store, runs, write_back=write_back)
-    with fam.maps_lock:
-        fam.finish_runs(r.pending, runs, fam.source.store, copied=True, src=r.data_source,
-                        durable=write_back)
 
 
 def test_a_protected_request_after_full_due_does_not_go_out_alone(live, monkeypatch):
@@ -65,11 +35,11 @@ def test_a_protected_request_after_full_due_does_not_go_out_alone(live, monkeypa
     fam = live.family("src")
     r = fam.restore
     src_fd = fam.source.fd
-    synced = quiet_committer(live, monkeypatch)
+    synced = live.quiet_committer(monkeypatch)
     i = max(r.pending.iter_set())
     k = i + 8  # never pending: its protected bit may go alone
     assert k not in read_bitmap(live.state_dir, "src", "pending")
-    job_copy(live, i, write_back=False)
+    live.job_copy(i, write_back=False)
     with fam.maps_lock:
         assert not fam.copy_durable(r, i) and fam.copy_durable(r, k)
     c = eng.committer
@@ -124,15 +94,15 @@ def test_a_copy_noted_while_a_full_commit_syncs_waits_for_the_next_one(live, mon
     fam = live.family("src")
     r = fam.restore
     src_fd = fam.source.fd
-    synced = quiet_committer(live, monkeypatch)
+    synced = live.quiet_committer(monkeypatch)
     before, during = sorted(r.pending.iter_set())[-2:]
-    job_copy(live, before, write_back=False)
+    live.job_copy(before, write_back=False)
     c = live.engine.committer
     hold = Hold(monkeypatch, os, "fdatasync", lambda fd: fd == src_fd)
     full = Async(live.commit)
     hold.wait_arrived()
     epoch = c.epoch
-    job_copy(live, during, write_back=False)
+    live.job_copy(during, write_back=False)
     with fam.maps_lock:
         assert r.unsynced[during] == epoch and src_fd in c._sync_fds
     hold.release()
