@@ -188,6 +188,8 @@ def network_pending(label: str, d: Daemon, net, link_uri: str, work: str, size: 
         del remote
     finally:
         net.kill(proxy)
+        if os.path.exists(sock):  # a killed nbdkit leaves its socket behind
+            os.unlink(sock)
 
 
 def bench_network(args, size: int) -> None:
