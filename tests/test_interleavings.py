@@ -56,7 +56,7 @@ def test_fast_path_write_in_flight_across_clone_sync(live, monkeypatch):
     that extent before the write has landed."""
     live.fractured_clone(data=pattern(b"a"))
     live.write("src", b"b" * EXT, 0)  # delta bit 0 committed: the fast path is on
-    assert live.family("src").fast_maps is not None
+    assert live.family("src").fast is not None
     hold = Hold(monkeypatch, vf, "write_from", lambda fd, buf, off: bytes(buf[:4]) == b"HOLD")
     w1 = Async(lambda: live.write("src", b"HOLD" * (EXT // 4), 0))
     hold.wait_arrived()

@@ -52,15 +52,15 @@ def test_no_fast_path_before_the_gate_opens_and_unprotected_ones_mirror(live):
     live.pending_restore(paused=True)
     fam = live.family("src")
     r = fam.restore
-    assert fam.fast_maps is not None and fam.fast[1] == []
+    assert fam.fast is not None and fam.fast[1] == []
     r.ready.clear()
     with fam.maps_lock:
         fam.refresh_fast()
-    assert fam.fast_maps is None
+    assert fam.fast is None
     r.ready.set()
     r.protected_mode = False
     with fam.maps_lock:
         fam.refresh_fast()
-    assert fam.fast_maps is not None and fam.fast[1] == [r.clone]
+    assert fam.fast is not None and fam.fast[1] == [r.clone]
     fam.mirror_broken(r.clone, "write", OSError(5, "injected"))
     assert r.mirror_lost and fam.fast[1] == []

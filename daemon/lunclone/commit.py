@@ -294,12 +294,12 @@ class Committer:
 
     def _full_due(self) -> bool:
         """Is a full commit due, or would it cost no more than requested
-        bits alone (no fdatasync waits), or does a requested bit stop a
-        copy?  See the module docstring."""
+        bits alone (no fdatasync waits)?  See the module docstring.  A
+        requested bit that stops a copy is ``_commit_requests``'s to see,
+        under the locks its commit holds."""
         with self.maps_lock:
             return (not self._open.bits or not self._sync_fds or self._flush_wanted
-                    or time.monotonic() - self._last_full >= LAZY_INTERVAL
-                    or self._open.stops_copies)
+                    or time.monotonic() - self._last_full >= LAZY_INTERVAL)
 
     def commit_now(self, full: bool = True) -> None:
         """Commit the open batch and every lazily changed page; not ``full``:
@@ -311,11 +311,9 @@ class Committer:
                 batch, self._open = self._open, Batch()
                 flushed, self._open_flush = self._open_flush, Batch()
                 self._flush_wanted = False
-                pages, fds = self._compose(batch), self._sync_fds
-                self._sync_fds = set()
+                pages = self._compose(batch)
+                fds, epoch = self._take_sync_fds()
                 self._committing, self._committing_flush = batch, flushed
-                self.epoch += 1
-                epoch = self.epoch
             if not pages and not fds and not batch.bits:
                 with self.maps_lock:  # e.g. its map was deleted meanwhile
                     self._committing = self._committing_flush = None
@@ -327,9 +325,7 @@ class Committer:
             try:
                 if faults.armed is not None:
                     faults.hit("commit.before_fdatasync")
-                for fd in fds:
-                    self.sync_volume(fd)
-                self.synced_epoch = epoch
+                self._sync_all(fds, epoch)
                 if faults.armed is not None:
                     faults.hit("commit.after_fdatasync")
                 with self.md.transaction() as tx:
@@ -372,6 +368,20 @@ class Committer:
                 raise
             self._committed(batch)
         return True
+
+    def _take_sync_fds(self) -> tuple[set[int], int]:
+        """Under ``maps_lock``: the volumes a commit fdatasyncs before it
+        writes, and its epoch (copies noted before this are in them)."""
+        fds, self._sync_fds = self._sync_fds, set()
+        self.epoch += 1
+        return fds, self.epoch
+
+    def _sync_all(self, fds: set[int], epoch: int) -> None:
+        """fdatasync them; then what was copied into them before ``epoch``
+        began is durable."""
+        for fd in fds:
+            self.sync_volume(fd)
+        self.synced_epoch = epoch
 
     def _committed(self, batch: Batch) -> None:
         """The batch's bits are durable: set them in memory, wake its waiters."""
@@ -427,13 +437,9 @@ class Committer:
         COMMIT, still under the lock, and not at all if it fails.
         """
         with self.commit_lock, self.maps_lock:
-            fds, self._sync_fds = self._sync_fds, set()
-            self.epoch += 1
-            epoch = self.epoch
+            fds, epoch = self._take_sync_fds()
             try:
-                for fd in fds:
-                    self.sync_volume(fd)
-                self.synced_epoch = epoch
+                self._sync_all(fds, epoch)
             except BaseException:
                 self._sync_fds |= fds - self.failed_fds.keys()
                 raise

@@ -335,12 +335,6 @@ class Family:
         else:
             self.fast = None
 
-    @property
-    def fast_maps(self) -> list[bytearray] | None:
-        """The maps a fast-path write checks (None: the fast path is off)."""
-        fast = self.fast
-        return None if fast is None else fast[0]
-
     def switch_fast(self) -> list[list[None]]:
         """After a state change under the lock: every generation of writes
         that may have passed the fast path under the old state and was not
