@@ -19,7 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from fio import bandwidth, iops, run_fio  # noqa: E402
-from helpers import Daemon  # noqa: E402
+from helpers import Daemon, fsync_path  # noqa: E402
 
 
 def pretouch(size: int) -> None:
@@ -138,14 +138,6 @@ def fill(path: str, size_mb: int, every: int = 1) -> None:
             f.write(os.urandom(1 << 20))
         f.flush()
         os.fsync(f.fileno())
-
-
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def wait_state(d: Daemon, source: str, clone: str, state: str, timeout: float = 600) -> float:
@@ -367,7 +359,7 @@ def bench_scattered(args) -> None:
         clone = d.volume_path("c")
         raw_dst = os.path.join(work, "raw.img")
         shutil.copyfile(d.volume_path("v"), raw_dst)
-        fsync_file(raw_dst)  # else raw's first fdatasync writes the whole copy
+        fsync_path(raw_dst)  # else raw's first fdatasync writes the whole copy
         overlay = os.path.join(work, "stream.qcow2")
         next_ = (size_mb << 20) // extent
         print(f"-- restore of scattered changes, 2 GiB, {args.rounds} alternated rounds; seconds "

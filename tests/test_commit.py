@@ -25,7 +25,6 @@ import pytest
 from lunclone import faults
 from lunclone.bitmap import Bitmap
 from lunclone.errors import LuncloneError, NoSpace
-from lunclone.metadata import Metadata
 from helpers import Maps
 
 
@@ -159,14 +158,8 @@ def test_a_failed_commit_fails_its_waiters_and_the_next_one_writes_the_pages(map
 
 def after_power_cut(lazy, m: Maps) -> tuple[set[int], bytes]:
     """Cut the power; return (bits of c1's delta, the file's first 8 KiB)."""
-    os.close(m.fd)
-    m.md.close()
-    lazy.power_cut()
-    lazy.mount()
-    m.fd = os.open(m.path, os.O_RDWR)
-    m.md = Metadata(m.state_dir)
-    with open(m.path, "rb") as f:
-        return m.in_db(), f.read(8192)
+    data = m.power_cut(lazy)
+    return m.in_db(), data
 
 
 def test_a_clear_is_written_only_after_fdatasync_of_the_copied_volume(lazy, lazy_maps):
@@ -262,62 +255,58 @@ def test_requested_bits_alone_need_no_fdatasync_and_carry_no_lazy_clear(lazy, la
     assert data[:4096] == b"o" * 4096, "the power cut is not real"
 
 
-def test_a_full_commit_writes_the_clear_after_requested_bits_went_alone(maps):
+@pytest.fixture
+def vol_fd(maps):
+    """A volume file beside the database (on the test's tmpfs)."""
+    fd = os.open(os.path.join(maps.state_dir, "vol.img"), os.O_RDWR | os.O_CREAT, 0o600)
+    yield fd
+    os.close(fd)
+
+
+def test_a_full_commit_writes_the_clear_after_requested_bits_went_alone(maps, vol_fd):
     maps.set_durably(maps.delta, 0, 1)
-    fd = os.open(os.path.join(maps.state_dir, "vol.img"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        with maps.lock:
-            maps.delta.clear(0)
-            maps.committer.copied_into(fd)
-            batch = maps.committer.request(maps.delta, 5)
-        maps.committer.commit_now(full=False)
-        batch.wait()
-        assert maps.in_db() == {0, 1, 5}
-        maps.committer.commit_now()
-        assert maps.in_db() == {1, 5}
-    finally:
-        os.close(fd)
+    with maps.lock:
+        maps.delta.clear(0)
+        maps.committer.copied_into(vol_fd)
+        batch = maps.committer.request(maps.delta, 5)
+    maps.committer.commit_now(full=False)
+    batch.wait()
+    assert maps.in_db() == {0, 1, 5}
+    maps.committer.commit_now()
+    assert maps.in_db() == {1, 5}
 
 
-def test_a_flush_waiting_for_bits_set_until_a_flush_makes_the_next_commit_full(maps):
-    fd = os.open(os.path.join(maps.state_dir, "vol.img"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        with maps.lock:
-            maps.committer.set_until_flush(maps.protected, 3, fd)
-            batch = maps.committer.request(maps.delta, 5)
-        assert not maps.committer._full_due()
-        flushed = threading.Thread(target=maps.committer.commit_for_flush, daemon=True)
-        flushed.start()
-        deadline = threading.Event()
-        while not maps.committer._flush_wanted and not deadline.wait(0.01):
-            pass
-        assert maps.committer._full_due(), "a flush waits: the next commit must be full"
-        maps.committer.commit_now(full=maps.committer._full_due())
-        flushed.join(10)
-        assert not flushed.is_alive(), "the flush still waits after a full commit"
-        batch.wait()
-        assert maps.in_db("src", "protected") == {3} and maps.in_db() == {5}
-    finally:
-        os.close(fd)
+def test_a_flush_waiting_for_bits_set_until_a_flush_makes_the_next_commit_full(maps, vol_fd):
+    with maps.lock:
+        maps.committer.set_until_flush(maps.protected, 3, vol_fd)
+        batch = maps.committer.request(maps.delta, 5)
+    assert not maps.committer._full_due()
+    flushed = threading.Thread(target=maps.committer.commit_for_flush, daemon=True)
+    flushed.start()
+    deadline = threading.Event()
+    while not maps.committer._flush_wanted and not deadline.wait(0.01):
+        pass
+    assert maps.committer._full_due(), "a flush waits: the next commit must be full"
+    maps.committer.commit_now(full=maps.committer._full_due())
+    flushed.join(10)
+    assert not flushed.is_alive(), "the flush still waits after a full commit"
+    batch.wait()
+    assert maps.in_db("src", "protected") == {3} and maps.in_db() == {5}
 
 
-def test_a_commit_of_requested_bits_alone_leaves_a_waiting_flush_waiting(maps):
+def test_a_commit_of_requested_bits_alone_leaves_a_waiting_flush_waiting(maps, vol_fd):
     """Its bits set until a flush are not durable after it."""
-    fd = os.open(os.path.join(maps.state_dir, "vol.img"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        with maps.lock:
-            maps.committer.set_until_flush(maps.protected, 3, fd)
-            batch = maps.committer.request(maps.delta, 5)
-        flushed = threading.Thread(target=maps.committer.commit_for_flush, daemon=True)
-        flushed.start()
-        maps.committer.commit_now(full=False)
-        batch.wait()
-        flushed.join(0.3)
-        assert flushed.is_alive(), "a flush returned before its bits were committed"
-        assert maps.in_db("src", "protected") == set()
-        maps.committer.commit_now()
-        flushed.join(10)
-        assert not flushed.is_alive()
-        assert maps.in_db("src", "protected") == {3}
-    finally:
-        os.close(fd)
+    with maps.lock:
+        maps.committer.set_until_flush(maps.protected, 3, vol_fd)
+        batch = maps.committer.request(maps.delta, 5)
+    flushed = threading.Thread(target=maps.committer.commit_for_flush, daemon=True)
+    flushed.start()
+    maps.committer.commit_now(full=False)
+    batch.wait()
+    flushed.join(0.3)
+    assert flushed.is_alive(), "a flush returned before its bits were committed"
+    assert maps.in_db("src", "protected") == set()
+    maps.committer.commit_now()
+    flushed.join(10)
+    assert not flushed.is_alive()
+    assert maps.in_db("src", "protected") == {3}

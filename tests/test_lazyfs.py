@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, fsync_path
 from lazyfs import LazyFS, fallocate
 
 sys.path.insert(0, os.path.join(ROOT, "daemon"))
@@ -20,14 +20,6 @@ MiB = 1 << 20
 
 def path(fs: LazyFS, *names: str) -> str:
     return os.path.join(fs.mountpoint, *names)
-
-
-def fsync_path(p: str) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_file(p: str, data: bytes, sync: bool = True, dir_sync: bool = True) -> None:

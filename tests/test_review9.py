@@ -7,14 +7,10 @@ import time
 
 from lunclone import jobs, policy
 from lunclone import volume as vf
-from live import EXT, MiB, Async, Hold
+from live import EXT, SMALL, Async, Hold, pattern
 
-SIZE = 4 * MiB
+SIZE = SMALL  # (``live.fractured_clone``'s size)
 NEXT = SIZE // EXT
-
-
-def pattern(tag: bytes, n: int = SIZE) -> bytes:
-    return (tag * (n // len(tag) + 1))[:n]
 
 
 def test_write_spanning_two_batches_in_flight_waits_for_both(live, monkeypatch):
@@ -23,11 +19,7 @@ def test_write_spanning_two_batches_in_flight_waits_for_both(live, monkeypatch):
     the second batch wait for it alone; then data is right."""
     monkeypatch.setattr(jobs, "RUN_EXTENTS", 4)
     clone_data = pattern(b"clone-")
-    live.cmd("create", name="src", size=SIZE)
-    live.write("src", clone_data, 0)
-    live.cmd("clone_create", source="src", name="c1")
-    live.wait_clone("c1", "synchronized")
-    live.cmd("clone_fracture", name="c1")
+    live.fractured_clone(data=clone_data)
     live.write("src", pattern(b"old-", 16 * EXT), 0)
     src_path = live.engine.volumes.path("src")
 
@@ -107,11 +99,7 @@ def test_failed_run_in_a_batch_clears_nothing_and_releases_all(live, monkeypatch
     are released (a read on 0 goes on), and the retry finishes the restore."""
     import threading
     clone_data = pattern(b"clone-")
-    live.cmd("create", name="src", size=SIZE)
-    live.write("src", clone_data, 0)
-    live.cmd("clone_create", source="src", name="c1")
-    live.wait_clone("c1", "synchronized")
-    live.cmd("clone_fracture", name="c1")
+    live.fractured_clone(data=clone_data)
     for i in (0, 2, 4, 6):
         live.write("src", b"o" * EXT, i * EXT)
     src_path = live.engine.volumes.path("src")
@@ -153,11 +141,7 @@ def test_copy_on_demand_beside_two_batches_in_flight(live, monkeypatch):
     restore finishes with the right data and nothing in flight."""
     monkeypatch.setattr(jobs, "RUN_EXTENTS", 4)
     clone_data = pattern(b"clone-")
-    live.cmd("create", name="src", size=SIZE)
-    live.write("src", clone_data, 0)
-    live.cmd("clone_create", source="src", name="c1")
-    live.wait_clone("c1", "synchronized")
-    live.cmd("clone_fracture", name="c1")
+    live.fractured_clone(data=clone_data)
     live.write("src", pattern(b"old-", 16 * EXT), 0)
     src_path = live.engine.volumes.path("src")
     c1_path = live.engine.volumes.path("c1")
