@@ -343,9 +343,10 @@ class Committer:
         database holds it: no lazy change rides along, so no volume needs an
         fdatasync first (rule 1 needs none: the data is written after).
         False, with nothing done, if a requested bit stops a copy whose data
-        may not be durable yet: the full commit must go instead.  The caller
-        decided (``_full_due``) without ``commit_lock``, and a host write may
-        have requested such a bit since (review11)."""
+        may not be durable yet: the full commit must go instead.  Checked
+        here, under the locks of the commit, not where the caller chose
+        (``_full_due``): a host write may request such a bit in between
+        (review11)."""
         with self.commit_lock:
             with self.maps_lock:
                 if self._open.stops_copies:
