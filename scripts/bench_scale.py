@@ -24,7 +24,10 @@ Then the daemon is restarted and, each beside its target:
   - ``status`` of every volume through the control protocol (median of
     several calls), and ``lunclone status --json`` (the CLI's whole run);
   - restore start: the ``restore`` control call (rate-limited, so little
-    is copied meanwhile), then the first read of a pending extent.
+    is copied meanwhile), then the first read of a pending extent;
+  - resident memory once a client has opened every source (start-up
+    leaves fractured clones' delta maps unloaded; a family's first
+    connection loads them), and the time of such a first connection.
 
 And a 16 TiB volume (16 TiB - 64 KiB: ext4's largest file) with a
 fractured clone and 64 extents changed, beside a 1 GiB one with the same:
@@ -253,6 +256,25 @@ def measure_state(d: Daemon, args, sources: list[str]) -> None:
     print(f"     lunclone status --json, the CLI's whole run (median of 3): "
           f"{m(clis) * 1e3:.0f} ms")
     restore_starts(d, args, sources[:args.rounds], "")
+    every_family_opened(d, sources)
+
+
+def every_family_opened(d: Daemon, sources: list[str]) -> None:
+    """A client connects to every source: each family's delta maps are
+    loaded on its first connection (start-up left them unloaded), so the
+    memory follows the families in use; this is the most it takes."""
+    import nbd
+    t0 = time.perf_counter()
+    for src in sources:
+        h = nbd.NBD()
+        h.connect_uri(d.uri(src))
+        h.pread(4096, 0)
+        del h
+    took = time.perf_counter() - t0
+    rss = vmrss(d.proc.pid)
+    print(f"   after a client opened each of the {len(sources)} sources (every map loaded): "
+          f"VmRSS {rss['VmRSS'] / MiB:.0f} MiB, {took / len(sources) * 1e3:.0f} ms per "
+          "first connection", flush=True)
 
 
 def restore_starts(d: Daemon, args, sources: list[str], label: str,

@@ -77,6 +77,9 @@ class LiveEngine:
 
     # -- host side ------------------------------------------------------------
     def volume(self, name: str) -> Volume:
+        """A served volume, as a client's connection finds it (its
+        family's maps loaded, as nbdkit's open does)."""
+        self.engine.families.load_maps_of(name)
         return self.engine.volumes.served[name]
 
     def read(self, name: str, offset: int, length: int) -> bytes:
@@ -97,7 +100,11 @@ class LiveEngine:
 
     # -- states -----------------------------------------------------------------
     def family(self, source: str):
-        return self.engine.families.by_source[source]
+        """A source's family, its maps loaded (as a client or an admin
+        command finds it)."""
+        fam = self.engine.families.by_source[source]
+        self.engine.families.load_maps(fam)
+        return fam
 
     def clone(self, name: str):
         fam, clone = self.engine.families.find_clone(name)

@@ -115,6 +115,29 @@ def test_corrupt_database_refuses_to_start(workdir):
     assert "not a lunclone metadata database" in str(e.value)
 
 
+def test_damaged_map_pages_refuse_to_start_in_one_line(workdir):
+    """Header, schema and meta intact, the maps' b-tree page overwritten:
+    serve's quick look passes, the engine's quick_check refuses in one
+    line, and the file is left as it was."""
+    import sqlite3
+    d = Daemon(os.path.join(workdir, "state"), os.path.join(workdir, "run")).start()
+    d.cli("create", "v", "--size", "1M")
+    assert d.stop() == 0
+    path = os.path.join(d.state_dir, "lunclone.db")
+    db = sqlite3.connect(path)
+    root = db.execute("SELECT rootpage FROM sqlite_master WHERE name='bitmaps'").fetchone()[0]
+    db.close()
+    with open(path, "r+b") as f:
+        f.seek(4096 * (root - 1))
+        f.write(b"\xa5" * 4096)
+    before = open(path, "rb").read()
+    with pytest.raises(RuntimeError) as e:
+        d.start()
+    lines = [ln for ln in str(e.value).splitlines() if "lunclone.db" in ln]
+    assert len(lines) == 1 and "corrupt" in lines[0], str(e.value)
+    assert open(path, "rb").read() == before
+
+
 def test_control_socket_survives_bad_requests(daemon):
     import socket
     s = socket.socket(socket.AF_UNIX)

@@ -5,13 +5,21 @@ needs 2 MiB): an anonymous private mapping (``zeroed``), whose pages cost
 no memory until a bit in them is set, so a 16 TiB map with few bits set
 costs a few pages, and making one costs no time.  It is indexed as a
 ``bytearray`` is (``bits[byte]`` is an int; slices are ``bytes``); its
-identity never changes (readers without the lock keep a reference).  ``PAGE_BYTES`` bytes form a page, the unit the
+identity never changes once loaded (readers without the lock keep a
+reference; an unloaded map's None becomes the buffer once, below).  ``PAGE_BYTES`` bytes form a page, the unit the
 metadata stores; only pages touched since the last save are written, and
 an all-zero page is stored as no row at all, so a sparse map costs nothing.
 
 A count of set bits per page is kept, so counting, "any set?", scanning
 and whole-map operations skip empty pages: their cost follows the bits
 set, not the volume size (a 1 TiB restore starts as fast as a 1 GiB one).
+
+A stored map can also be made *unloaded* (``Bitmap.unloaded``): only its
+count of set bits is known, read from the metadata without its pages, and
+its buffer is None, so any use but ``count``/``any``/``copy`` fails loudly
+instead of reading zeroes.  ``fill`` loads it in place (its identity
+stays): a daemon with many fractured clones starts without reading their
+delta maps, and holds in memory only the maps of the families in use.
 
 A Bitmap does no locking: its owner (``policy``/``jobs``) holds the lock.
 """
@@ -40,6 +48,24 @@ class Bitmap:
         if bits is not None:
             for p in range(len(self.counts)):
                 self._recount(p)
+
+    @classmethod
+    def unloaded(cls, nbits: int, key: tuple[str, str] | None, count: int) -> "Bitmap":
+        """A stored map not read yet, of which only ``count`` is known."""
+        b = cls.__new__(cls)
+        b.nbits, b.key, b.bits, b.counts, b.dirty_pages = nbits, key, None, [count], set()
+        return b
+
+    @property
+    def loaded(self) -> bool:
+        return self.bits is not None
+
+    def fill(self, stored: "Bitmap") -> None:
+        """An unloaded map takes the pages of ``stored`` (the same map, just
+        read): counts first, then the buffer that marks it loaded."""
+        assert self.bits is None and not self.dirty_pages
+        self.counts = stored.counts
+        self.bits = stored.bits
 
     # -- single bits (the hot path) -------------------------------------
     def test(self, i: int) -> bool:
@@ -71,7 +97,10 @@ class Bitmap:
         return any(self.counts)
 
     def copy(self, key: tuple[str, str] | None = None) -> "Bitmap":
-        """A copy (no page dirty); its cost follows the pages with bits set."""
+        """A copy (no page dirty); its cost follows the pages with bits set.
+        A copy of an unloaded map is unloaded (its count only)."""
+        if self.bits is None:
+            return Bitmap.unloaded(self.nbits, key, self.count())
         b = Bitmap(self.nbits, key=key)
         for p in self.used_pages():
             s = slice(p * PAGE_BYTES, (p + 1) * PAGE_BYTES)
@@ -132,6 +161,7 @@ class Bitmap:
 
         The map may change between two steps (the caller drops its lock
         while it works on a bit); the scan reads the current state."""
+        self._check_loaded()
         bits, counts = self.bits, self.counts
         for p in range(start >> PAGE_SHIFT, len(counts)):
             if not counts[p]:
@@ -151,6 +181,7 @@ class Bitmap:
 
     # -- pages -----------------------------------------------------------
     def page_count(self) -> int:
+        self._check_loaded()
         return (len(self.bits) + PAGE_BYTES - 1) // PAGE_BYTES
 
     def page_len(self, p: int) -> int:
@@ -158,17 +189,24 @@ class Bitmap:
 
     def used_pages(self) -> list[int]:
         """The pages with a bit set."""
+        self._check_loaded()
         return list(compress(range(len(self.counts)), self.counts))
+
+    def _check_loaded(self) -> None:
+        if self.bits is None:
+            raise RuntimeError(f"map {self.key} used before it was loaded")
 
     def _recount(self, p: int) -> None:
         data = self.bits[p * PAGE_BYTES:(p + 1) * PAGE_BYTES]
         self.counts[p] = int.from_bytes(data, "little").bit_count()
 
     def page(self, p: int) -> bytes:
+        self._check_loaded()
         return bytes(self.bits[p * PAGE_BYTES:(p + 1) * PAGE_BYTES])
 
     def page_with(self, p: int, extra: list[int]) -> bytes:
         """Page ``p`` with the bits ``extra`` (all within page p) set."""
+        self._check_loaded()
         data = bytearray(self.bits[p * PAGE_BYTES:(p + 1) * PAGE_BYTES])
         base = p * PAGE_BITS
         for i in extra:

@@ -48,7 +48,9 @@ The locks (one of each in the daemon; this module owns both):
   client can open it): host requests stall for those, which is why admin
   commands do their slow scans before the transaction.
 - ``commit_lock`` orders commits.  Lock order: ``commit_lock`` before
-  ``maps_lock``, never the other way.  ``transaction()`` holds both for the
+  ``maps_lock``, never the other way.  (A family's map-load lock,
+  ``Families.load_maps``, comes before both: it is never taken holding
+  either, nor the metadata's lock.)  ``transaction()`` holds both for the
   whole SQLite transaction, so an admin change and the in-memory maps it
   reads cannot move apart; a host request never takes ``commit_lock``.
 """
@@ -244,7 +246,7 @@ class Committer:
             log.error("fdatasync of fd %d failed: %s; maps put back to the database", fd, exc)
             kept = self._sets_to_keep(fd)
             for bm in self.maps:
-                if bm.key is not None:
+                if bm.key is not None and bm.loaded:  # an unloaded one is the stored one
                     loaded = self.md.load_bitmap(*bm.key, bm.nbits)
                     for i in kept.get(bm, ()):
                         loaded.set_committed(i)

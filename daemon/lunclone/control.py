@@ -78,7 +78,7 @@ class ControlServer:
         """The jobs a wait on ``name`` waits for; not a restore paused on
         an error (its task goes on, waiting for 'restore resume')."""
         keys = [JobKey("sync", name)]
-        fam = self.engine.families.get(name)
+        fam = self.engine.families.peek(name)
         if fam is not None:
             with self.engine.status.maps_lock:
                 r = fam.restore

@@ -144,6 +144,7 @@ class Engine:
         return self.volumes.export_names()
 
     def open_export(self, name: str, readonly: bool) -> Volume:
+        self.families.load_maps_of(name)  # before the client's first request
         return self.volumes.open_export(name, readonly)
 
     def close_export(self, vol: Volume) -> None:

@@ -6,9 +6,11 @@ Tables (schema version ``SCHEMA_VERSION``):
     volumes  (name, size, extent_size, source, clone_state, remote)
              a row with ``source`` set is a clone of that volume
     jobs     (source, kind, clone, state, protected, ...)   one job per source
-    bitmaps  (owner, kind, page, bits)        pages of a Bitmap; no row = zeroes
+    bitmaps  (owner, kind, page, nset, bits)  pages of a Bitmap; no row = zeroes
              kind is one of DELTA (owner: a clone), PENDING and PROTECTED
-             (owner: a source being restored)
+             (owner: a source being restored); ``nset`` is the page's
+             count of set bits, stored before the blob so that a map's
+             count is read without its pages (``map_counts``)
 
 Invariants:
 - The database runs in WAL mode with ``synchronous=FULL``: a committed
@@ -17,14 +19,16 @@ Invariants:
   and raises MetadataError.  In-memory changes are registered with
   ``Transaction.then`` and run only after COMMIT, so they never get ahead.
 - Opening never writes to a database it did not create: a file that is
-  not a lunclone database, or one of another schema version, is refused
-  after a read-only look.
+  not a lunclone database, or one of a newer schema version, is refused
+  after a read-only look.  A database of an older version of ours is
+  brought forward in one transaction (``_MIGRATIONS``) and logged.
 - One ``threading.Lock`` serialises the connection; callers from nbdkit's
   threads, the committer thread and the asyncio thread share it.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -36,7 +40,9 @@ from .bitmap import Bitmap
 from . import faults
 from .errors import MetadataError
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("lunclone.metadata")
+
+SCHEMA_VERSION = 2
 DB_NAME = "lunclone.db"
 
 # The kinds of map (``bitmaps.kind``)
@@ -72,10 +78,33 @@ CREATE TABLE bitmaps (
     owner TEXT NOT NULL,
     kind TEXT NOT NULL,
     page INTEGER NOT NULL,
+    nset INTEGER NOT NULL,
     bits BLOB NOT NULL,
     PRIMARY KEY (owner, kind, page)
 ) WITHOUT ROWID;
 """
+
+# Version 1 had no ``nset``: its pages are counted once, in one transaction.
+_MIGRATIONS = {
+    1: """
+CREATE TABLE bitmaps_v2 (
+    owner TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    page INTEGER NOT NULL,
+    nset INTEGER NOT NULL,
+    bits BLOB NOT NULL,
+    PRIMARY KEY (owner, kind, page)
+) WITHOUT ROWID;
+INSERT INTO bitmaps_v2 SELECT owner, kind, page, popcount(bits), bits FROM bitmaps;
+DROP TABLE bitmaps;
+ALTER TABLE bitmaps_v2 RENAME TO bitmaps;
+UPDATE meta SET value = '2' WHERE key = 'schema_version';
+""",
+}
+
+
+def popcount(data: bytes) -> int:
+    return int.from_bytes(data, "little").bit_count()
 
 
 @dataclass
@@ -150,19 +179,20 @@ class Transaction:
         pages with a bit set written, so the cost follows the bits set."""
         self.delete_bitmap(owner, kind)
         for p in bm.used_pages():
-            self._db.execute("INSERT INTO bitmaps VALUES (?, ?, ?, ?)",
-                             (owner, kind, p, bm.page(p)))
+            self._db.execute("INSERT INTO bitmaps VALUES (?, ?, ?, ?, ?)",
+                             (owner, kind, p, bm.counts[p], bm.page(p)))
 
     def save_page(self, owner: str, kind: str, page: int, data: bytes) -> None:
         """Store one page; an all-zero page is stored as no row."""
-        if data.count(0) == len(data):
+        nset = popcount(data)
+        if not nset:
             self._db.execute(
                 "DELETE FROM bitmaps WHERE owner=? AND kind=? AND page=?",
                 (owner, kind, page))
         else:
             self._db.execute(
-                "INSERT OR REPLACE INTO bitmaps VALUES (?, ?, ?, ?)",
-                (owner, kind, page, data))
+                "INSERT OR REPLACE INTO bitmaps VALUES (?, ?, ?, ?, ?)",
+                (owner, kind, page, nset, data))
 
     def set_bits(self, owner: str, kind: str, page: int, offsets: list[int],
                  length: int) -> None:
@@ -184,8 +214,10 @@ class Metadata:
         self.path = os.path.join(state_dir, DB_NAME)
         self.lock = threading.Lock()
         if os.path.exists(self.path):
-            check_existing(self.path)
+            version = check_existing(self.path)
             self._db = self._connect()
+            if version < SCHEMA_VERSION:
+                self._migrate(version)
         else:
             self._db = self._connect()
             self._create()
@@ -196,6 +228,7 @@ class Metadata:
                                  check_same_thread=False, timeout=30)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            db.create_function("popcount", 1, popcount, deterministic=True)
             return db
         except sqlite3.Error as e:
             raise MetadataError(f"cannot open metadata {self.path}: {e}") from e
@@ -208,6 +241,21 @@ class Metadata:
             tx._db.execute("INSERT INTO meta VALUES ('schema_version', ?)",
                            (str(SCHEMA_VERSION),))
             tx._db.execute("INSERT INTO meta VALUES ('created', ?)", (str(time.time()),))
+
+    def _migrate(self, version: int) -> None:
+        """Bring a database of an older schema version forward, one
+        transaction per version step."""
+        while version < SCHEMA_VERSION:
+            log.warning("metadata %s: schema version %d -> %d", self.path, version, version + 1)
+            try:
+                with self.transaction() as tx:
+                    for stmt in _MIGRATIONS[version].split(";"):
+                        if stmt.strip():
+                            tx._db.execute(stmt)
+            except MetadataError as e:  # e.g. a full disk: the WAL holds a copy of the maps
+                raise MetadataError(f"bringing {self.path} from schema version {version} to "
+                                    f"{version + 1} failed, nothing changed: {e.message}") from e
+            version += 1
 
     def close(self) -> None:
         with self.lock:
@@ -248,6 +296,14 @@ class Metadata:
                 " copied_bytes, on_demand, rate_limit, error, started FROM jobs").fetchall()
         return [JobRecord(*r[:4], bool(r[4]), *r[5:]) for r in rows]
 
+    def map_counts(self) -> dict[tuple[str, str], int]:
+        """Every stored map's count of set bits, by (owner, kind), read
+        without its pages (``nset`` lies before the blob in each row)."""
+        with self.lock:
+            rows = self._db.execute(
+                "SELECT owner, kind, sum(nset) FROM bitmaps GROUP BY owner, kind").fetchall()
+        return {(owner, kind): n for owner, kind, n in rows}
+
     def load_bitmap(self, owner: str, kind: str, nbits: int) -> Bitmap:
         bm = Bitmap(nbits, key=(owner, kind))
         with self.lock:
@@ -261,14 +317,20 @@ class Metadata:
 
 def check_state_dir(state_dir: str) -> None:
     """Refuse, read-only, a state directory whose database is not ours;
-    no database yet is fine (the daemon creates one)."""
+    no database yet is fine (the daemon creates one).  For ``serve``,
+    before nbdkit starts: the quick checks only, as the engine's open
+    checks the whole file again (``quick_check`` reads every page: 0.4 s
+    for a 1 GiB database, which start-up would pay twice)."""
     path = os.path.join(state_dir, DB_NAME)
     if os.path.exists(path):
-        check_existing(path)
+        check_existing(path, integrity=False)
 
 
-def check_existing(path: str) -> None:
-    """Refuse, read-only, a file that is not our database of our version."""
+def check_existing(path: str, integrity: bool = True) -> int:
+    """Refuse, read-only, a file that is not our database of a version we
+    know (this one or an older one, which opening brings forward), or
+    (``integrity``) one that SQLite's ``quick_check`` finds damaged;
+    returns the version."""
     not_ours = (f"{path} is not a lunclone metadata database ({{}}); "
                 "restore it from a backup or move it away")
     try:
@@ -278,7 +340,7 @@ def check_existing(path: str) -> None:
             raise MetadataError(not_ours.format("bad header"))
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            if integrity and db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise MetadataError(f"{path} is corrupt (quick_check failed); "
                                     "restore it from a backup")
             if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
@@ -293,7 +355,9 @@ def check_existing(path: str) -> None:
     except sqlite3.Error as e:
         raise MetadataError(f"{path} is corrupt or unreadable: {e}; "
                             "restore it from a backup or move it away") from e
-    if row is None or row[0] != str(SCHEMA_VERSION):
+    known = [str(v) for v in range(1, SCHEMA_VERSION + 1)]
+    if row is None or row[0] not in known:
         raise MetadataError(
             f"{path} has schema version {row[0] if row else 'none'}, this lunclone "
-            f"knows {SCHEMA_VERSION}; use a matching lunclone")
+            f"knows {SCHEMA_VERSION} and older; use a matching lunclone")
+    return int(row[0])

@@ -62,7 +62,7 @@ class Restores:
         """Resume a restore, or keep its source unserved if the clone it
         copies from is missing: serving the source would show pre-restore
         data in every pending extent."""
-        fam = self.families.get(job.source)
+        fam = self.families.peek(job.source)  # a finished one's maps stay unloaded
         clone = fam.clones.get(job.clone) if fam is not None else None
         if job.state == DONE:
             if clone is not None:
@@ -75,6 +75,7 @@ class Restores:
             log.error("volume %s not served: %s", job.source, msg)
             self.families.unserve(fam, job.source, msg)
             return
+        self.families.load_maps(fam)  # the restore's end reads every clone's map
         pending = self.md.load_bitmap(job.source, PENDING, fam.nextents)
         protected = self.md.load_bitmap(job.source, PROTECTED, fam.nextents)
         r = Restore(clone, job.protected, pending, protected, job.total_extents)

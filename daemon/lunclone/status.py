@@ -6,7 +6,6 @@ the keys are the JSON contract of ``lunclone status --json`` (README).
 from __future__ import annotations
 
 import os
-
 from .families import Families
 from .policy import CLONE_STATES, DONE, RESTORE_STATES, SYNCHRONIZING, Family, Progress
 from .volumes import VolumeTable
@@ -43,7 +42,7 @@ class Status:
         return [self.volume(n) for n in sorted(self.volumes.records)]
 
     def clones(self, source: str) -> list[dict]:
-        fam = self.families.get(source)
+        fam = self.families.peek(source)
         if fam is None:
             return []
         out = []
@@ -57,7 +56,7 @@ class Status:
         return out
 
     def restore(self, source: str) -> dict | None:
-        fam: Family | None = self.families.get(source)
+        fam: Family | None = self.families.peek(source)
         if fam is None:
             return None
         r = fam.restore or fam.last_restore
