@@ -119,3 +119,36 @@ def test_load_page_counts_whole_and_partial_pages():
     b.set(4095 * 8)
     b.load_page(0, b"\x81")
     assert list(b.iter_set())[:3] == [0, 7, 4095 * 8] and b.count() == 3 + 13
+
+
+def _naive_runs(bits):
+    out = []
+    for i in sorted(bits):
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1][1] += 1
+        else:
+            out.append([i, 1])
+    return [tuple(r) for r in out]
+
+
+def test_runs_match_the_set_bits():
+    """Runs across bytes, pages and the map's end; whole 0xFF spans; single bits."""
+    rng = random.Random(7)
+    n = 3 * 32768 + 11  # three pages and a partial one
+    for trial in range(40):
+        bm, bits = Bitmap(n), set()
+        for _ in range(rng.choice([0, 1, 5, 50])):
+            start = rng.randrange(n)
+            for i in range(start, min(n, start + rng.choice([1, 3, 8, 9, 700, 40000]))):
+                bm.set(i)
+                bits.add(i)
+        if trial == 0:
+            bm.set_all()
+            bits = set(range(n))
+        assert list(bm.runs()) == _naive_runs(bits), trial
+
+
+def test_a_full_large_map_is_one_run():
+    bm = Bitmap(1 << 24)  # 1 TiB of 64 KiB extents
+    bm.set_all()
+    assert list(bm.runs()) == [(0, 1 << 24)]

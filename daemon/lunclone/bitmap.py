@@ -179,6 +179,42 @@ class Bitmap:
                         yield i
                 lo = nz + 1
 
+    def runs(self) -> Iterator[tuple[int, int]]:
+        """Runs of set bits, ``(first, count)``, in order.  Bytes of eight
+        set bits are taken eight at a time and empty pages skipped, so the
+        cost follows the runs, not the bits (a 1 TiB map all set is one run
+        found in a scan of its bytes)."""
+        first = end = -1
+        for i, n in self._byte_runs():
+            if i == end:
+                end += n
+                continue
+            if end > first:
+                yield first, end - first
+            first, end = i, i + n
+        if end > first:
+            yield first, end - first
+
+    def _byte_runs(self) -> Iterator[tuple[int, int]]:
+        """Set bits as short runs in order: a span of 0xFF bytes, or one bit."""
+        bits = self.bits
+        for p in self.used_pages():
+            pos, hi = p * PAGE_BYTES, min((p + 1) * PAGE_BYTES, len(bits))
+            while pos < hi:
+                nz = _next_nonzero(bits, pos, hi)
+                if nz < 0:
+                    break
+                b = bits[nz]
+                if b == 0xFF:
+                    end = _next_not_full(bits, nz, hi)
+                    yield nz * 8, (end - nz) * 8
+                    pos = end
+                    continue
+                for k in range(8):
+                    if b >> k & 1:
+                        yield nz * 8 + k, 1
+                pos = nz + 1
+
     # -- pages -----------------------------------------------------------
     def page_count(self) -> int:
         self._check_loaded()
@@ -249,6 +285,26 @@ def _next_nonzero(bits: bytearray, start: int, end: int) -> int:
             return pos + len(chunk) - len(stripped)
         pos += 512
     return -1
+
+
+def _next_not_full(bits: bytearray, start: int, end: int) -> int:
+    """Index of the first byte in [start, end) that is not 0xFF, or end."""
+    pos = start
+    while pos < end:
+        chunk = bits[pos:min(pos + 512, end)]
+        stripped = chunk.lstrip(b"\xff")
+        if stripped:
+            return pos + len(chunk) - len(stripped)
+        pos += 512
+    return end
+
+
+def byte_ranges(extents: Bitmap, extent_size: int, size: int) -> Iterator[tuple[int, int]]:
+    """The runs of set extents as (offset, length) in bytes, the last one
+    cut at the volume's end."""
+    for first, count in extents.runs():
+        offset = first * extent_size
+        yield offset, min(size, offset + count * extent_size) - offset
 
 
 def extent_range(offset: int, length: int, shift: int) -> range:

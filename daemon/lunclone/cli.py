@@ -211,6 +211,17 @@ def clone_sync(name: str, wait: bool, run_dir: str, as_json: bool) -> None:
             _follow_sync(c, name, info["source"])
 
 
+@clone.command("diff")
+@click.argument("name")
+@run_dir_option
+@json_option
+@handle_errors
+def clone_diff(name: str, run_dir: str, as_json: bool) -> None:
+    """Where clone NAME and its source may differ: byte ranges, shaped as
+    'nbdinfo --map --json' prints them with --json."""
+    emit(call(run_dir, "clone_diff", name=name), as_json, display.diff_lines)
+
+
 @clone.command("delete")
 @click.argument("name")
 @run_dir_option
@@ -243,12 +254,19 @@ def restore() -> None:
 @click.option("--wait", is_flag=True,
               help="Show progress until the restore is done; exit 1 if it pauses on an error.")
 @click.option("--rate", metavar="LIMIT", help="Copy at most LIMIT bytes/s (e.g. 100M).")
+@click.option("--dry-run", is_flag=True,
+              help="Check and show what the restore would copy; change nothing.")
 @run_dir_option
 @json_option
 @handle_errors
 def restore_start(source: str, clone_name: str, unprotected: bool, wait: bool,
-                  rate: str | None, run_dir: str, as_json: bool) -> None:
+                  rate: str | None, dry_run: bool, run_dir: str, as_json: bool) -> None:
     """Start an instant restore of SOURCE from CLONE."""
+    if dry_run:
+        plan = call(run_dir, "restore_plan", source=source, clone_name=clone_name,
+                    protected=not unprotected, rate_limit=rate)
+        emit(plan, as_json, display.restore_plan_line)
+        return
     with Client(run_dir) as c:
         t0 = time.monotonic()
         info = c.call("restore", source=source, clone_name=clone_name,

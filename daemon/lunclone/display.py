@@ -143,3 +143,20 @@ def follow_restore(client, name: str, forever: bool = False, interval: float = 0
         v = client.call("wait", name=name, timeout=round(left, 3))
         if busy(v) and time.monotonic() - t0 < MIN_WAIT_S:
             time.sleep(MIN_WAIT_S)  # a job about to start (a sync after a restore)
+
+
+def restore_plan_line(p: dict) -> str:
+    """``restore --dry-run``."""
+    kind = "a protected" if p["protected"] else "an unprotected"
+    return (f"dry run: {kind} restore of {p['source']} from {p['from']} would copy "
+            f"{p['extents']} extents ({human_size(p['bytes'])}); nothing was changed")
+
+
+def diff_lines(ranges: list[dict]) -> str:
+    """``clone diff``: one line per range, as ``nbdinfo --map`` prints them."""
+    if not ranges:
+        return "no differences"
+    total = sum(r["length"] for r in ranges)
+    lines = [f"{r['offset']:>16} {r['length']:>16}    {r['type']}  {r['description']}"
+             for r in ranges]
+    return "\n".join(lines + [f"{len(ranges)} ranges, {human_size(total)} may differ"])

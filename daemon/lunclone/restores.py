@@ -27,7 +27,7 @@ import logging
 import time
 
 from . import faults, units
-from .bitmap import Bitmap
+from .bitmap import Bitmap, byte_ranges
 from .clones import Clones
 from .errors import Busy, InvalidArgument, LuncloneError, NotFound, WrongState
 from .families import DRAIN_TIMEOUT, Families, new_rules
@@ -148,6 +148,23 @@ class Restores:
             log.info("restore of %s from %s started: %d extents to copy (%s)", source,
                      clone_name, r.total_extents, "protected" if protected else "unprotected")
             self._run_job(fam)
+
+    async def plan(self, source: str, clone_name: str, protected: bool = True,
+                   rate_limit=0) -> dict:
+        """What ``begin`` would do, changing nothing (``restore --dry-run``):
+        the same checks, then the extents it would copy (the clone's delta
+        map) and their bytes."""
+        async with self.admin:
+            units.check_name(source)
+            units.parse_size(rate_limit or 0)
+            src = self.volumes.get(source)
+            fam, clone = self.families.find_clone(clone_name)
+            self._check_can_start(fam, clone, source)
+            with self.maps_lock:
+                differs = clone.delta.copy()
+            return {"source": source, "from": clone_name, "protected": protected,
+                    "extents": differs.count(),
+                    "bytes": sum(n for _, n in byte_ranges(differs, src.extent_size, src.size))}
 
     @staticmethod
     def _check_can_start(fam: Family, clone: Clone, source: str) -> None:

@@ -6,6 +6,7 @@ the keys are the JSON contract of ``lunclone status --json`` (README).
 from __future__ import annotations
 
 import os
+from .bitmap import byte_ranges
 from .families import Families
 from .policy import CLONE_STATES, DONE, RESTORE_STATES, SYNCHRONIZING, Family, Progress
 from .volumes import VolumeTable
@@ -54,6 +55,21 @@ class Status:
                     d["sync"] = _progress(c.sync_progress, d["delta_extents"], fam.source.extent_size)
                 out.append(d)
         return out
+
+    def clone_diff(self, name: str) -> list[dict]:
+        """Where clone ``name`` and its source may differ, as the byte
+        ranges ``nbdinfo --map --json`` prints (``offset``, ``length``,
+        ``type``, ``description``), merged and in order: what a backup or
+        audit tool reads over NBD to see every difference.  The clone's
+        delta map; for the clone a restore copies from, the extents the
+        host wrote since it started (its protected map: everywhere else the
+        source shows the clone's data, copied or not yet)."""
+        fam, clone = self.families.find_clone(name)
+        with self.maps_lock:
+            r = fam.restore
+            differs = (r.protected if r is not None and r.clone is clone else clone.delta).copy()
+        return [{"offset": off, "length": length, "type": 1, "description": "may differ"}
+                for off, length in byte_ranges(differs, fam.source.extent_size, fam.source.size)]
 
     def restore(self, source: str) -> dict | None:
         fam: Family | None = self.families.peek(source)
