@@ -13,10 +13,11 @@ import logging
 import os
 from typing import Any, Awaitable, Callable
 
-from . import protocol, units
+from . import __version__, protocol, units
 from .errors import InternalError, InvalidArgument, LuncloneError, SystemFailure
 from .jobs import JobKey
 from .policy import PAUSED
+from .status import SCHEMA_VERSION
 
 log = logging.getLogger("lunclone.control")
 
@@ -31,7 +32,8 @@ class ControlServer:
         self._server: asyncio.base_events.Server | None = None
         st = engine.status
         self.commands: dict[str, Callable[..., Any]] = {
-            "ping": lambda: {"pid": os.getpid(), "io_flusher": engine.io_flusher},
+            "ping": lambda: {"pid": os.getpid(), "io_flusher": engine.io_flusher,
+                             "version": __version__, "schema_version": SCHEMA_VERSION},
             "create": _then_status(engine.create_volume, "name", st),
             "delete": _then_deleted(engine.delete_volume),
             "list": st.all,

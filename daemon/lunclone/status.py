@@ -11,7 +11,11 @@ from .families import Families
 from .policy import CLONE_STATES, DONE, RESTORE_STATES, SYNCHRONIZING, Family, Progress
 from .volumes import VolumeTable
 
-__all__ = ["Status", "CLONE_STATES", "RESTORE_STATES"]
+__all__ = ["Status", "CLONE_STATES", "RESTORE_STATES", "SCHEMA_VERSION"]
+
+# The version of the JSON contract (docs/status.schema.json, CHANGELOG.md):
+# fields are only added, never renamed or removed.
+SCHEMA_VERSION = 1
 
 
 class Status:
@@ -25,6 +29,7 @@ class Status:
         rec = self.volumes.record(name)
         vol = self.volumes.served.get(name)
         return {
+            "schema_version": SCHEMA_VERSION,
             "name": rec.name,
             "size": rec.size,
             "extent_size": rec.extent_size,
