@@ -152,3 +152,18 @@ def test_a_full_large_map_is_one_run():
     bm = Bitmap(1 << 24)  # 1 TiB of 64 KiB extents
     bm.set_all()
     assert list(bm.runs()) == [(0, 1 << 24)]
+
+
+def test_any_in_matches_the_set_bits():
+    rng = random.Random(3)
+    n = 2 * 32768 + 5
+    for _ in range(30):
+        bm, bits = Bitmap(n), set()
+        for _ in range(rng.choice([0, 1, 3, 20])):
+            i = rng.randrange(n)
+            bm.set(i)
+            bits.add(i)
+        for _ in range(60):
+            a = rng.randrange(n)
+            b = a + rng.choice([1, 2, 7, 8, 9, 100, 5000, 40000])
+            assert bm.any_in(a, b) == any(a <= i < b for i in bits), (a, b)

@@ -67,6 +67,8 @@ def test_every_state_validates(daemon, workdir, schema):
             for v in everything:
                 check(schema, "status", daemon.json("status", v["name"]))
             check(schema, "clone_diff", daemon.json("clone", "diff", "c1"))
+            for name in ("src", "c1", "plain"):
+                check(schema, "extent_map", daemon.json("status", name, "--map"))
             st = daemon.json("status", "src")
             seen.append((st["restore"] or {}).get("state"))
             assert {c["name"]: bool(c["remote"]) for c in st["clones"]} == {"c1": False,

@@ -179,6 +179,26 @@ class Bitmap:
                         yield i
                 lo = nz + 1
 
+    def any_in(self, first: int, last: int) -> bool:
+        """Is a bit in [first, last) set?  Pages without bits are skipped by
+        their count, whole bytes are looked at in C (``_next_nonzero``),
+        only the bits at the two ends one by one."""
+        self._check_loaded()
+        last = min(last, self.nbits)
+        if first >= last or not any(self.counts[first >> PAGE_SHIFT:(last - 1 >> PAGE_SHIFT) + 1]):
+            return False
+        lo, hi = (first + 7) >> 3, last >> 3  # whole bytes
+        if lo >= hi:
+            return any(self.test(i) for i in range(first, last))
+        if any(self.test(i) for i in range(first, lo << 3)) or \
+                any(self.test(i) for i in range(hi << 3, last)):
+            return True
+        for p in range(lo // PAGE_BYTES, (hi - 1) // PAGE_BYTES + 1):
+            if self.counts[p] and _next_nonzero(
+                    self.bits, max(lo, p * PAGE_BYTES), min(hi, (p + 1) * PAGE_BYTES)) >= 0:
+                return True
+        return False
+
     def runs(self) -> Iterator[tuple[int, int]]:
         """Runs of set bits, ``(first, count)``, in order.  Bytes of eight
         set bits are taken eight at a time and empty pages skipped, so the

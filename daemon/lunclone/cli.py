@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -130,10 +131,18 @@ def delete(name: str, force: bool, run_dir: str) -> None:
 @click.option("--watch", is_flag=True, help="Refresh every second until interrupted.")
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--until-done", is_flag=True, help="With --watch and NAME: stop when no job runs.")
+@click.option("--map", "draw_map", is_flag=True,
+              help="With NAME: draw the volume as a grid: a restore's pending, in-flight, "
+                   "copied and host-written extents, or where a clone differs.")
 @handle_errors
 def status(name: str | None, run_dir: str, as_json: bool, watch: bool, interval: float,
-           until_done: bool) -> None:
+           until_done: bool, draw_map: bool) -> None:
     """Show volumes, clones and jobs (one volume with NAME)."""
+    if draw_map:
+        if not name:
+            raise click.UsageError("--map needs a volume NAME")
+        _status_map(name, run_dir, as_json, watch, interval, until_done)
+        return
     with Client(run_dir) as c:
         if not watch:
             emit(c.call("status", name=name), as_json, display.status_text)
@@ -147,6 +156,29 @@ def status(name: str | None, run_dir: str, as_json: bool, watch: bool, interval:
                 click.echo(json.dumps(obj, sort_keys=True))
             else:
                 click.echo("\x1b[2J\x1b[H" + display.status_text(obj))
+            time.sleep(interval)
+
+
+def _status_map(name: str, run_dir: str, as_json: bool, watch: bool, interval: float,
+                until_done: bool) -> None:
+    """``status NAME --map [--watch [--until-done]]``: colours only on a
+    terminal and without NO_COLOR (https://no-color.org)."""
+    columns, lines = shutil.get_terminal_size((80, 24))
+    width, cells = display.map_cells(columns, lines)
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    with Client(run_dir) as c:
+        while True:  # the last drawing is made after the job's end was seen
+            st = c.call("status", name=name)
+            going = watch and (not until_done or display.busy(st))
+            m = c.call("map", name=name, cells=cells)
+            if as_json:
+                click.echo(json.dumps(m, sort_keys=True))
+            else:
+                clear = "\x1b[2J\x1b[H" if watch and sys.stdout.isatty() else ""
+                click.echo(clear + display.extent_map(m, width, color, st.get("restore")),
+                           color=color)
+            if not going:
+                return
             time.sleep(interval)
 
 

@@ -44,6 +44,7 @@ class ControlServer:
             "clone_sync": _then_status(engine.clones.sync, "name", st),
             "clone_delete": _then_deleted(engine.clones.delete),
             "clone_diff": st.clone_diff,
+            "map": st.extent_map,
             "restore": _then_status(engine.restores.begin, "source", st),
             "restore_plan": engine.restores.plan,
             "restore_pause": _then_status(engine.restores.pause, "source", st),

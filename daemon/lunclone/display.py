@@ -1,6 +1,8 @@
 """Human-readable views of what the daemon reports (CLI side)."""
 from __future__ import annotations
 
+import click
+
 from .units import human_size
 
 
@@ -160,3 +162,46 @@ def diff_lines(ranges: list[dict]) -> str:
     lines = [f"{r['offset']:>16} {r['length']:>16}    {r['type']}  {r['description']}"
              for r in ranges]
     return "\n".join(lines + [f"{len(ranges)} ranges, {human_size(total)} may differ"])
+
+
+# status --map: letter, meaning, colour on a terminal (by the server's priority)
+MAP_LEGEND = {
+    "restore": ((">", "in flight", "yellow"), ("#", "pending", "red"),
+                ("w", "written by the host (protected)", "blue"), ("+", "copied", "green"),
+                (".", "unchanged", None)),
+    "clone": (("#", "may differ from its source", "red"), (".", "same", None)),
+}
+
+
+def map_cells(columns: int, lines: int) -> tuple[int, int]:
+    """(cells per row, cells) for a terminal of that size: the grid and
+    its three lines of header and legend fit it."""
+    width = max(8, columns - 1)
+    rows = max(1, min(lines - 4, 32))
+    return width, width * rows
+
+
+def extent_map(m: dict, width: int, color: bool, restore: dict | None = None) -> str:
+    """The grid of ``status --map`` (``Status.extent_map``), ``width``
+    cells a row, a header and a legend; coloured only if ``color``.
+    ``restore``: the volume's status of its last restore, if known."""
+    if m["kind"] == "none":
+        if restore and restore.get("state") == "done":
+            return (f"{m['name']}: the restore from {restore['from']} is done: no extent "
+                    f"pending, {restore['protected_extents']} written by the host meanwhile")
+        return (f"{m['name']}: no restore is running and it is not a clone: no map to "
+                "draw ('lunclone status CLONE --map' draws where a clone differs)")
+    legend = MAP_LEGEND[m["kind"]]
+    colours = {ch: fg for ch, _, fg in legend}
+
+    def paint(text: str) -> str:
+        if not color:
+            return text
+        return "".join(click.style(ch, fg=colours[ch]) if colours.get(ch) else ch for ch in text)
+    per, cells = m["extents_per_cell"], m["cells"]
+    what = "restore" if m["kind"] == "restore" else "difference"
+    head = (f"{m['name']}: {what} map, {len(cells)} cells of {per} extent(s) "
+            f"({human_size(per * m['extent_size'])}) each")
+    rows = [paint(cells[i:i + width]) for i in range(0, len(cells), width)]
+    key = "   ".join(f"{paint(ch)} {words}" for ch, words, _ in legend)
+    return "\n".join([head, *rows, key])

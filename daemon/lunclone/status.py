@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from .bitmap import byte_ranges
+from .errors import InvalidArgument
 from .families import Families
 from .policy import CLONE_STATES, DONE, RESTORE_STATES, SYNCHRONIZING, Family, Progress
 from .volumes import VolumeTable
@@ -75,6 +76,48 @@ class Status:
             differs = (r.protected if r is not None and r.clone is clone else clone.delta).copy()
         return [{"offset": off, "length": length, "type": 1, "description": "may differ"}
                 for off, length in byte_ranges(differs, fam.source.extent_size, fam.source.size)]
+
+    def extent_map(self, name: str, cells: int = 1024) -> dict:
+        """The volume as ``cells`` cells or fewer (``status --map``), each a
+        letter of ``MAP_LETTERS`` for the extents it covers, the first state
+        of its kind's list that any of them is in.  A source being restored:
+        in flight, pending, written by the host (protected), copied, else
+        unchanged; a clone: where it may differ from its source (``clone
+        diff``); anything else: kind "none".  The maps are copied under the
+        lock and drawn outside it; the cost follows the cells and the pages
+        with bits set, not the volume's size."""
+        if isinstance(cells, bool) or not isinstance(cells, int) or not 1 <= cells <= 1 << 20:
+            raise InvalidArgument(f"cells must be a whole number from 1 to {1 << 20}")
+        rec = self.volumes.record(name)
+        layers, inflight, kind = self._map_layers(name, rec.source)
+        nextents = (rec.size + rec.extent_size - 1) // rec.extent_size
+        per = -(-nextents // cells)
+        out = []
+        for c in range(-(-nextents // per)):
+            first, last = c * per, min(nextents, (c + 1) * per)
+            out.append(next((ch for ch, bm in layers if bm.any_in(first, last)), "."))
+        for i in inflight:
+            out[i // per] = ">"
+        return {"name": name, "kind": kind, "extents": nextents, "extent_size": rec.extent_size,
+                "extents_per_cell": per, "cells": "".join(out)}
+
+    def _map_layers(self, name: str, source: str | None):
+        """(letter, map copy) by priority, extents in flight, kind."""
+        if source is not None:
+            fam, clone = self.families.find_clone(name)
+            with self.maps_lock:
+                r = fam.restore
+                differs = (r.protected if r is not None and r.clone is clone else clone.delta)
+                return [("#", differs.copy())], [], "clone"
+        fam = self.families.get(name)
+        with self.maps_lock:
+            r = fam.restore if fam is not None else None
+            if r is None:
+                return [], [], "none"
+            # During a restore the clone's delta map is still the one the
+            # restore started from: what was pending then.
+            return ([("#", r.pending.copy()), ("w", r.protected.copy()),
+                     ("+", r.clone.delta.copy())], list(fam.guard.inflight), "restore")
 
     def restore(self, source: str) -> dict | None:
         fam: Family | None = self.families.peek(source)
