@@ -265,12 +265,26 @@ def clone_delete(name: str, run_dir: str) -> None:
 
 
 class RestoreGroup(click.Group):
-    """`restore SOURCE --from CLONE` beside `restore pause|resume|rate SOURCE`."""
+    """`restore SOURCE --from CLONE` beside `restore pause|resume|rate SOURCE`.
+    Its help shows both forms and the start's options, not only the verbs."""
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
             args = ["start", *args]
         return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx, formatter) -> None:
+        formatter.write_usage(ctx.command_path, "SOURCE --from CLONE [OPTIONS]")
+        formatter.write_usage(ctx.command_path, "pause|resume SOURCE | rate SOURCE LIMIT",
+                              prefix="       ")
+
+    def format_options(self, ctx, formatter) -> None:
+        start = self.commands["start"]
+        with click.Context(start, info_name="start", parent=ctx) as sctx:
+            rows = [r for p in start.get_params(sctx) if (r := p.get_help_record(sctx))]
+        with formatter.section("Options"):
+            formatter.write_dl(rows)
+        self.format_commands(ctx, formatter)
 
 
 @main.group(cls=RestoreGroup)
@@ -383,6 +397,58 @@ def detach_cmd(device: str, run_dir: str) -> None:
     from .attach import detach
     detach(run_dir, device)
     click.echo(f"detached {device}")
+
+
+# The examples each --help ends with (help2man makes them the man pages'
+# EXAMPLES section: scripts/build-man), by command path.
+EXAMPLES = {
+    "": ["lunclone serve --state-dir /var/lib/lunclone --run-dir /run/lunclone",
+         "lunclone create db --size 100G && lunclone attach db",
+         "lunclone restore db --from db-snap --wait"],
+    "serve": ["lunclone serve",
+              "lunclone serve --tcp 0.0.0.0:10809 --tls-psk /etc/lunclone/keys.psk",
+              "lunclone serve --group disk --remote-timeout 30"],
+    "create": ["lunclone create db --size 100G", "lunclone create big --size 16T --extent-size 1M"],
+    "list": ["lunclone list", "lunclone list --json"],
+    "delete": ["lunclone delete scratch", "lunclone delete db --force   # and its clones"],
+    "status": ["lunclone status", "lunclone status db --json",
+               "lunclone status db --map --watch --until-done"],
+    "clone": ["lunclone clone create db db-snap --wait && lunclone clone fracture db-snap",
+              "lunclone clone sync db-snap", "lunclone clone diff db-snap --json"],
+    "clone create": ["lunclone clone create db db-snap --wait",
+                     "lunclone clone create db db-far --remote nbds://storage2:10809/db"],
+    "clone fracture": ["lunclone clone fracture db-snap"],
+    "clone sync": ["lunclone clone sync db-snap --wait"],
+    "clone diff": ["lunclone clone diff db-snap", "lunclone clone diff db-snap --json"],
+    "clone delete": ["lunclone clone delete db-snap"],
+    "restore": ["lunclone restore db --from db-snap --dry-run",
+                "lunclone restore db --from db-snap --rate 200M --wait",
+                "lunclone restore pause db ; lunclone restore rate db 50M"],
+    "restore rate": ["lunclone restore rate db 100M", "lunclone restore rate db 0   # unlimited"],
+    "restore pause": ["lunclone restore pause db"],
+    "restore resume": ["lunclone restore resume db"],
+    "metrics": ["lunclone metrics > /var/lib/node_exporter/textfile_collector/lunclone.prom"],
+    "attach": ["lunclone attach db", "lunclone attach db /dev/nbd3"],
+    "detach": ["lunclone detach /dev/nbd0"],
+}
+
+
+def _add_examples() -> None:
+    """Each command's help ends with an "Examples:" section (a heading
+    like "Options:", which help2man turns into EXAMPLES)."""
+    for path, lines in EXAMPLES.items():
+        cmd = main
+        for word in path.split():
+            cmd = cmd.commands[word]
+
+        def format_epilog(ctx, formatter, lines=lines) -> None:
+            with formatter.section("Examples"):
+                for line in lines:
+                    formatter.write_text(line)
+        cmd.format_epilog = format_epilog
+
+
+_add_examples()
 
 
 def run() -> None:
