@@ -2,6 +2,7 @@
 damaged or missing volume files, admins racing each other.  The daemon
 stops the affected operation, says why, loses nothing and serves the rest."""
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -80,6 +81,12 @@ def test_restore_on_full_disk_pauses_then_resumes(small_daemon, small_fs):
                  what="the restore to pause on ENOSPC")
     status = d.json("status", "src")["restore"]
     assert status["state"] == "paused" and "space" in r
+    # what the LuncloneRestorePausedOnError and ...NearlyFull alerts read
+    metrics = d.cli("metrics").stdout
+    assert 'lunclone_restore_error{source="src",clone="c1"} 1' in metrics
+    avail = float(re.search(r"^lunclone_state_dir_avail_bytes (\S+)$", metrics, re.M).group(1))
+    size = float(re.search(r"^lunclone_state_dir_size_bytes (\S+)$", metrics, re.M).group(1))
+    assert avail / size < 0.10
     # The host still reads the clone's data everywhere: a read of an extent
     # not copied yet takes it from the clone and needs no space.
     assert h.pread(MiB, 15 * MiB) == clone_data[15 * MiB:16 * MiB]

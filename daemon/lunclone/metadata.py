@@ -213,6 +213,7 @@ class Metadata:
     def __init__(self, state_dir: str):
         self.path = os.path.join(state_dir, DB_NAME)
         self.lock = threading.Lock()
+        self.commit_failures = 0  # transactions SQLite refused (metrics; under ``lock``)
         if os.path.exists(self.path):
             version = check_existing(self.path)
             self._db = self._connect()
@@ -278,6 +279,7 @@ class Metadata:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
                 if isinstance(e, sqlite3.Error):
+                    self.commit_failures += 1
                     raise MetadataError(f"metadata commit failed ({self.path}): {e}") from e
                 raise
 

@@ -1,6 +1,7 @@
 """Prometheus text format (node_exporter's textfile collector reads it)."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from .iopath import LATENCY_BUCKETS, LATENCY_MASK
@@ -38,6 +39,10 @@ class Writer:
 def render(engine: "Engine") -> str:
     w = Writer()
     w.metric("lunclone_up", "gauge", "1 while the daemon serves.", 1)
+    w.metric("lunclone_metadata_commit_failures_total", "counter",
+             "Metadata transactions SQLite refused (a full or failing disk): host writes "
+             "needing a map bit got errors.", engine.md.commit_failures)
+    _state_dir(w, engine.state_dir)
     w.metric("lunclone_io_flusher", "gauge",
              "1 if the daemon runs with PR_SET_IO_FLUSHER (no reclaim deadlock).",
              int(engine.io_flusher))
@@ -52,6 +57,9 @@ def render(engine: "Engine") -> str:
             for st in CLONE_STATES:
                 w.metric("lunclone_clone_state", "gauge", "1 for the clone's current state.",
                          int(c["state"] == st), source=src, clone=c["name"], state=st)
+            w.metric("lunclone_clone_error", "gauge",
+                     "1 while the clone has an error (a sync stopped, a mirror write failed).",
+                     int(bool(c["error"])), source=src, clone=c["name"])
             w.metric("lunclone_clone_delta_extents", "gauge",
                      "Extents that may differ between source and clone.",
                      c["delta_extents"], source=src, clone=c["name"])
@@ -83,6 +91,19 @@ def _volume(w: Writer, name: str, vol) -> None:
     w.metric(fam + "_count", "histogram", help_, cum, family=fam, volume=name)
 
 
+def _state_dir(w: Writer, path: str) -> None:
+    """The state directory's filesystem: volumes are sparse files there."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return
+    w.metric("lunclone_state_dir_size_bytes", "gauge",
+             "Size of the state directory's filesystem.", st.f_blocks * st.f_frsize)
+    w.metric("lunclone_state_dir_avail_bytes", "gauge",
+             "Bytes free for lunclone on the state directory's filesystem.",
+             st.f_bavail * st.f_frsize)
+
+
 def _remote(w: Writer, src: str, clone: str, remote: dict) -> None:
     labels = {"source": src, "clone": clone}
     w.metric("lunclone_remote_connected", "gauge",
@@ -100,6 +121,9 @@ def _restore(w: Writer, src: str, r: dict) -> None:
     for st in RESTORE_STATES:
         w.metric("lunclone_restore_state", "gauge", "1 for the restore's current state.",
                  int(r["state"] == st), state=st, **labels)
+    w.metric("lunclone_restore_error", "gauge",
+             "1 while the restore is paused on an error ('lunclone restore resume' goes on).",
+             int(r["state"] == "paused" and bool(r["error"])), **labels)
     w.metric("lunclone_restore_pending_extents", "gauge", "Extents still to copy.",
              r["pending_extents"], **labels)
     w.metric("lunclone_restore_total_extents", "gauge", "Extents the restore started with.",
