@@ -7,9 +7,9 @@ adds SEE ALSO.
 
 Pages (section 8, system administration): lunclone(8), and
 lunclone-COMMAND(8) for every command and lunclone-GROUP-COMMAND(8) for
-the commands of a group (clone, restore), as git names its pages.  Run it
-with the Python that has lunclone installed (its bin directory, where the
-lunclone script is, is put first on PATH for help2man).
+the commands of a group (clone, restore), as git names its pages.  The
+CLI run is this tree's (a ``lunclone`` wrapper on PATH for help2man), so
+a package build needs nothing installed but click and help2man.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from typing import Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,8 +50,14 @@ def build(out: str) -> list[str]:
     sys.path.insert(0, os.path.join(ROOT, "daemon"))
     from lunclone import __version__
     from lunclone.cli import main
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-               COLUMNS="80")
+    bindir = tempfile.mkdtemp(prefix="lunclone-man")
+    wrapper = os.path.join(bindir, "lunclone")
+    with open(wrapper, "w") as f:
+        f.write(f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.argv[0] = \"lunclone\"; "
+                f"sys.path.insert(0, \"{os.path.join(ROOT, 'daemon')}\"); "
+                "from lunclone.cli import run; run()' \"$@\"\n")
+    os.chmod(wrapper, 0o755)
+    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ["PATH"], COLUMNS="80")
     os.makedirs(out, exist_ok=True)
     every = list(commands(main, []))
     written = []
@@ -62,6 +69,9 @@ def build(out: str) -> list[str]:
              "--name", cmd.get_short_help_str(limit=80), " ".join(["lunclone", *path])],
             env=env, capture_output=True, text=True, check=True).stdout
         roff = re.sub(r"^\.TH \S+ ", f".TH {name.upper()} ", roff, count=1, flags=re.M)
+        # NAME as whatis (lintian) wants it: the page's own name
+        roff = re.sub(r"^(\.SH NAME\n)(.*?) \\- ", lambda m: f"{m.group(1)}{name} \\- ", roff,
+                      count=1, flags=re.M)
         roff = one_example_a_line(roff)
         related = [page_name(p) for p, _ in every if p != path and
                    (p[:len(path)] == path or p == path[:len(p)] or len(p) == 1 and not path)]
@@ -72,6 +82,8 @@ def build(out: str) -> list[str]:
         with open(target, "w") as f:
             f.write(roff)
         written.append(target)
+    os.unlink(wrapper)
+    os.rmdir(bindir)
     return written
 
 
