@@ -1,5 +1,7 @@
-"""The test VM: build a cached Debian 12 image with lunclone installed, boot
-it under qemu (TCG, no network), collect what the guest reports.
+"""The test VM: build a cached Debian 12 image with lunclone installed from
+its Debian package (built from the working tree, as scripts/build-deb
+builds it from HEAD), boot it under qemu (TCG, no network), collect what
+the guest reports.
 
 Cache (outside the repository, ``$LUNCLONE_VM_CACHE`` or
 /var/cache/lunclone-vm):
@@ -29,8 +31,10 @@ systemd-sysv udev kmod nbd-client nbdkit nbdkit-plugin-python python3 python3-ve
 python3-click python3-setuptools python3-pip python3-libnbd libnbd-bin e2fsprogs fio
 linux-image-amd64 initramfs-tools procps util-linux coreutils
 """.split())
-PROJECT_FILES = ["pyproject.toml", "daemon", "nbd_plugin", "systemd", "scripts/install",
-                 "scripts/lunclone-completion.bash", "README.md", "tests/vm/guest"]
+# What the package is built from (debian/, and what debian/ installs), and the guest's steps.
+PROJECT_FILES = ["pyproject.toml", "daemon", "nbd_plugin", "systemd", "debian", "docs", "contrib",
+                 "scripts/build_man.py", "scripts/lunclone-completion.bash", "README.md",
+                 "CHANGELOG.md", "tests/vm/guest"]
 STEP_MARK = "LUNCLONE-STEP "
 
 
@@ -92,11 +96,13 @@ def build_image() -> str:
     t0 = time.monotonic()
     _run(["cp", "-a", base_root, root], "copy of the base")
     _customize(root)
-    env = dict(os.environ, DESTDIR=root)
+    shutil.copy(build_deb(img), os.path.join(root, "tmp", "lunclone.deb"))
     _mount_for_chroot(root)
     try:
-        _run(["bash", os.path.join(ROOT, "scripts", "install")], "scripts/install", env=env,
-             cwd=ROOT)
+        # The base holds every dependency: dpkg needs no network (apt would).
+        _run(["chroot", root, "dpkg", "-i", "/tmp/lunclone.deb"], "dpkg -i lunclone.deb",
+             env=dict(os.environ, PATH="/usr/sbin:/usr/bin:/sbin:/bin"))
+        os.unlink(os.path.join(root, "tmp", "lunclone.deb"))
     finally:
         _umount_for_chroot(root)
     kernel = sorted(glob.glob(os.path.join(root, "boot", "vmlinuz-*")))
@@ -108,8 +114,30 @@ def build_image() -> str:
     _run(["mkfs.ext4", "-q", "-F", "-L", "lunclone-vm", "-d", root,
           os.path.join(img, "disk.raw"), "3G"], "mkfs.ext4 -d")
     shutil.rmtree(root)
+    shutil.rmtree(os.path.join(img, "src"), ignore_errors=True)
     open(os.path.join(img, "done"), "w").write(f"{time.monotonic() - t0:.0f}\n")
     return img
+
+
+def build_deb(workdir: str) -> str:
+    """The .deb of the working tree's PROJECT_FILES (dpkg-buildpackage -b
+    in a copy, with the system's PATH, as scripts/build-deb does for HEAD)."""
+    src = os.path.join(workdir, "src", "lunclone")
+    os.makedirs(src)
+    for top in PROJECT_FILES:
+        path = os.path.join(ROOT, top)
+        dst = os.path.join(src, top)
+        if os.path.isdir(path):
+            shutil.copytree(path, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy(path, dst)
+    _run(["dpkg-buildpackage", "-b", "-us", "-uc"], "dpkg-buildpackage", cwd=src,
+         env=dict(os.environ, PATH="/usr/sbin:/usr/bin:/sbin:/bin"))
+    debs = glob.glob(os.path.join(workdir, "src", "lunclone_*_all.deb"))
+    if len(debs) != 1:
+        raise BuildError(f"dpkg-buildpackage made {debs}")
+    return debs[0]
 
 
 def _customize(root: str) -> None:
