@@ -97,6 +97,11 @@ def build_image() -> str:
     _run(["cp", "-a", base_root, root], "copy of the base")
     _customize(root)
     shutil.copy(build_deb(img), os.path.join(root, "tmp", "lunclone.deb"))
+    # For the upgrade scenario: this package and the previous commit's.
+    kept = os.path.join(root, "var", "lib", "lunclone-vmtest")
+    os.makedirs(kept)
+    shutil.copy(os.path.join(root, "tmp", "lunclone.deb"), os.path.join(kept, "new.deb"))
+    shutil.copy(build_previous_deb(img), os.path.join(kept, "previous.deb"))
     _mount_for_chroot(root)
     try:
         # The base holds every dependency: dpkg needs no network (apt would).
@@ -114,7 +119,8 @@ def build_image() -> str:
     _run(["mkfs.ext4", "-q", "-F", "-L", "lunclone-vm", "-d", root,
           os.path.join(img, "disk.raw"), "3G"], "mkfs.ext4 -d")
     shutil.rmtree(root)
-    shutil.rmtree(os.path.join(img, "src"), ignore_errors=True)
+    for tmp in ("src", "prev"):
+        shutil.rmtree(os.path.join(img, tmp), ignore_errors=True)
     open(os.path.join(img, "done"), "w").write(f"{time.monotonic() - t0:.0f}\n")
     return img
 
@@ -132,9 +138,37 @@ def build_deb(workdir: str) -> str:
         else:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.copy(path, dst)
+    return _dpkg_buildpackage(src)
+
+
+def build_previous_deb(workdir: str) -> str:
+    """The .deb of the previous commit (HEAD~1), versioned below this one
+    (``~prev``), for the upgrade scenario; the working tree's, so versioned,
+    if HEAD~1 has no debian/ yet."""
+    src = os.path.join(workdir, "prev", "lunclone")
+    os.makedirs(src)
+    has = subprocess.run(["git", "-C", ROOT, "cat-file", "-e", "HEAD~1:debian/control"],
+                         capture_output=True).returncode == 0
+    if has:
+        archive = subprocess.run(["git", "-C", ROOT, "archive", "HEAD~1"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+    else:
+        for top in PROJECT_FILES:
+            _run(["cp", "-a", os.path.join(ROOT, top), os.path.join(src, top)]
+                 if os.path.isdir(os.path.join(ROOT, top)) else
+                 ["install", "-D", os.path.join(ROOT, top), os.path.join(src, top)], "copy")
+    changelog = os.path.join(src, "debian", "changelog")
+    text = open(changelog).read()
+    first, _, rest = text.partition("\n")
+    open(changelog, "w").write(first.replace(") ", "~prev) ", 1) + "\n" + rest)
+    return _dpkg_buildpackage(src)
+
+
+def _dpkg_buildpackage(src: str) -> str:
     _run(["dpkg-buildpackage", "-b", "-us", "-uc"], "dpkg-buildpackage", cwd=src,
          env=dict(os.environ, PATH="/usr/sbin:/usr/bin:/sbin:/bin"))
-    debs = glob.glob(os.path.join(workdir, "src", "lunclone_*_all.deb"))
+    debs = glob.glob(os.path.join(os.path.dirname(src), "lunclone_*_all.deb"))
     if len(debs) != 1:
         raise BuildError(f"dpkg-buildpackage made {debs}")
     return debs[0]

@@ -85,3 +85,12 @@ def test_vm_reboot_mid_restore(vm_image, runs):
     check(steps1, log1, "running", "reboot-now")
     steps2, log2 = image.boot(vm_image, "reboot2", runs, disk=disk, timeout=400)
     check(steps2, log2, "resumed", "right-data", "done")
+
+
+def test_vm_upgrade_under_load(vm_image, runs):
+    """The previous commit's package, a restore and fio verify running on
+    /dev/nbd0, the new package installed over it (its postinst restarts the
+    daemon): fio verifies, no I/O error, the restore goes on to the end."""
+    steps, log = image.boot(vm_image, "upgrade", runs, timeout=600)
+    check(steps, log, "install-previous", "install-new", "fio-still-running", "daemon-restarted",
+          "restore-resumed", "fio-verify-across-upgrade", "no-io-errors", "restore-done", "done")
