@@ -32,6 +32,8 @@ from typing import Iterator
 
 import pytest
 
+from helpers import free_port
+
 BINARIES = ("ceph-mon", "ceph-osd", "monmaptool", "ceph", "rbd", "qemu-nbd")
 QEMU_MODULE_DIRS = ("/usr/lib/x86_64-linux-gnu/qemu", "/usr/lib/qemu", "/usr/lib64/qemu")
 
@@ -65,15 +67,6 @@ def _qemu_has_rbd() -> bool:
             if line.startswith("Supported formats:"):
                 return "rbd" in line.split()
     return False
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 def _tail(path: str, lines: int = 25) -> str:
@@ -296,7 +289,7 @@ class CephCluster:
         for attempt in range(3):  # the free port can be taken before the mon binds it
             shutil.rmtree(mon_data, ignore_errors=True)
             os.makedirs(mon_data)
-            self.mon_port = _free_port()
+            self.mon_port = free_port()
             self._write_conf()
             monmap = os.path.join(self.workdir, "monmap")
             self._run(["monmaptool", "--create", "--clobber", "--fsid", self.fsid,

@@ -124,6 +124,16 @@ def short_tmpdir(prefix: str = "lc") -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (bound, then released)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
 def which_or_skip(pytest, *tools: str) -> None:
     for t in tools:
         if shutil.which(t) is None and not os.path.exists(t):

@@ -4,7 +4,6 @@ import grp
 import os
 import secrets
 import shutil
-import socket
 import stat
 import subprocess
 import time
@@ -13,7 +12,7 @@ import nbd
 import pytest
 
 from blockdev import missing_prerequisite
-from helpers import LUNCLONE, ROOT, Daemon, MiB, wait_clone_state
+from helpers import LUNCLONE, ROOT, Daemon, MiB, free_port, wait_clone_state
 
 
 def test_systemd_units_verify():
@@ -97,14 +96,6 @@ def test_metrics_parse(daemon):
     assert states["fractured"] == 1
     assert any(s.labels["state"] == "done" and s.value == 1
                for s in fams["lunclone_restore_state"].samples)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_tcp_requires_tls_and_refuses_client_without_key(workdir):

@@ -6,7 +6,6 @@ alert's and every dashboard panel's expression."""
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -14,7 +13,8 @@ import urllib.request
 
 import pytest
 
-from helpers import MiB, fractured_clone, wait_clone_state, wait_for, which_or_skip
+from helpers import (MiB, fractured_clone, free_port, wait_clone_state, wait_for,
+                     which_or_skip)
 from servers import NbdkitFile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,14 +87,6 @@ def test_rule_tests_use_series_a_real_daemon_writes(daemon, workdir, promtool):
         keys = frozenset(re.findall(r'([a-z_]+)="', labels))
         assert name in real, f"{name}: no such series in 'lunclone metrics'"
         assert keys in real[name], f"{name}{{{','.join(sorted(keys))}}}: labels {real[name]}"
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def query(port: int, expr: str) -> dict:

@@ -169,8 +169,8 @@ class Bitmap:
             lo = max(start >> 3, p * PAGE_BYTES)
             hi = min((p + 1) * PAGE_BYTES, len(bits))
             while lo < hi:
-                nz = _next_nonzero(bits, lo, hi)
-                if nz < 0:
+                nz = _skip(bits, lo, hi, b"\0")
+                if nz == hi:
                     break
                 b = bits[nz]
                 for k in range(8):
@@ -181,7 +181,7 @@ class Bitmap:
 
     def any_in(self, first: int, last: int) -> bool:
         """Is a bit in [first, last) set?  Pages without bits are skipped by
-        their count, whole bytes are looked at in C (``_next_nonzero``),
+        their count, whole bytes are looked at in C (``_skip``),
         only the bits at the two ends one by one."""
         self._check_loaded()
         last = min(last, self.nbits)
@@ -194,8 +194,8 @@ class Bitmap:
                 any(self.test(i) for i in range(hi << 3, last)):
             return True
         for p in range(lo // PAGE_BYTES, (hi - 1) // PAGE_BYTES + 1):
-            if self.counts[p] and _next_nonzero(
-                    self.bits, max(lo, p * PAGE_BYTES), min(hi, (p + 1) * PAGE_BYTES)) >= 0:
+            end = min(hi, (p + 1) * PAGE_BYTES)
+            if self.counts[p] and _skip(self.bits, max(lo, p * PAGE_BYTES), end, b"\0") < end:
                 return True
         return False
 
@@ -221,12 +221,12 @@ class Bitmap:
         for p in self.used_pages():
             pos, hi = p * PAGE_BYTES, min((p + 1) * PAGE_BYTES, len(bits))
             while pos < hi:
-                nz = _next_nonzero(bits, pos, hi)
-                if nz < 0:
+                nz = _skip(bits, pos, hi, b"\0")
+                if nz == hi:
                     break
                 b = bits[nz]
                 if b == 0xFF:
-                    end = _next_not_full(bits, nz, hi)
+                    end = _skip(bits, nz, hi, b"\xff")
                     yield nz * 8, (end - nz) * 8
                     pos = end
                     continue
@@ -295,24 +295,14 @@ def zeroed(n: int):
     return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
-def _next_nonzero(bits: bytearray, start: int, end: int) -> int:
-    """Index of the first non-zero byte in [start, end), or -1."""
+def _skip(bits: bytearray, start: int, end: int, fill: bytes) -> int:
+    """Index of the first byte in [start, end) that is not ``fill`` (one
+    byte: b"\\0" skips empty bytes, b"\\xff" full ones), or ``end``; the
+    bytes are looked at in C, 512 at a time."""
     pos = start
     while pos < end:
         chunk = bits[pos:min(pos + 512, end)]
-        stripped = chunk.lstrip(b"\0")
-        if stripped:
-            return pos + len(chunk) - len(stripped)
-        pos += 512
-    return -1
-
-
-def _next_not_full(bits: bytearray, start: int, end: int) -> int:
-    """Index of the first byte in [start, end) that is not 0xFF, or end."""
-    pos = start
-    while pos < end:
-        chunk = bits[pos:min(pos + 512, end)]
-        stripped = chunk.lstrip(b"\xff")
+        stripped = chunk.lstrip(fill)
         if stripped:
             return pos + len(chunk) - len(stripped)
         pos += 512

@@ -85,6 +85,8 @@ CREATE TABLE bitmaps (
 """
 
 # Version 1 had no ``nset``: its pages are counted once, in one transaction.
+# A migration spells out the table it makes rather than reuse _SCHEMA's:
+# it must keep making version 2's table when a later version changes it.
 _MIGRATIONS = {
     1: """
 CREATE TABLE bitmaps_v2 (

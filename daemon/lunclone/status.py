@@ -70,10 +70,7 @@ class Status:
         delta map; for the clone a restore copies from, the extents the
         host wrote since it started (its protected map: everywhere else the
         source shows the clone's data, copied or not yet)."""
-        fam, clone = self.families.find_clone(name)
-        with self.maps_lock:
-            r = fam.restore
-            differs = (r.protected if r is not None and r.clone is clone else clone.delta).copy()
+        fam, differs = self._differs(name)
         return [{"offset": off, "length": length, "type": 1, "description": "may differ"}
                 for off, length in byte_ranges(differs, fam.source.extent_size, fam.source.size)]
 
@@ -101,14 +98,19 @@ class Status:
         return {"name": name, "kind": kind, "extents": nextents, "extent_size": rec.extent_size,
                 "extents_per_cell": per, "cells": "".join(out)}
 
+    def _differs(self, name: str):
+        """(family, a copy of where clone ``name`` may differ from its
+        source): its delta map, or the protected map of the restore that
+        copies from it."""
+        fam, clone = self.families.find_clone(name)
+        with self.maps_lock:
+            r = fam.restore
+            return fam, (r.protected if r is not None and r.clone is clone else clone.delta).copy()
+
     def _map_layers(self, name: str, source: str | None):
         """(letter, map copy) by priority, extents in flight, kind."""
         if source is not None:
-            fam, clone = self.families.find_clone(name)
-            with self.maps_lock:
-                r = fam.restore
-                differs = (r.protected if r is not None and r.clone is clone else clone.delta)
-                return [("#", differs.copy())], [], "clone"
+            return [("#", self._differs(name)[1])], [], "clone"
         fam = self.families.get(name)
         with self.maps_lock:
             r = fam.restore if fam is not None else None
