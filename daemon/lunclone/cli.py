@@ -400,7 +400,7 @@ def detach_cmd(device: str, run_dir: str) -> None:
 
 
 # The examples each --help ends with (help2man makes them the man pages'
-# EXAMPLES section: scripts/build-man), by command path.
+# EXAMPLES section: scripts/build_man.py), by command path.
 EXAMPLES = {
     "": ["lunclone serve --state-dir /var/lib/lunclone --run-dir /run/lunclone",
          "lunclone create db --size 100G && lunclone attach db",

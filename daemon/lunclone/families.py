@@ -10,11 +10,11 @@ At start-up the delta maps of a family whose clones are all fractured
 are left unloaded (their counts only, ``Bitmap.unloaded``): a state
 directory of many large volumes with point-in-time clones starts without
 reading their maps, and holds in memory only those of the families in
-use.  A family's maps are loaded
-(``load_maps``) before anything reads their bits: ``get``, ``of`` and
-``find_clone`` (admin commands and jobs) and ``open_export`` (a client's
-first connection to the source or one of its clones; no request can
-reach the family before).  Status and metrics read counts only (``peek``).
+use.  A family's maps are loaded (``load_maps``) before anything reads
+their bits: ``get``, ``of`` and ``find_clone`` (admin commands and jobs)
+and ``open_export`` (a client's first connection to the source or one of
+its clones; no request can reach the family before).  Status and metrics
+read counts only (``peek``).
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ import threading
 from typing import AsyncIterator, Callable, Sequence
 
 from . import units
+from .bitmap import Bitmap
 from .commit import Committer
 from .errors import NotFound
 from .iopath import Volume, quiesce
-from .bitmap import Bitmap
 from .metadata import DELTA
 from .policy import FRACTURED, Clone, CloneExport, Family
 from .volumes import VolumeTable
