@@ -70,6 +70,7 @@ def thread_model():
 
 
 def after_fork():
+    engine.exit_hook = nbdkit.shutdown
     engine.start()
 
 

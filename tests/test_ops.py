@@ -12,6 +12,7 @@ import nbd
 import pytest
 
 from blockdev import missing_prerequisite
+from lunclone.attach import kernel_nbd_missing
 from helpers import LUNCLONE, ROOT, Daemon, MiB, free_port, wait_clone_state
 
 
@@ -35,7 +36,7 @@ def test_systemd_units_verify():
         if os.path.exists(os.path.join(tmp, "lunclone-attach@.service")):
             shutil.copy(os.path.join(tmp, "lunclone-attach@.service"),
                         os.path.join(tmp, "lunclone-attach@vol1.service"))
-        p = subprocess.run(["systemd-analyze", "verify", *names], capture_output=True, text=True)
+        p = subprocess.run(["systemd-analyze", "verify", "--man=no", *names], capture_output=True, text=True)
         problems = [l for l in (p.stderr + p.stdout).splitlines()
                     if "lunclone" in l and "Failed to" not in l.split(":")[0]]
         assert p.returncode == 0, p.stderr + p.stdout
@@ -49,8 +50,14 @@ def test_attach_mkfs_mount_detach(daemon, workdir):
     if why:
         pytest.skip(why)
     daemon.cli("create", "vol", "--size", "64M")
-    dev = daemon.cli("attach", "vol").stdout.strip()
+    attached = daemon.cli("attach", "vol")
+    dev = attached.stdout.strip()
     assert dev.startswith("/dev/")
+    if kernel_nbd_missing():   # the fallback says what it lacks and what it costs
+        assert "no kernel NBD module" in attached.stderr
+        assert "a daemon restart will fail its I/O" in attached.stderr
+    st = daemon.json("status", "vol")
+    assert [(a["device"], a["state"]) for a in st["attached"]] == [(dev, "attached")]
     mnt = os.path.join(workdir, "mnt")
     os.makedirs(mnt)
     payload = os.urandom(MiB)

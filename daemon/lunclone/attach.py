@@ -1,23 +1,28 @@
 """Attach a volume as a block device (CLI side).
 
-With the kernel NBD module: ``nbd-client`` onto /dev/nbdX, through a small
-nbdkit proxy with the retry filter, so that a daemon restart pauses the
-filesystem's I/O instead of failing it.  Without it (build
-machines, containers): ``nbdfuse`` exposes the export as a file and a loop
-device makes it a block device.  What was made is recorded in
-``RUN_DIR/attach/`` so ``detach`` can undo it.
+With the kernel NBD module: /dev/nbdX through the kernel's netlink
+interface, with one or more connections and a supervisor process that
+reconnects the device when the daemon restarts (kernel_attach.py).
+Without it (build machines, containers): ``nbdfuse`` exposes the export
+as a file and a loop device makes it a block device; a daemon restart then
+fails I/O, and attach says so.  What was made is recorded in
+``RUN_DIR/attach/`` so ``detach`` and ``status`` can find it.
 """
 from __future__ import annotations
 
-import glob
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 
 from .errors import Busy, InvalidArgument, LuncloneError, NotFound
+
+DEFAULT_CONNECTIONS = 1
 
 
 def _run(argv: list[str], what: str) -> str:
@@ -31,90 +36,178 @@ def _run(argv: list[str], what: str) -> str:
     return p.stdout.strip()
 
 
-_PACKAGE = {"nbd-client": "nbd-client", "nbdfuse": "libnbd-bin", "losetup": "util-linux",
-            "fusermount3": "fuse3", "modprobe": "kmod"}
+_PACKAGE = {"nbdfuse": "libnbd-bin", "losetup": "util-linux", "fusermount3": "fuse3",
+            "modprobe": "kmod"}
 
 
-def kernel_nbd_available() -> bool:
-    if os.path.exists("/sys/module/nbd"):
-        return True
-    if shutil.which("modprobe") is None:
-        return False
-    return subprocess.run(["modprobe", "nbd"], capture_output=True).returncode == 0 and \
-        os.path.exists("/sys/module/nbd")
-
-
-def _free_nbd_device() -> str:
-    for path in sorted(glob.glob("/sys/block/nbd*"), key=lambda p: int(p[14:])):
-        if not os.path.exists(os.path.join(path, "pid")):
-            return "/dev/" + os.path.basename(path)
-    raise Busy("every /dev/nbdX is in use; detach one or load nbd with more nbds_max")
+def kernel_nbd_missing() -> str | None:
+    """Why the kernel's NBD client cannot be used here, or None."""
+    if not os.path.exists("/sys/module/nbd") and (
+            shutil.which("modprobe") is None
+            or subprocess.run(["modprobe", "nbd"], capture_output=True).returncode != 0
+            or not os.path.exists("/sys/module/nbd")):
+        return "no kernel NBD module (modprobe nbd failed)"
+    from .netlink_nbd import IMPORT_ERROR
+    if IMPORT_ERROR is not None:
+        return f"pyroute2 is missing ({IMPORT_ERROR}; apt-get install python3-pyroute2)"
+    return None
 
 
 def _record_path(run_dir: str, device: str) -> str:
     return os.path.join(run_dir, "attach", os.path.basename(device) + ".json")
 
 
-def attach(run_dir: str, name: str, device: str | None = None) -> str:
-    sock = os.path.join(run_dir, "nbd.sock")
-    os.makedirs(os.path.join(run_dir, "attach"), mode=0o755, exist_ok=True)
-    if kernel_nbd_available():
-        dev = device or _free_nbd_device()
-        if os.path.exists(f"/sys/block/{os.path.basename(dev)}/pid"):
-            raise Busy(f"{dev} is busy; pick another device or 'lunclone detach {dev}'")
-        proxy = _start_retry_proxy(run_dir, name, sock, os.path.basename(dev))
-        try:
-            _run(["nbd-client", "-unix", proxy, "-N", name, "-timeout", "300", dev],
-                 f"nbd-client {dev}")
-        except BaseException:
-            _stop_proxy(run_dir, os.path.basename(dev))
-            raise
-        rec = {"kind": "nbd", "name": name, "device": dev}
-    else:
-        if device:
-            raise InvalidArgument("no kernel NBD module here: attach picks a loop device itself; "
-                                  "omit DEVICE")
-        dev, rec = _attach_fuse_loop(run_dir, name, sock)
-    with open(_record_path(run_dir, dev), "w") as f:
+def _write_record(run_dir: str, rec: dict) -> None:
+    path = _record_path(run_dir, rec["device"])
+    with open(path + ".tmp", "w") as f:
         json.dump(rec, f)
+    os.replace(path + ".tmp", path)
+
+
+def records(run_dir: str) -> list[dict]:
+    """What lunclone attached from this run directory."""
+    d = os.path.join(run_dir, "attach")
+    out = []
+    for entry in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        if entry.endswith(".json"):
+            try:
+                with open(os.path.join(d, entry)) as f:
+                    out.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def attachments(run_dir: str) -> dict[str, list[dict]]:
+    """By volume: the devices attached from this run directory and their
+    state (``status`` shows them).  A kernel device is "attached" while the
+    kernel has its configuration (NBD_CMD_STATUS) under our identifier."""
+    out: dict[str, list[dict]] = {}
+    for rec in records(run_dir):
+        item = {"device": rec["device"], "kind": rec["kind"],
+                "connections": rec.get("connections", 1),
+                "supervised": _alive(rec.get("supervisor") or rec.get("pid"))}
+        item["state"] = "attached" if _still_attached(rec) else "gone"
+        out.setdefault(rec["name"], []).append(item)
+    return out
+
+
+def _still_attached(rec: dict) -> bool:
+    if rec["kind"] != "netlink":
+        return os.path.exists(f"/sys/block/{os.path.basename(rec['device'])}/loop")
+    from . import netlink_nbd as nl
+    index = _device_index(rec["device"])
+    try:
+        configured = any(c for i, c in nl.status(index) if i == index)
+    except (nl.NbdUnavailable, nl.NbdError):
+        configured = False
+    return configured and nl.backend_of(index) == rec["backend"]
+
+
+def attach(run_dir: str, name: str, device: str | None = None,
+           connections: int = DEFAULT_CONNECTIONS, foreground: bool = False,
+           ready: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> str:
+    """Attach volume ``name``; ``ready(device)`` is called once it is usable.
+
+    Kernel path: the supervisor then runs in this process (``foreground``,
+    for the systemd unit) or in a child that outlives it.  Fallback: the
+    fuse and loop device, and ``warn`` says what it lacks."""
+    if connections < 1 or connections > 16:
+        raise InvalidArgument(f"--connections must be 1 to 16, not {connections}")
+    os.makedirs(os.path.join(run_dir, "attach"), mode=0o755, exist_ok=True)
+    why = kernel_nbd_missing()
+    if why is not None:
+        if device:
+            raise InvalidArgument(f"{why}: attach picks a loop device itself; omit DEVICE")
+        warn(f"{why}: attaching through nbdfuse and a loop device instead; "
+             "a daemon restart will fail its I/O")
+        dev, rec = _attach_fuse_loop(run_dir, name, os.path.join(run_dir, "nbd.sock"))
+        _write_record(run_dir, rec)
+        ready(dev)
+        return dev
+    return _attach_kernel(run_dir, name, device, connections, foreground, ready)
+
+
+def _device_index(device: str) -> int:
+    base = os.path.basename(device)
+    if not (base.startswith("nbd") and base[3:].isdigit()):
+        raise InvalidArgument(f"{device} is not an NBD device (/dev/nbdN)")
+    return int(base[3:])
+
+
+def _attach_kernel(run_dir: str, name: str, device: str | None, connections: int,
+                   foreground: bool, ready: Callable[[str], None]) -> str:
+    from . import kernel_attach as ka
+    backend = ka.backend_identifier(ka.served_state_dir(run_dir), name)
+    index = ka.find_device(backend)
+    if index is not None:
+        rec = _read_record(run_dir, f"/dev/nbd{index}")
+        if not foreground or (rec and _alive(rec.get("supervisor"))):
+            raise Busy(f"{name} is attached already as /dev/nbd{index}; "
+                       f"'lunclone detach /dev/nbd{index}' first")
+        connections = rec["connections"] if rec else connections   # the unit takes it over
+    else:
+        index = ka.connect(run_dir, name, backend, connections,
+                           _device_index(device) if device else None)
+    dev = f"/dev/nbd{index}"
+    rec = {"kind": "netlink", "name": name, "device": dev, "backend": backend,
+           "connections": connections}
+    sup = ka.Supervisor(run_dir, name, index, backend, connections)
+    if foreground:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")   # to the journal
+        _write_record(run_dir, dict(rec, supervisor=os.getpid()))
+        sup.run(ready=lambda: ready(dev))
+        return dev
+    pid = _spawn_supervisor(run_dir, sup)
+    _write_record(run_dir, dict(rec, supervisor=pid))
+    ready(dev)
     return dev
 
 
-def _start_retry_proxy(run_dir: str, name: str, sock: str, devname: str) -> str:
-    """nbdkit's nbd plugin with the retry filter between the kernel client
-    and the daemon: a daemon restart cuts the proxy's connection, not the
-    kernel's; the proxy reconnects and retries, so the filesystem above
-    sees a pause, not an I/O error."""
-    base = os.path.join(run_dir, "attach", devname)
-    proxy, pidfile = base + ".sock", base + ".pid"
-    for stale in (proxy, pidfile):
-        if os.path.exists(stale):
-            os.unlink(stale)
-    _run(["nbdkit", "--unix", proxy, "--pidfile", pidfile, "--filter=retry",
-          "nbd", f"socket={sock}", f"export={name}",
-          "retries=60", "retry-delay=1", "retry-exponential=no"], "nbdkit retry proxy")
-    deadline = time.monotonic() + 10
-    while not os.path.exists(pidfile):
-        if time.monotonic() > deadline:
-            raise LuncloneError("the retry proxy did not start")
-        time.sleep(0.05)
-    return proxy
+def _spawn_supervisor(run_dir: str, sup) -> int:
+    """A child in its own session that outlives the CLI; logs to
+    RUN_DIR/attach/nbdN.log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        os.setsid()
+        logfile = os.path.join(run_dir, "attach", f"nbd{sup.index}.log")
+        fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                            format="%(asctime)s %(message)s")
+        sup.run()
+        code = 0
+    except BaseException:
+        logging.exception("supervisor of /dev/nbd%d failed", sup.index)
+        code = 1
+    os._exit(code)
 
 
-def _stop_proxy(run_dir: str, devname: str) -> None:
-    pidfile = os.path.join(run_dir, "attach", devname + ".pid")
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
     try:
-        pid = int(open(pidfile).read().strip())
-    except (OSError, ValueError):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, 0)
+        return True
     except ProcessLookupError:
-        pass
-    _wait_gone(pid)
-    for path in (pidfile, pidfile[:-4] + ".sock"):
-        if os.path.exists(path):
-            os.unlink(path)
+        return False
+    except PermissionError:
+        return True
+
+
+def _read_record(run_dir: str, device: str) -> dict | None:
+    try:
+        with open(_record_path(run_dir, device)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _attach_fuse_loop(run_dir: str, name: str, sock: str) -> tuple[str, dict]:
@@ -142,22 +235,34 @@ def _attach_fuse_loop(run_dir: str, name: str, sock: str) -> tuple[str, dict]:
 
 
 def detach(run_dir: str, device: str) -> None:
-    path = _record_path(run_dir, device)
-    try:
-        with open(path) as f:
-            rec = json.load(f)
-    except FileNotFoundError:
-        raise NotFound(f"{device} was not attached by lunclone (no {path})") from None
+    rec = _read_record(run_dir, device)
+    if rec is None:
+        raise NotFound(f"{device} was not attached by lunclone "
+                       f"(no {_record_path(run_dir, device)})")
     if _mounted(device):
         raise Busy(f"{device} is mounted; unmount it first")
-    if rec["kind"] == "nbd":
-        _run(["nbd-client", "-d", device], f"nbd-client -d {device}")
-        _stop_proxy(run_dir, os.path.basename(device))
+    if rec["kind"] == "netlink":
+        _detach_kernel(rec)
     else:
         _run(["losetup", "-d", device], f"losetup -d {device}")
         subprocess.run(["fusermount3", "-u", rec["mount"]], capture_output=True)
         _wait_gone(rec["pid"])
-    os.unlink(path)
+    os.unlink(_record_path(run_dir, device))
+
+
+def _detach_kernel(rec: dict) -> None:
+    """Stop the supervisor first, so it does not reconnect what we end."""
+    from . import netlink_nbd as nl
+    pid = rec.get("supervisor")
+    if pid and pid != os.getpid() and _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        _wait_gone(pid)
+    index = _device_index(rec["device"])
+    if nl.backend_of(index) == rec["backend"]:
+        try:
+            nl.disconnect(index)
+        except nl.NbdError as e:
+            raise LuncloneError(str(e)) from None
 
 
 def _mounted(device: str) -> bool:

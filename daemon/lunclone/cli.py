@@ -145,7 +145,8 @@ def status(name: str | None, run_dir: str, as_json: bool, watch: bool, interval:
         return
     with Client(run_dir) as c:
         if not watch:
-            emit(c.call("status", name=name), as_json, display.status_text)
+            emit(_with_attachments(c.call("status", name=name), run_dir), as_json,
+                 display.status_text)
             return
         if name and not as_json:
             display.follow_restore(c, name, forever=not until_done, interval=interval)
@@ -157,6 +158,16 @@ def status(name: str | None, run_dir: str, as_json: bool, watch: bool, interval:
             else:
                 click.echo("\x1b[2J\x1b[H" + display.status_text(obj))
             time.sleep(interval)
+
+
+def _with_attachments(obj, run_dir: str):
+    """Each volume object gets ``attached``: the block devices made from it
+    on this host (the CLI's records, not the daemon's)."""
+    from .attach import attachments
+    found = attachments(run_dir)
+    for v in obj if isinstance(obj, list) else [obj]:
+        v["attached"] = found.get(v["name"], [])
+    return obj
 
 
 def _status_map(name: str, run_dir: str, as_json: bool, watch: bool, interval: float,
@@ -376,16 +387,57 @@ def metrics(run_dir: str) -> None:
     click.echo(call(run_dir, "metrics"), nl=False)
 
 
+@main.command()
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for the daemon to exit.")
+@run_dir_option
+@handle_errors
+def shutdown(timeout: float, run_dir: str) -> None:
+    """Stop the daemon without cutting its clients off.
+
+    New connections are refused, each client's requests already sent are
+    answered, then the daemon exits.  A device attached with 'lunclone
+    attach' waits, and its supervisor reconnects it to the next daemon.
+    lunclone.service runs this to stop (a plain SIGTERM would wait for
+    every client to disconnect)."""
+    released = call(run_dir, "shutdown")["released"]
+    deadline = time.monotonic() + timeout
+    while os.path.exists(os.path.join(run_dir, "control.sock")):
+        if time.monotonic() > deadline:
+            raise LuncloneError(f"the daemon did not exit in {timeout:g} s; see its log")
+        time.sleep(0.05)
+    click.echo(f"stopped; {released} client connection(s) handed back")
+
+
 @main.command("attach")
 @click.argument("name")
 @click.argument("device", required=False)
+@click.option("--connections", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="NBD connections the kernel spreads the device's I/O over.")
+@click.option("--foreground", is_flag=True,
+              help="Supervise the device in this process (the systemd unit's way); "
+                   "tells systemd when the device is ready.")
 @run_dir_option
 @handle_errors
-def attach_cmd(name: str, device: str | None, run_dir: str) -> None:
-    """Attach volume NAME as a block device; prints the device."""
+def attach_cmd(name: str, device: str | None, connections: int, foreground: bool,
+               run_dir: str) -> None:
+    """Attach volume NAME as a block device; prints the device.
+
+    With the kernel's NBD module the device is /dev/nbdX, set up over the
+    kernel's netlink interface; a supervisor process reconnects it when
+    the daemon restarts, so I/O pauses instead of failing.  Without the
+    module, a loop device over nbdfuse (and a warning)."""
     from .attach import attach
+    from .engine import notify_systemd
     call(run_dir, "status", name=name)  # a clear error for an unknown volume
-    click.echo(attach(run_dir, name, device))
+
+    def ready(dev: str) -> None:
+        click.echo(dev)
+        sys.stdout.flush()
+        notify_systemd(b"READY=1")
+
+    attach(run_dir, name, device, connections, foreground, ready=ready,
+           warn=lambda text: click.echo(f"warning: {text}", err=True))
 
 
 @main.command("detach")
@@ -428,8 +480,10 @@ EXAMPLES = {
     "restore pause": ["lunclone restore pause db"],
     "restore resume": ["lunclone restore resume db"],
     "metrics": ["lunclone metrics > /var/lib/node_exporter/textfile_collector/lunclone.prom"],
-    "attach": ["lunclone attach db", "lunclone attach db /dev/nbd3"],
+    "attach": ["lunclone attach db", "lunclone attach db /dev/nbd3 --connections 4",
+               "lunclone attach db --foreground   # as lunclone-attach@db.service runs it"],
     "detach": ["lunclone detach /dev/nbd0"],
+    "shutdown": ["lunclone shutdown", "lunclone shutdown --run-dir /run/lunclone --timeout 30"],
 }
 
 

@@ -33,6 +33,7 @@ class ControlServer:
         st = engine.status
         self.commands: dict[str, Callable[..., Any]] = {
             "ping": lambda: {"pid": os.getpid(), "io_flusher": engine.io_flusher,
+                             "state_dir": engine.state_dir,
                              "version": __version__, "schema_version": SCHEMA_VERSION},
             "create": _then_status(engine.create_volume, "name", st),
             "delete": _then_deleted(engine.delete_volume),
@@ -51,6 +52,7 @@ class ControlServer:
             "restore_resume": _then_status(engine.restores.resume, "source", st),
             "restore_rate": _then_status(engine.restores.set_rate, "source", st),
             "metrics": self._metrics,
+            "shutdown": engine.shutdown,
         }
 
     def register(self, name: str, fn: Callable[..., Any]) -> None:

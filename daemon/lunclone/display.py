@@ -48,7 +48,19 @@ def status_text(obj) -> str:
     r = v.get("restore")
     if r:
         lines.append("  " + restore_line(r))
+    for a in v.get("attached", []):
+        lines.append("  " + attached_line(a))
     return "\n".join(lines)
+
+
+def attached_line(a: dict) -> str:
+    how = {"netlink": f"kernel NBD, {a['connections']} connection(s)",
+           "fuse-loop": "loop device over nbdfuse"}.get(a["kind"], a["kind"])
+    watch = "" if a["kind"] != "netlink" else (
+        ", reconnected by its supervisor" if a["supervised"] else ", NO SUPERVISOR: "
+        "a daemon restart will fail its I/O")
+    state = "" if a["state"] == "attached" else " (GONE: detach it to clean up)"
+    return f"attached as {a['device']}: {how}{watch}{state}"
 
 
 def remote_words(remote: dict | None) -> str:

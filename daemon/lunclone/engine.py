@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from . import remote, units
 from . import volume as vf
@@ -90,6 +91,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._server = None
         self.started = time.time()
+        self.stopping = False
+        # Set by the plugin: asks nbdkit to exit (nbdkit.shutdown).
+        self.exit_hook: Callable[[], None] | None = None
         self.committer = Committer(self.md)
         self.volumes = VolumeTable(self.state_dir, self.md, self.committer, RemoteOptions(
             remote_depth or remote.DEFAULT_DEPTH, remote_timeout or remote.REQUEST_TIMEOUT,
@@ -144,6 +148,8 @@ class Engine:
         return self.volumes.export_names()
 
     def open_export(self, name: str, readonly: bool) -> Volume:
+        if self.stopping:
+            raise Busy("the daemon is stopping; connect to the next one")
         self.families.load_maps_of(name)  # before the client's first request
         return self.volumes.open_export(name, readonly)
 
@@ -190,6 +196,17 @@ class Engine:
         self.jobs.start(asyncio.get_running_loop())
         self.clones.start()
         self.restores.start()
+
+    def shutdown(self) -> dict:
+        """``lunclone shutdown``: refuse new clients, hand the connected ones
+        back (drain.py says why), then ask nbdkit to exit."""
+        from .drain import release_clients
+        self.stopping = True
+        port = int(self.tcp.rpartition(":")[2]) if self.tcp else None
+        released = release_clients(self.nbd_socket, port)
+        if self.exit_hook is not None and self.loop is not None:
+            self.loop.call_later(0.1, self.exit_hook)   # after the reply is sent
+        return {"released": released}
 
     def stop(self) -> None:
         """Commit everything, stop the loop, remove both sockets."""

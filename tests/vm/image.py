@@ -28,7 +28,7 @@ CACHE = os.environ.get("LUNCLONE_VM_CACHE", "/var/cache/lunclone-vm")
 SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
 PACKAGES = sorted("""
 systemd-sysv udev kmod nbd-client nbdkit nbdkit-plugin-python python3 python3-venv
-python3-click python3-setuptools python3-pip python3-libnbd libnbd-bin e2fsprogs fio
+python3-click python3-setuptools python3-pip python3-libnbd python3-pyroute2 libnbd-bin e2fsprogs fio
 linux-image-amd64 initramfs-tools procps util-linux coreutils
 """.split())
 # What the package is built from (debian/, and what debian/ installs), and the guest's steps.
