@@ -556,17 +556,19 @@ def bench_pending(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("suite", choices=["io", "clone", "restore", "scattered", "pending", "during",
-                                      "remote", "scale"])
+                                      "remote", "scale", "attach"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runtime", type=float, default=5.0)
     p.add_argument("--size", default="1G")
     p.add_argument("--size-mb", type=int, default=512, help="remote: the volume's size")
+    p.add_argument("--connections", type=int, default=2, help="attach: N of the N-connection paths")
     args = p.parse_args()
+    from bench_attach import bench_attach
     from bench_remote import bench_remote
     from bench_scale import bench_scale
     {"io": bench_io, "clone": bench_clone, "restore": bench_restore, "scattered": bench_scattered,
      "pending": bench_pending, "during": bench_during, "remote": bench_remote,
-     "scale": bench_scale}[args.suite](args)
+     "scale": bench_scale, "attach": bench_attach}[args.suite](args)
 
 
 if __name__ == "__main__":

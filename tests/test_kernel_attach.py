@@ -5,6 +5,7 @@ leaves a real daemon's sockets in the transmission phase the kernel
 expects (simple replies).  The kernel side runs in the VM suite
 (tests/vm/guest/run: attach, restart)."""
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -138,10 +139,12 @@ def test_attach_refusals_are_one_line(daemon):
         assert not os.listdir(os.path.join(daemon.run_dir, "attach"))
 
 
-def test_shutdown_answers_what_was_sent_and_hands_clients_back(daemon):
+def test_shutdown_hands_clients_back_without_an_error_reply(daemon):
     """nbdkit on SIGTERM waits for idle clients forever (the kernel's never
-    leave); ``lunclone shutdown`` answers every request already sent, ends
-    each connection, and the daemon exits."""
+    leave).  ``lunclone shutdown`` ends each connection and the daemon
+    exits; a request sent just before gets its reply or none (the kernel
+    re-sends an unanswered one), never an error: the kernel would turn an
+    error into an I/O error for the filesystem."""
     daemon.cli("create", "vol", "--size", "8M")
     socks, _ = ka.open_connections(daemon.nbd_socket, "vol", 2)
     h = daemon.connect("vol")
@@ -151,19 +154,29 @@ def test_shutdown_answers_what_was_sent_and_hands_clients_back(daemon):
     socks[0].sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, NBD_CMD_WRITE, 7, MiB,
                                  len(payload)) + payload)
     p = daemon.cli("shutdown", "--timeout", "20")
-    assert "3 client connection(s) handed back" in p.stdout
+    released = int(re.search(r"(\d+) client connection\(s\) handed back", p.stdout)[1])
+    assert released >= 3, p.stdout
     assert daemon.proc.wait(10) == 0
-    reply = b""
-    while len(reply) < 16:
-        chunk = socks[0].recv(16 - len(reply))
-        assert chunk, "the request sent before the shutdown was not answered"
-        reply += chunk
-    assert struct.unpack(">IIQ", reply) == (NBD_SIMPLE_REPLY_MAGIC, 0, 7)
-    assert all(s.recv(1) == b"" for s in socks)          # then end of file
+    answered = b""
+    while chunk := socks[0].recv(4096):
+        answered += chunk
+    assert answered in (b"", struct.pack(">IIQ", NBD_SIMPLE_REPLY_MAGIC, 0, 7)), answered
+    assert socks[1].recv(1) == b""
     for s in socks:
         s.close()
     del h
     daemon.start()
     h = daemon.connect("vol")
-    assert h.pread(len(payload), MiB) == payload
+    if answered:
+        assert h.pread(len(payload), MiB) == payload
     del h
+
+
+def test_a_record_names_one_process_not_a_reused_pid():
+    """detach signals the supervisor named in the record: a pid alone could
+    name whatever process reuses it, so the start time comes with it."""
+    from lunclone.attach import _alive, _proc_start
+    me = os.getpid()
+    assert _alive(me, _proc_start(me))
+    assert not _alive(me, str(int(_proc_start(me)) + 1))
+    assert not _alive(None) and _proc_start(2 ** 22 + 12345) is None

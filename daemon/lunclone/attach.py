@@ -10,6 +10,8 @@ fails I/O, and attach says so.  What was made is recorded in
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -18,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .errors import Busy, InvalidArgument, LuncloneError, NotFound
 
@@ -59,9 +61,23 @@ def _record_path(run_dir: str, device: str) -> str:
 
 def _write_record(run_dir: str, rec: dict) -> None:
     path = _record_path(run_dir, rec["device"])
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(rec, f)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _attach_lock(run_dir: str) -> Iterator[int]:
+    """One attach at a time per run directory: find, connect and record
+    are one step (two attaches of a volume would make two devices).
+    Yields the lock's fd: a forked child must close it, or it holds the lock."""
+    fd = os.open(os.path.join(run_dir, "attach", ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def records(run_dir: str) -> list[dict]:
@@ -86,7 +102,8 @@ def attachments(run_dir: str) -> dict[str, list[dict]]:
     for rec in records(run_dir):
         item = {"device": rec["device"], "kind": rec["kind"],
                 "connections": rec.get("connections", 1),
-                "supervised": _alive(rec.get("supervisor") or rec.get("pid"))}
+                "supervised": _alive(rec.get("supervisor") or rec.get("pid"),
+                                     rec.get("supervisor_start"))}
         item["state"] = "attached" if _still_attached(rec) else "gone"
         out.setdefault(rec["name"], []).append(item)
     return out
@@ -139,32 +156,33 @@ def _attach_kernel(run_dir: str, name: str, device: str | None, connections: int
                    foreground: bool, ready: Callable[[str], None]) -> str:
     from . import kernel_attach as ka
     backend = ka.backend_identifier(ka.served_state_dir(run_dir), name)
-    index = ka.find_device(backend)
-    if index is not None:
-        rec = _read_record(run_dir, f"/dev/nbd{index}")
-        if not foreground or (rec and _alive(rec.get("supervisor"))):
-            raise Busy(f"{name} is attached already as /dev/nbd{index}; "
-                       f"'lunclone detach /dev/nbd{index}' first")
-        connections = rec["connections"] if rec else connections   # the unit takes it over
-    else:
-        index = ka.connect(run_dir, name, backend, connections,
-                           _device_index(device) if device else None)
-    dev = f"/dev/nbd{index}"
-    rec = {"kind": "netlink", "name": name, "device": dev, "backend": backend,
-           "connections": connections}
-    sup = ka.Supervisor(run_dir, name, index, backend, connections)
+    with _attach_lock(run_dir) as lock_fd:
+        index = ka.find_device(backend)
+        if index is not None:
+            rec = _read_record(run_dir, f"/dev/nbd{index}")
+            if not foreground or (rec and _alive(rec.get("supervisor"),
+                                                 rec.get("supervisor_start"))):
+                raise Busy(f"{name} is attached already as /dev/nbd{index}; "
+                           f"'lunclone detach /dev/nbd{index}' first")
+            connections = rec["connections"] if rec else connections   # the unit takes it over
+        else:
+            index = ka.connect(run_dir, name, backend, connections,
+                               _device_index(device) if device else None)
+        dev = f"/dev/nbd{index}"
+        rec = {"kind": "netlink", "name": name, "device": dev, "backend": backend,
+               "connections": connections}
+        sup = ka.Supervisor(run_dir, name, index, backend, connections)
+        pid = os.getpid() if foreground else _spawn_supervisor(run_dir, sup, lock_fd)
+        _write_record(run_dir, dict(rec, supervisor=pid, supervisor_start=_proc_start(pid)))
     if foreground:
         logging.basicConfig(level=logging.INFO, format="%(message)s")   # to the journal
-        _write_record(run_dir, dict(rec, supervisor=os.getpid()))
         sup.run(ready=lambda: ready(dev))
-        return dev
-    pid = _spawn_supervisor(run_dir, sup)
-    _write_record(run_dir, dict(rec, supervisor=pid))
-    ready(dev)
+    else:
+        ready(dev)
     return dev
 
 
-def _spawn_supervisor(run_dir: str, sup) -> int:
+def _spawn_supervisor(run_dir: str, sup, lock_fd: int) -> int:
     """A child in its own session that outlives the CLI; logs to
     RUN_DIR/attach/nbdN.log."""
     sys.stdout.flush()
@@ -173,6 +191,7 @@ def _spawn_supervisor(run_dir: str, sup) -> int:
     if pid:
         return pid
     try:
+        os.close(lock_fd)
         os.setsid()
         logfile = os.path.join(run_dir, "attach", f"nbd{sup.index}.log")
         fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -190,16 +209,21 @@ def _spawn_supervisor(run_dir: str, sup) -> int:
     os._exit(code)
 
 
-def _alive(pid: int | None) -> bool:
+def _proc_start(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/PID/stat): with the pid,
+    it names one process, so a reused pid is not taken for it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int | None, start: str | None = None) -> bool:
     if not pid:
         return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    now = _proc_start(pid)
+    return now is not None and (start is None or now == start)
 
 
 def _read_record(run_dir: str, device: str) -> dict | None:
@@ -239,24 +263,39 @@ def detach(run_dir: str, device: str) -> None:
     if rec is None:
         raise NotFound(f"{device} was not attached by lunclone "
                        f"(no {_record_path(run_dir, device)})")
-    if _mounted(device):
-        raise Busy(f"{device} is mounted; unmount it first")
+    _check_unused(device)
     if rec["kind"] == "netlink":
         _detach_kernel(rec)
     else:
         _run(["losetup", "-d", device], f"losetup -d {device}")
         subprocess.run(["fusermount3", "-u", rec["mount"]], capture_output=True)
-        _wait_gone(rec["pid"])
+        if not _wait_gone(rec["pid"]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rec["pid"], signal.SIGTERM)
     os.unlink(_record_path(run_dir, device))
 
 
+def _check_unused(device: str) -> None:
+    """Detaching a device in use would fail its I/O: refuse."""
+    if _mounted(device):
+        raise Busy(f"{device} is mounted; unmount it first")
+    holders = os.path.join("/sys/block", os.path.basename(device), "holders")
+    users = os.listdir(holders) if os.path.isdir(holders) else []
+    if users:
+        raise Busy(f"{device} is in use by {', '.join(sorted(users))} "
+                   "(LVM, dm-crypt or md); stop that first")
+
+
 def _detach_kernel(rec: dict) -> None:
-    """Stop the supervisor first, so it does not reconnect what we end."""
+    """Stop the supervisor first (for good), so it cannot reconnect what
+    we end."""
     from . import netlink_nbd as nl
     pid = rec.get("supervisor")
-    if pid and pid != os.getpid() and _alive(pid):
+    if pid and pid != os.getpid() and _alive(pid, rec.get("supervisor_start")):
         os.kill(pid, signal.SIGTERM)
-        _wait_gone(pid)
+        if not _wait_gone(pid):
+            os.kill(pid, signal.SIGKILL)       # e.g. stuck in a handshake with a hung daemon
+            _wait_gone(pid)
     index = _device_index(rec["device"])
     if nl.backend_of(index) == rec["backend"]:
         try:
@@ -271,12 +310,13 @@ def _mounted(device: str) -> bool:
         return any(os.path.realpath(line.split()[0]) == real for line in f if line.startswith("/"))
 
 
-def _wait_gone(pid: int, timeout: float = 10) -> None:
+def _wait_gone(pid: int, timeout: float = 10) -> bool:
+    """Whether ``pid`` exited within ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
+            return True
         time.sleep(0.05)
-    os.kill(pid, signal.SIGTERM)
+    return False

@@ -16,9 +16,12 @@ def run_dir_default() -> str:
 
 
 class Client:
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, timeout: float | None = None):
+        """``timeout``: seconds for each connect, send and answer (None: no
+        bound; some commands wait long on purpose)."""
         self.path = os.path.join(run_dir, "control.sock")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
         try:
             self.sock.connect(self.path)
         except FileNotFoundError:

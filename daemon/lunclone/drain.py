@@ -5,18 +5,25 @@ worker blocked reading an idle connection never sees the signal: with the
 kernel's NBD client attached (its connections stay open for good), a
 ``systemctl stop`` would hang until systemd's SIGKILL.  So the daemon is
 asked to stop first (``lunclone shutdown``, the unit's ExecStop): new
-connections are refused, and each client connection is shut down for
-reading.  nbdkit then reads the requests already in the socket, answers
-them and every request in flight, sees end of file and closes; a request
-the kernel sends after that fails to send, and the kernel keeps it for the
-next daemon (the attach supervisor reconnects the device).  Nothing the
-kernel sent is lost and nothing is answered twice.
+connections are refused, and each client connection is shut down both
+ways.  Both, because nbdkit 1.32 answers a request it has read but not
+started with ESHUTDOWN once its connection is closing, and the kernel
+turns any error reply into an I/O error for the filesystem: with the
+socket's sending side shut, no such reply can reach the client.
+
+What the kernel's NBD client then does: it reads end of file, marks the
+connection dead and holds new I/O for the next daemon (the attach
+supervisor reconnects the device).  A request it had sent and not seen
+answered is re-sent at its 30 s timer (docs/ATTACH.md); the daemon may
+have run it already, which for the same write to the same place changes
+nothing.  No request gets an error.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +43,57 @@ def _served_address(sock: socket.socket, nbd_socket: str, tcp_port: int | None) 
     return False
 
 
-def release_clients(nbd_socket: str, tcp_port: int | None = None) -> int:
-    """Shut every NBD client connection of this process down for reading;
-    returns how many.  Found through /proc/self/fd: nbdkit owns them."""
-    released = 0
+def client_sockets(nbd_socket: str, tcp_port: int | None = None
+                   ) -> list[tuple[str, socket.socket]]:
+    """(inode, duplicate) of this process's NBD client connections (nbdkit
+    owns the originals; /proc/self/fd finds them).  The caller closes them."""
+    found = []
     for entry in os.listdir("/proc/self/fd"):
         try:
-            if not os.readlink(f"/proc/self/fd/{entry}").startswith("socket:"):
+            link = os.readlink(f"/proc/self/fd/{entry}")
+            if not link.startswith("socket:"):
                 continue
             sock = socket.socket(fileno=os.dup(int(entry)))
         except OSError:
             continue                           # closed meanwhile
+        if sock.type == socket.SOCK_STREAM and _served_address(sock, nbd_socket, tcp_port):
+            found.append((link, sock))
+        else:
+            sock.close()
+    return found
+
+
+def release_clients(nbd_socket: str, tcp_port: int | None = None) -> set[str]:
+    """Shut every NBD client connection down both ways; returns them (as
+    "socket:[inode]")."""
+    released = set()
+    for link, sock in client_sockets(nbd_socket, tcp_port):
         with sock:
-            if sock.type == socket.SOCK_STREAM and _served_address(sock, nbd_socket,
-                                                                   tcp_port):
-                try:
-                    sock.shutdown(socket.SHUT_RD)
-                    released += 1
-                except OSError:
-                    pass
-    log.info("stopping: %d NBD client connection(s) handed back", released)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                released.add(link)
+            except OSError:
+                pass
+    log.info("stopping: %d NBD client connection(s) handed back", len(released))
     return released
+
+
+def wait_closed(released: set[str], timeout: float) -> bool:
+    """Until nbdkit has closed the released connections (its workers finish
+    the requests they are running first); False at the timeout.  Others
+    do not count: a client that connects now is refused and goes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = set()
+        for entry in os.listdir("/proc/self/fd"):
+            try:
+                link = os.readlink(f"/proc/self/fd/{entry}")
+            except OSError:
+                continue
+            if link in released:
+                left.add(link)
+        if not left:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)

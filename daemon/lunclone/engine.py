@@ -199,14 +199,23 @@ class Engine:
 
     def shutdown(self) -> dict:
         """``lunclone shutdown``: refuse new clients, hand the connected ones
-        back (drain.py says why), then ask nbdkit to exit."""
+        back (drain.py says why), and once nbdkit has closed them, ask it
+        to exit."""
         from .drain import release_clients
         self.stopping = True
         port = int(self.tcp.rpartition(":")[2]) if self.tcp else None
         released = release_clients(self.nbd_socket, port)
-        if self.exit_hook is not None and self.loop is not None:
-            self.loop.call_later(0.1, self.exit_hook)   # after the reply is sent
-        return {"released": released}
+        if self.exit_hook is not None:
+            threading.Thread(target=self._exit_when_closed, args=(released,),
+                             name="lunclone-shutdown", daemon=True).start()
+        return {"released": len(released)}
+
+    def _exit_when_closed(self, released: set[str]) -> None:
+        from .drain import wait_closed
+        if not wait_closed(released, SHUTDOWN_WAIT_S):
+            log.warning("stopping: clients still connected after %d s; exiting anyway",
+                        SHUTDOWN_WAIT_S)
+        self.exit_hook()
 
     def stop(self) -> None:
         """Commit everything, stop the loop, remove both sockets."""
@@ -227,6 +236,9 @@ class Engine:
         self.lock.release()
         log.info("engine stopped")
 
+
+# How long ``shutdown`` waits for nbdkit to finish its clients' requests.
+SHUTDOWN_WAIT_S = 40
 
 # How long a thread waiting for the GIL waits before the holder is asked to
 # drop it (Python's default is 5 ms).  The committer thread, whose commit

@@ -17,7 +17,6 @@ retries in between.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 
 from . import netlink_nbd as nl
 from .client import Client
-from .errors import DaemonUnavailable, LuncloneError
+from .errors import LuncloneError
 
 log = logging.getLogger("lunclone.attach")
 
@@ -41,6 +40,9 @@ DEAD_CONN_TIMEOUT_S = 300
 # (docs/ATTACH.md, "What a restart costs the I/O").
 REQUEST_TIMEOUT_S = 0
 CONNECT_RETRY_S = 0.2
+# A daemon that accepted nothing in this time (an exiting nbdkit leaves
+# connections in its listen queue) is given up on, and tried again.
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -56,16 +58,25 @@ def backend_identifier(state_dir: str, name: str) -> str:
 
 
 def served_state_dir(run_dir: str) -> str:
-    with Client(run_dir) as c:
-        return c.call("ping")["state_dir"]
+    with Client(run_dir, timeout=HANDSHAKE_TIMEOUT_S) as c:
+        served = c.call("ping").get("state_dir")
+    if served is None:
+        raise LuncloneError(f"the daemon at {run_dir} is older than this lunclone "
+                            "(its ping names no state directory); upgrade it")
+    return served
 
 
 def _negotiate(sock_path: str, name: str) -> tuple[socket.socket, ExportInfo]:
     """One connection in the transmission phase, and the export's info."""
     import nbd
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    h = None
     try:
+        sock.settimeout(HANDSHAKE_TIMEOUT_S)
         sock.connect(sock_path)
+        if not select.select([sock], [], [], HANDSHAKE_TIMEOUT_S)[0]:
+            raise LuncloneError(f"the daemon at {sock_path} sent no NBD greeting in "
+                                f"{HANDSHAKE_TIMEOUT_S:g} s")
         h = nbd.NBD()
         h.set_request_structured_replies(False)
         if hasattr(h, "set_request_extended_headers"):   # libnbd >= 1.20
@@ -74,15 +85,18 @@ def _negotiate(sock_path: str, name: str) -> tuple[socket.socket, ExportInfo]:
         h.connect_socket(os.dup(sock.fileno()))           # libnbd owns and closes the dup
         info = ExportInfo(size=h.get_size(), flags=_flags(h),
                           block_size=_block_size(h.get_block_size(nbd.SIZE_MINIMUM)))
-        del h
-        sock.setblocking(True)      # libnbd made the shared file description non-blocking
-        return sock, info
     except nbd.Error as e:
         sock.close()
         raise LuncloneError(f"NBD handshake for {name!r} failed: {e.string}") from None
     except BaseException:
         sock.close()
         raise
+    finally:
+        # Close libnbd's copy now, not when a traceback that holds this
+        # frame is freed: a refused handshake must not stay connected.
+        h = None
+    sock.setblocking(True)          # libnbd made the shared file description non-blocking
+    return sock, info
 
 
 def _flags(h) -> int:
@@ -166,6 +180,10 @@ class Supervisor:
         try:
             if ready:
                 ready()
+            # A socket may have died before we listened (between CONNECT and
+            # here, or while no supervisor ran): RECONFIGURE once; it only
+            # replaces dead sockets, so with none dead it changes nothing.
+            self.reconnect()
             while not self.stopping:
                 if nl.backend_of(self.index) != self.backend:
                     log.info("/dev/nbd%d is no longer attached to %s: done", self.index,
@@ -196,29 +214,26 @@ class Supervisor:
         said = ""
         while not self.stopping and nl.backend_of(self.index) == self.backend:
             try:
-                served = backend_identifier(served_state_dir(self.run_dir), self.name)
-                if served != self.backend:
-                    raise LuncloneError(f"the daemon at {self.run_dir} serves {served!r}, "
-                                        f"/dev/nbd{self.index} is {self.backend!r}: "
-                                        "backend identifier mismatch; not reconnecting")
-                socks, _ = open_connections(self.sock_path, self.name, self.connections)
-            except (DaemonUnavailable, LuncloneError, OSError) as e:
+                self._reconfigure()
+                return True
+            except Exception as e:     # whatever it is, the device waits: retry
                 if str(e) != said:
                     log.warning("/dev/nbd%d waits for the daemon: %s", self.index, e)
                     said = str(e)
                 time.sleep(CONNECT_RETRY_S)
-                continue
-            try:
-                nl.reconfigure(self.index, socks, self.backend)
-            except nl.NbdError as e:
-                log.error("/dev/nbd%d: %s", self.index, e)
-                if e.code != errno.EINVAL:
-                    time.sleep(CONNECT_RETRY_S)
-                    continue
-                return False
-            finally:
-                for s in socks:
-                    s.close()
-            log.info("/dev/nbd%d reconnected (%d connections)", self.index, self.connections)
-            return True
         return False
+
+    def _reconfigure(self) -> None:
+        served = backend_identifier(served_state_dir(self.run_dir), self.name)
+        if served != self.backend:
+            raise LuncloneError(f"the daemon at {self.run_dir} serves {served!r}, "
+                                f"/dev/nbd{self.index} is {self.backend!r}: "
+                                "backend identifier mismatch; not reconnecting")
+        socks, _ = open_connections(self.sock_path, self.name, self.connections)
+        try:
+            nl.reconfigure(self.index, socks, self.backend)
+        finally:
+            for s in socks:
+                s.close()
+        log.info("/dev/nbd%d connected (%d connection(s) offered)", self.index,
+                 self.connections)

@@ -34,7 +34,7 @@ linux-image-amd64 initramfs-tools procps util-linux coreutils
 # What the package is built from (debian/, and what debian/ installs), and the guest's steps.
 PROJECT_FILES = ["pyproject.toml", "daemon", "nbd_plugin", "systemd", "debian", "docs", "contrib",
                  "scripts/build_man.py", "scripts/lunclone-completion.bash", "README.md",
-                 "CHANGELOG.md", "tests/vm/guest"]
+                 "CHANGELOG.md", "tests/vm/guest", "tests/vm/image.py"]
 STEP_MARK = "LUNCLONE-STEP "
 
 
@@ -104,9 +104,13 @@ def build_image() -> str:
     shutil.copy(build_previous_deb(img), os.path.join(kept, "previous.deb"))
     _mount_for_chroot(root)
     try:
-        # The base holds every dependency: dpkg needs no network (apt would).
-        _run(["chroot", root, "dpkg", "-i", "/tmp/lunclone.deb"], "dpkg -i lunclone.deb",
-             env=dict(os.environ, PATH="/usr/sbin:/usr/bin:/sbin:/bin"))
+        # As an admin installs it.  The base holds every dependency, so apt
+        # resolves them from what is installed and needs no network (the
+        # Recommends, fuse3 for the no-nbd fallback, are not in the base).
+        _run(["chroot", root, "apt-get", "install", "-y",
+              "--no-install-recommends", "/tmp/lunclone.deb"], "apt-get install ./lunclone.deb",
+             env=dict(os.environ, PATH="/usr/sbin:/usr/bin:/sbin:/bin",
+                      DEBIAN_FRONTEND="noninteractive"))
         os.unlink(os.path.join(root, "tmp", "lunclone.deb"))
     finally:
         _umount_for_chroot(root)
@@ -230,23 +234,30 @@ def qemu_missing() -> str | None:
     return f"qemu-system-x86_64 cannot run here: {p.stderr.read().strip()[-300:]}"
 
 
+def _qemu_argv(img: str, test: str, disk: str, log: str, mem: str, append: str) -> list[str]:
+    return ["qemu-system-x86_64", "-machine", "q35", "-cpu", "max", "-smp", "2", "-m", mem,
+            "-display", "none", "-nodefaults", "-no-reboot", "-nic", "none",
+            "-serial", f"file:{log}", "-kernel", os.path.join(img, "vmlinuz"),
+            "-initrd", os.path.join(img, "initrd.img"),
+            "-append", f"root=/dev/vda rw console=ttyS0 panic=-1 lunclone.test={test} {append}",
+            "-drive", f"file={disk},format=qcow2,if=virtio"]
+
+
 def boot(img: str, test: str, workdir: str, mem: str = "1024", timeout: float = 600,
-         disk: str | None = None) -> tuple[list[dict], str]:
+         disk: str | None = None, append: str = "", name: str | None = None
+         ) -> tuple[list[dict], str]:
     """Boot the image with ``lunclone.test=TEST``; returns (steps, console log).
 
     ``disk``: a qcow2 overlay to boot from (kept across boots); by default a
-    fresh one in ``workdir``."""
+    fresh one in ``workdir``.  ``append``: more of the kernel command line
+    (the guest's scenario reads its parameters there).  ``name``: of the
+    console log, TEST by default."""
     if disk is None:
         disk = os.path.join(workdir, f"{test}.qcow2")
         _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
               os.path.join(img, "disk.raw"), disk], "qemu-img create")
-    log = os.path.join(workdir, f"{test}.console.log")
-    argv = ["qemu-system-x86_64", "-machine", "q35", "-cpu", "max", "-smp", "2", "-m", mem,
-            "-display", "none", "-nodefaults", "-no-reboot", "-nic", "none",
-            "-serial", f"file:{log}", "-kernel", os.path.join(img, "vmlinuz"),
-            "-initrd", os.path.join(img, "initrd.img"),
-            "-append", f"root=/dev/vda rw console=ttyS0 panic=-1 lunclone.test={test}",
-            "-drive", f"file={disk},format=qcow2,if=virtio"]
+    log = os.path.join(workdir, f"{name or test}.console.log")
+    argv = _qemu_argv(img, test, disk, log, mem, append)
     t0 = time.monotonic()
     proc = subprocess.Popen(argv)
     try:
@@ -260,6 +271,37 @@ def boot(img: str, test: str, workdir: str, mem: str = "1024", timeout: float = 
              for line in text.splitlines() if STEP_MARK in line]
     steps.append({"step": "boot-to-poweroff", "ok": True, "s": round(time.monotonic() - t0, 1)})
     return steps, log
+
+
+def boot_and_cut(img: str, test: str, workdir: str, disk: str, append: str, name: str,
+                 marker: str, delay: float, timeout: float = 600) -> str:
+    """Boot from ``disk`` and SIGKILL qemu ``delay`` seconds after the
+    console shows ``marker``: a power cut of the host, as far as the guest
+    can tell (its page cache and what qemu had not written are lost).
+    Returns the console log; raises if the marker never came."""
+    log = os.path.join(workdir, f"{name}.console.log")
+    if os.path.exists(log):
+        os.unlink(log)
+    deadline = time.monotonic() + timeout
+    proc = subprocess.Popen(_qemu_argv(img, test, disk, log, "1024", append))
+    try:
+        while not _console_has(log, marker):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise TimeoutError(f"no {marker!r} on the console; log kept in {log}")
+            time.sleep(0.1)
+        time.sleep(delay)
+    finally:
+        proc.kill()
+        proc.wait()
+    return log
+
+
+def _console_has(log: str, marker: str) -> bool:
+    try:
+        with open(log, errors="replace") as f:
+            return marker in f.read()
+    except FileNotFoundError:
+        return False
 
 
 def main(argv: list[str]) -> int:

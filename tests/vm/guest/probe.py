@@ -1,13 +1,17 @@
 """A pause probe: 4 KiB O_DIRECT|O_DSYNC writes to PATH every 20 ms, the
 wall-clock time of each completion appended to LOG, until STOPFILE exists.
 
-``probe.py once PATH``: one such write, and how long it took: started
-right after the daemon is ready again, it shows when new I/O resumes.
+``probe.py read DEV READY WITHIN``: one 4 KiB O_DIRECT read of the
+device, and how long after READY (wall clock: the daemon ready again) it
+completed: new I/O resumes when the supervisor has reconnected.  (A
+filesystem can stay stalled longer: a journal flush lost inside the daemon
+waits for the kernel's timer, which ``report`` shows.)
 ``probe.py report LOG``: the longest gap between the probe's completions:
 a request that was inside the daemon when it went away is re-sent by the
 kernel only at its 30 s timer (docs/ATTACH.md), so this shows that wait."""
 import mmap
 import os
+import random
 import sys
 import time
 
@@ -25,13 +29,12 @@ def run(path: str, log: str, stopfile: str) -> None:
             time.sleep(0.02)
 
 
-def once(path: str, within: float) -> int:
+def read(dev: str, ready: float, within: float) -> int:
     buf = mmap.mmap(-1, 4096)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT | os.O_DSYNC, 0o644)
-    t0 = time.monotonic()
-    os.pwrite(fd, buf, 0)
-    took = time.monotonic() - t0
-    print(f"a new write took {took:.2f} s")
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    os.preadv(fd, [buf], 4096 * random.randrange(1024))
+    took = time.time() - ready
+    print(f"a new read completed {took:.2f} s after the daemon was ready")
     return 0 if took <= within else 1
 
 
@@ -45,6 +48,6 @@ def report(log: str, bound: float) -> int:
 if __name__ == "__main__":
     if sys.argv[1] == "report":
         sys.exit(report(sys.argv[2], float(sys.argv[3])))
-    if sys.argv[1] == "once":
-        sys.exit(once(sys.argv[2], float(sys.argv[3])))
+    if sys.argv[1] == "read":
+        sys.exit(read(sys.argv[2], float(sys.argv[3]), float(sys.argv[4])))
     run(*sys.argv[1:4])
