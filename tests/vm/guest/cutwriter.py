@@ -25,9 +25,11 @@ def console():
     return open("/dev/ttyS0", "w", buffering=1)
 
 
-def write(dev: str, offset: int, blocks: int) -> None:
+def write(dev: str, offset: int, blocks: int, sync: bool = True) -> None:
+    """``sync`` False: no O_DSYNC, so no flush reaches the daemon (the
+    negative control: its acknowledged writes may die in a page cache)."""
     out = console()
-    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT | (os.O_DSYNC if sync else 0))
     buf = mmap.mmap(-1, BLOCK)               # page-aligned, as O_DIRECT needs
     seq = 0
     while True:
@@ -78,7 +80,7 @@ def covers(source: str, clone: str, diff_json: str) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1] == "write":
-        write(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        write(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:] != ["nosync"])
     elif sys.argv[1] == "covers":
         sys.exit(covers(sys.argv[2], sys.argv[3], sys.argv[4]))
     else:
