@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from .errors import Busy, InvalidArgument, LuncloneError, NotFound
 
 DEFAULT_CONNECTIONS = 1
+MAX_CONNECTIONS = 16
 
 
 def _run(argv: list[str], what: str) -> str:
@@ -80,18 +81,21 @@ def _attach_lock(run_dir: str) -> Iterator[int]:
         os.close(fd)
 
 
+def _load_record(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def records(run_dir: str) -> list[dict]:
     """What lunclone attached from this run directory."""
     d = os.path.join(run_dir, "attach")
-    out = []
-    for entry in sorted(os.listdir(d)) if os.path.isdir(d) else []:
-        if entry.endswith(".json"):
-            try:
-                with open(os.path.join(d, entry)) as f:
-                    out.append(json.load(f))
-            except (OSError, ValueError):
-                continue
-    return out
+    found = (_load_record(os.path.join(d, entry))
+             for entry in (sorted(os.listdir(d)) if os.path.isdir(d) else [])
+             if entry.endswith(".json"))
+    return [rec for rec in found if rec is not None]
 
 
 def attachments(run_dir: str) -> dict[str, list[dict]]:
@@ -129,8 +133,8 @@ def attach(run_dir: str, name: str, device: str | None = None,
     Kernel path: the supervisor then runs in this process (``foreground``,
     for the systemd unit) or in a child that outlives it.  Fallback: the
     fuse and loop device, and ``warn`` says what it lacks."""
-    if connections < 1 or connections > 16:
-        raise InvalidArgument(f"--connections must be 1 to 16, not {connections}")
+    if not 1 <= connections <= MAX_CONNECTIONS:
+        raise InvalidArgument(f"--connections must be 1 to {MAX_CONNECTIONS}, not {connections}")
     os.makedirs(os.path.join(run_dir, "attach"), mode=0o755, exist_ok=True)
     why = kernel_nbd_missing()
     if why is not None:
@@ -227,11 +231,7 @@ def _alive(pid: int | None, start: str | None = None) -> bool:
 
 
 def _read_record(run_dir: str, device: str) -> dict | None:
-    try:
-        with open(_record_path(run_dir, device)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return _load_record(_record_path(run_dir, device))
 
 
 def _attach_fuse_loop(run_dir: str, name: str, sock: str) -> tuple[str, dict]:

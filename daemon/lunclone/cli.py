@@ -15,6 +15,7 @@ import time
 import click
 
 from . import display
+from .attach import DEFAULT_CONNECTIONS, MAX_CONNECTIONS
 from .client import Client, run_dir_default
 from .errors import LuncloneError
 
@@ -412,7 +413,8 @@ def shutdown(timeout: float, run_dir: str) -> None:
 @main.command("attach")
 @click.argument("name")
 @click.argument("device", required=False)
-@click.option("--connections", type=click.IntRange(1, 16), default=1, show_default=True,
+@click.option("--connections", type=click.IntRange(1, MAX_CONNECTIONS),
+              default=DEFAULT_CONNECTIONS, show_default=True,
               help="NBD connections the kernel spreads the device's I/O over.")
 @click.option("--foreground", is_flag=True,
               help="Supervise the device in this process (the systemd unit's way); "

@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,25 @@ def _served_address(sock: socket.socket, nbd_socket: str, tcp_port: int | None) 
     return False
 
 
+def _fd_links() -> Iterator[tuple[int, str]]:
+    """(fd, what it is, e.g. "socket:[inode]") for each open fd of this process."""
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            yield int(entry), os.readlink(f"/proc/self/fd/{entry}")
+        except OSError:
+            continue                           # closed meanwhile
+
+
 def client_sockets(nbd_socket: str, tcp_port: int | None = None
                    ) -> list[tuple[str, socket.socket]]:
     """(inode, duplicate) of this process's NBD client connections (nbdkit
     owns the originals; /proc/self/fd finds them).  The caller closes them."""
     found = []
-    for entry in os.listdir("/proc/self/fd"):
+    for fd, link in _fd_links():
+        if not link.startswith("socket:"):
+            continue
         try:
-            link = os.readlink(f"/proc/self/fd/{entry}")
-            if not link.startswith("socket:"):
-                continue
-            sock = socket.socket(fileno=os.dup(int(entry)))
+            sock = socket.socket(fileno=os.dup(fd))
         except OSError:
             continue                           # closed meanwhile
         if sock.type == socket.SOCK_STREAM and _served_address(sock, nbd_socket, tcp_port):
@@ -83,17 +92,8 @@ def wait_closed(released: set[str], timeout: float) -> bool:
     the requests they are running first); False at the timeout.  Others
     do not count: a client that connects now is refused and goes."""
     deadline = time.monotonic() + timeout
-    while True:
-        left = set()
-        for entry in os.listdir("/proc/self/fd"):
-            try:
-                link = os.readlink(f"/proc/self/fd/{entry}")
-            except OSError:
-                continue
-            if link in released:
-                left.add(link)
-        if not left:
-            return True
+    while any(link in released for _, link in _fd_links()):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
+    return True

@@ -150,17 +150,13 @@ def connect(run_dir: str, name: str, backend: str, connections: int,
             s.close()
 
 
-def attached_devices() -> list[int]:
-    """Indexes of the devices that have a backend identifier."""
-    out = []
-    for entry in os.listdir("/sys/block") if os.path.isdir("/sys/block") else []:
-        if entry.startswith("nbd") and entry[3:].isdigit() and nl.backend_of(int(entry[3:])):
-            out.append(int(entry[3:]))
-    return sorted(out)
-
-
 def find_device(backend: str) -> int | None:
-    return next((i for i in attached_devices() if nl.backend_of(i) == backend), None)
+    """The index of the NBD device whose backend identifier is ``backend``."""
+    for entry in os.listdir("/sys/block") if os.path.isdir("/sys/block") else []:
+        if entry.startswith("nbd") and entry[3:].isdigit() and \
+                nl.backend_of(int(entry[3:])) == backend:
+            return int(entry[3:])
+    return None
 
 
 class Supervisor:
