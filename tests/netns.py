@@ -53,6 +53,16 @@ except ImportError as e:          # pragma: no cover
     _IMPORT_ERROR = e
 
 
+def ns_route(ns: str):
+    """An IPRoute inside namespace ``ns``: pyroute2 0.9's IPRoute(netns=),
+    or, on Debian's 0.7 (bookworm's 0.7.2, trixie's 0.7.7), its NetNS."""
+    try:
+        return IPRoute(netns=ns, flags=0)
+    except TypeError:             # pyroute2 < 0.9
+        from pyroute2 import NetNS
+        return NetNS(ns, flags=0)
+
+
 _unavailable: list[str | None] = []
 
 
@@ -77,7 +87,7 @@ def unavailable_reason() -> str | None:
         name = f"lcx-{secrets.token_hex(3)}"
         try:
             pr_netns.create(name)
-            with IPRoute(netns=name, flags=0) as ipr:
+            with ns_route(name) as ipr:
                 ipr.link("add", ifname="lcx-a", kind="veth", peer={"ifname": "lcx-b"})
         except Exception as e:
             reason = f"cannot create a network namespace with a veth pair: {e!r}"
@@ -90,6 +100,15 @@ def unavailable_reason() -> str | None:
     return reason
 
 
+def _enter(path: str) -> None:
+    """setns(2) for the calling thread: pyroute2 0.9 forks unless told not
+    to; Debian's 0.7 has no such argument and never forks."""
+    try:
+        pr_netns.setns(path, flags=0, fork=False)
+    except TypeError:             # pyroute2 < 0.9
+        pr_netns.setns(path, flags=0)
+
+
 def _socket_in(ns: str, family=socket.AF_INET, type=socket.SOCK_STREAM) -> socket.socket:
     """A socket that belongs to namespace ``ns``: made by a short-lived thread
     that enters ``ns`` (setns changes only the calling thread's namespace)."""
@@ -97,7 +116,7 @@ def _socket_in(ns: str, family=socket.AF_INET, type=socket.SOCK_STREAM) -> socke
 
     def run():
         try:
-            pr_netns.setns(os.path.join(NETNS_DIR, ns), flags=0, fork=False)
+            _enter(os.path.join(NETNS_DIR, ns))
             out["sock"] = socket.socket(family, type)
         except BaseException as e:      # noqa: BLE001 - handed to the caller
             out["error"] = e
@@ -143,7 +162,7 @@ class Latency:
         us = max(0, int(round(ms_rtt * 1000 / 2)))     # half the round trip each way
         for ns, ifname in ((self.hosts.client_ns, self.hosts.client_if),
                            (self.hosts.storage_ns, self.hosts.storage_if)):
-            with IPRoute(netns=ns, flags=0) as ipr:
+            with ns_route(ns) as ipr:
                 idx = ipr.link_lookup(ifname=ifname)[0]
                 # limit: netem holds every delayed packet in its queue; the
                 # default (1000) would drop packets of a fast bulk transfer.
@@ -154,7 +173,7 @@ class Latency:
     def _netem_remove(self) -> None:
         for ns, ifname in self._netem_on:
             try:
-                with IPRoute(netns=ns, flags=0) as ipr:
+                with ns_route(ns) as ipr:
                     idx = ipr.link_lookup(ifname=ifname)[0]
                     ipr.tc("del", index=idx, handle="1:", parent=TC_H_ROOT)
             except Exception:
@@ -302,12 +321,12 @@ class NetworkHosts:
             self._ns_created.append(ns)
         # The veth is born in the client namespace with its peer in the
         # storage namespace: it never appears in the root namespace.
-        with IPRoute(netns=self.client_ns, flags=0) as ipr:
+        with ns_route(self.client_ns) as ipr:
             ipr.link("add", ifname=self.client_if, kind="veth",
                      peer={"ifname": self.storage_if, "net_ns_fd": self.storage_ns})
         for ns, ifname, addr in ((self.client_ns, self.client_if, self.client_addr),
                                  (self.storage_ns, self.storage_if, self.storage_addr)):
-            with IPRoute(netns=ns, flags=0) as ipr:
+            with ns_route(ns) as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
                 idx = ipr.link_lookup(ifname=ifname)[0]
                 ipr.addr("add", index=idx, address=addr, prefixlen=self.prefixlen)
@@ -574,13 +593,13 @@ class NetworkHosts:
         return ((self.client_ns, self.client_if), (self.storage_ns, self.storage_if))
 
     def _set_link(self, ns: str, ifname: str, state: str) -> None:
-        with IPRoute(netns=ns, flags=0) as ipr:
+        with ns_route(ns) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state=state)
 
     def link_state(self) -> dict[str, str]:
         out = {}
         for ns, ifname in self._links():
-            with IPRoute(netns=ns, flags=0) as ipr:
+            with ns_route(ns) as ipr:
                 link = ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0]
                 out[ns] = link.get("operstate")
         return out
@@ -615,7 +634,7 @@ class NetworkHosts:
         # the kernel re-probes only every second: forget it, so that the next
         # packet asks at once.
         for (ns, ifname), peer in zip(self._links(), (self.storage_addr, self.client_addr)):
-            with IPRoute(netns=ns, flags=0) as ipr:
+            with ns_route(ns) as ipr:
                 try:
                     ipr.neigh("del", dst=peer, ifindex=ipr.link_lookup(ifname=ifname)[0])
                 except NetlinkError:

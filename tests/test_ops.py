@@ -45,6 +45,20 @@ def test_systemd_units_verify():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def test_metrics_timer_cannot_cancel_a_stop_of_the_daemon():
+    """lunclone-metrics.service, started by its timer every 15 s, must not
+    put a job on lunclone.service: a Requisite= (or Requires=, BindsTo=)
+    adds one, which replaces a pending stop job, and `systemctl stop
+    lunclone` fails with "Job for lunclone.service canceled" (seen in the
+    trixie VM).  Ordering alone (After=) and a condition add no job."""
+    text = open(os.path.join(ROOT, "systemd", "lunclone-metrics.service")).read()
+    deps = [line for line in text.splitlines()
+            if line.split("=")[0].strip() in ("Requires", "Requisite", "BindsTo", "Wants",
+                                              "PartOf", "Upholds")]
+    assert not deps, f"the metrics unit puts a job on the daemon: {deps}"
+    assert "After=lunclone.service" in text
+
+
 def test_attach_mkfs_mount_detach(daemon, workdir):
     why = missing_prerequisite()
     if why:

@@ -1,12 +1,13 @@
-"""The test VM: build a cached Debian 12 image with lunclone installed from
-its Debian package (built from the working tree, as scripts/build-deb
-builds it from HEAD), boot it under qemu (TCG, no network), collect what
-the guest reports.
+"""The test VM: build a cached Debian image (12 "bookworm" or 13 "trixie")
+with lunclone installed from its Debian package (built from the working
+tree, as scripts/build-deb builds it from HEAD; for trixie the package is
+built inside the trixie root, so the build is shown on Debian 13 too),
+boot it under qemu (TCG, no network), collect what the guest reports.
 
 Cache (outside the repository, ``$LUNCLONE_VM_CACHE`` or
 /var/cache/lunclone-vm):
-    base-<hash of the package list>/root     debootstrap --variant=minbase
-    image-<hash of packages + project>/      disk.raw, vmlinuz, initrd.img
+    base-<hash of suite + package list>/root  debootstrap --variant=minbase
+    image-<hash of base + project>/           disk.raw, vmlinuz, initrd.img
 The base is rebuilt when the package list changes, the image when the
 project's files change.  The guest reports over its serial console, one
 ``LUNCLONE-STEP {json}`` line per step; a guest that hangs is killed at the
@@ -25,12 +26,34 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CACHE = os.environ.get("LUNCLONE_VM_CACHE", "/var/cache/lunclone-vm")
-SUITE, MIRROR = "bookworm", "http://deb.debian.org/debian"
+MIRROR = "http://deb.debian.org/debian"
+RELEASES = ("bookworm", "trixie")
 PACKAGES = sorted("""
 systemd-sysv udev kmod nbd-client nbdkit nbdkit-plugin-python python3 python3-venv
 python3-click python3-setuptools python3-pip python3-libnbd python3-pyroute2 libnbd-bin e2fsprogs fio
 linux-image-amd64 initramfs-tools procps util-linux coreutils
 """.split())
+# trixie also builds the package (scripts/build-deb's tools) and runs the
+# unit and nbdkit tests in its root (tests/vm/test_trixie.py): their tools,
+# all from Debian 13's own packages.
+TRIXIE_EXTRA = sorted("""
+build-essential debhelper dh-python help2man pybuild-plugin-pyproject python3-all lintian
+fakeroot git groff-base python3-pytest python3-pytest-asyncio python3-pytest-timeout
+python3-prometheus-client python3-hypothesis python3-jsonschema python3-fusepy fuse3
+strace tmux qemu-utils iproute2 gnutls-bin prometheus prometheus-node-exporter
+""".split())
+
+
+def packages(release: str) -> list[str]:
+    return PACKAGES + (TRIXIE_EXTRA if release == "trixie" else [])
+
+
+def default_release() -> str:
+    """``$LUNCLONE_VM_RELEASE`` (scripts/vm --release), bookworm by default."""
+    release = os.environ.get("LUNCLONE_VM_RELEASE", "bookworm")
+    if release not in RELEASES:
+        raise SystemExit(f"unknown release {release!r}: one of {', '.join(RELEASES)}")
+    return release
 # What the package is built from (debian/, and what debian/ installs), and the guest's steps.
 PROJECT_FILES = ["pyproject.toml", "daemon", "nbd_plugin", "systemd", "debian", "docs", "contrib",
                  "scripts/build_man.py", "scripts/lunclone-completion.bash", "README.md",
@@ -70,23 +93,37 @@ def _run(argv: list[str], what: str, **kw) -> None:
         raise BuildError(f"{what} failed ({p.returncode}): {(p.stderr or p.stdout)[-3000:]}")
 
 
-def build_base() -> str:
-    base = os.path.join(CACHE, f"base-{_hash(' '.join(PACKAGES).encode())}")
+def build_base(release: str = "bookworm") -> str:
+    """The debootstrapped root of ``release``, built once per package list.
+    (bookworm's key is its package list alone, as before trixie came.)"""
+    key = " ".join(packages(release)) + ("" if release == "bookworm" else f" @{release}")
+    base = os.path.join(CACHE, f"base-{_hash(key.encode())}")
     root = os.path.join(base, "root")
     if os.path.exists(os.path.join(base, "done")):
         return root
     shutil.rmtree(base, ignore_errors=True)
     os.makedirs(base)
     t0 = time.monotonic()
-    _run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, root,
-          MIRROR], "debootstrap", timeout=1800)
+    _run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
+          release, root, MIRROR], "debootstrap", timeout=1800)
+    extra = sorted(set(packages(release)) - set(PACKAGES))
+    if extra:  # apt's resolver, not debootstrap's (which misses some of lintian's)
+        _mount_for_chroot(root)
+        try:
+            _run(["chroot", root, "apt-get", "install", "-y", "--no-install-recommends", *extra],
+                 "apt-get install of the extra packages", timeout=1800,
+                 env=dict(os.environ, PATH="/usr/sbin:/usr/bin:/sbin:/bin",
+                          DEBIAN_FRONTEND="noninteractive"))
+            _run(["chroot", root, "apt-get", "clean"], "apt-get clean")
+        finally:
+            _umount_for_chroot(root)
     open(os.path.join(base, "done"), "w").write(f"{time.monotonic() - t0:.0f}\n")
     return root
 
 
-def build_image() -> str:
+def build_image(release: str = "bookworm") -> str:
     """The image directory (disk.raw, vmlinuz, initrd.img), built if needed."""
-    base_root = build_base()
+    base_root = build_base(release)
     img = os.path.join(CACHE, f"image-{_hash(base_root.encode(), project_hash().encode())}")
     if os.path.exists(os.path.join(img, "done")):
         return img
@@ -96,7 +133,8 @@ def build_image() -> str:
     t0 = time.monotonic()
     _run(["cp", "-a", base_root, root], "copy of the base")
     _customize(root)
-    shutil.copy(build_deb(img), os.path.join(root, "tmp", "lunclone.deb"))
+    shutil.copy(build_deb(img, root if release == "trixie" else None),
+                os.path.join(root, "tmp", "lunclone.deb"))
     # For the upgrade scenario: this package and the previous commit's.
     kept = os.path.join(root, "var", "lib", "lunclone-vmtest")
     os.makedirs(kept)
@@ -125,14 +163,17 @@ def build_image() -> str:
     shutil.rmtree(root)
     for tmp in ("src", "prev"):
         shutil.rmtree(os.path.join(img, tmp), ignore_errors=True)
+    open(os.path.join(img, "release"), "w").write(release + "\n")
     open(os.path.join(img, "done"), "w").write(f"{time.monotonic() - t0:.0f}\n")
     return img
 
 
-def build_deb(workdir: str) -> str:
+def build_deb(workdir: str, chroot: str | None = None) -> str:
     """The .deb of the working tree's PROJECT_FILES (dpkg-buildpackage -b
-    in a copy, with the system's PATH, as scripts/build-deb does for HEAD)."""
-    src = os.path.join(workdir, "src", "lunclone")
+    in a copy, with the system's PATH, as scripts/build-deb does for HEAD);
+    with ``chroot``, built inside that root (its release's tools)."""
+    src = os.path.join(chroot, "tmp", "build", "lunclone") if chroot else \
+        os.path.join(workdir, "src", "lunclone")
     os.makedirs(src)
     for top in PROJECT_FILES:
         path = os.path.join(ROOT, top)
@@ -142,7 +183,22 @@ def build_deb(workdir: str) -> str:
         else:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.copy(path, dst)
-    return _dpkg_buildpackage(src)
+    if chroot is None:
+        return _dpkg_buildpackage(src)
+    _mount_for_chroot(chroot)
+    try:
+        _run(["chroot", chroot, "sh", "-c", "cd /tmp/build/lunclone && "
+              "dpkg-buildpackage -b -us -uc"], "dpkg-buildpackage in the chroot",
+             env=dict(os.environ, PATH="/usr/sbin:/usr/bin:/sbin:/bin", LC_ALL="C.UTF-8"))
+    finally:
+        _umount_for_chroot(chroot)
+    debs = glob.glob(os.path.join(os.path.dirname(src), "lunclone_*_all.deb"))
+    if len(debs) != 1:
+        raise BuildError(f"dpkg-buildpackage made {debs}")
+    kept = os.path.join(workdir, os.path.basename(debs[0]))
+    shutil.copy(debs[0], kept)
+    shutil.rmtree(os.path.dirname(src))
+    return kept
 
 
 def build_previous_deb(workdir: str) -> str:
@@ -234,8 +290,17 @@ def qemu_missing() -> str | None:
     return f"qemu-system-x86_64 cannot run here: {p.stderr.read().strip()[-300:]}"
 
 
+def _vcpus(img: str) -> str:
+    """2, but 1 for trixie: its 6.12 kernel under TCG can oops at boot with 2."""
+    try:
+        release = open(os.path.join(img, "release")).read().strip()
+    except FileNotFoundError:
+        release = "bookworm"
+    return "1" if release == "trixie" else "2"
+
+
 def _qemu_argv(img: str, test: str, disk: str, log: str, mem: str, append: str) -> list[str]:
-    return ["qemu-system-x86_64", "-machine", "q35", "-cpu", "max", "-smp", "2", "-m", mem,
+    return ["qemu-system-x86_64", "-machine", "q35", "-cpu", "max", "-smp", _vcpus(img), "-m", mem,
             "-display", "none", "-nodefaults", "-no-reboot", "-nic", "none",
             "-serial", f"file:{log}", "-kernel", os.path.join(img, "vmlinuz"),
             "-initrd", os.path.join(img, "initrd.img"),
@@ -304,16 +369,28 @@ def _console_has(log: str, marker: str) -> bool:
         return False
 
 
+def runs_dir(release: str) -> str:
+    """Where a release's console logs and disks are kept."""
+    d = os.path.join(CACHE, "runs", *([] if release == "bookworm" else [release]))
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
 def main(argv: list[str]) -> int:
+    release = default_release()
+    if argv[:1] == ["--release"] and len(argv) > 1:
+        release, argv = argv[1], argv[2:]
+        if release not in RELEASES:
+            print(f"unknown release {release!r}: one of {', '.join(RELEASES)}", file=sys.stderr)
+            return 2
     if not argv or argv[0] not in ("build", "boot"):
         print(__doc__)
         return 2
-    img = build_image()
+    img = build_image(release)
     if argv[0] == "build":
         print(img)
         return 0
-    work = os.path.join(CACHE, "runs")
-    os.makedirs(work, exist_ok=True)
+    work = runs_dir(release)
     steps, log = boot(img, argv[1], work, *(argv[2:3] or []), timeout=float(
         os.environ.get("LUNCLONE_VM_TIMEOUT", "420")))
     for s in steps:

@@ -85,7 +85,7 @@ def test_vm_reboot_mid_restore(vm_image, runs):
     steps1, log1 = image.boot(vm_image, "reboot1", runs, disk=disk, timeout=400)
     check(steps1, log1, "running", "reboot-now")
     steps2, log2 = image.boot(vm_image, "reboot2", runs, disk=disk, timeout=400)
-    check(steps2, log2, "resumed", "right-data", "done")
+    check(steps2, log2, "attach-at-boot", "resumed", "right-data", "done")
 
 
 def test_vm_upgrade_under_load(vm_image, runs):
