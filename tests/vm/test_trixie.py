@@ -24,7 +24,7 @@ import tempfile
 import pytest
 
 from tests.vm import image, test_vm
-from tests.vm.test_vm import check, say
+from tests.vm.test_vm import check, reboot_mid_restore, say
 
 pytestmark = pytest.mark.timeout(3600)
 RELEASE = "trixie"
@@ -59,16 +59,7 @@ def test_trixie_main_scenario(qemu, trixie_image):
 
 
 def test_trixie_reboot_mid_restore(qemu, trixie_image):
-    runs = image.runs_dir(RELEASE)
-    disk = os.path.join(runs, "reboot.qcow2")
-    if os.path.exists(disk):
-        os.unlink(disk)
-    image._run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                os.path.join(trixie_image, "disk.raw"), disk], "qemu-img create")
-    steps1, log1 = image.boot(trixie_image, "reboot1", runs, disk=disk, timeout=600)
-    check(steps1, log1, "running", "reboot-now")
-    steps2, log2 = image.boot(trixie_image, "reboot2", runs, disk=disk, timeout=600)
-    check(steps2, log2, "attach-at-boot", "resumed", "right-data", "done")
+    reboot_mid_restore(trixie_image, image.runs_dir(RELEASE), 600)
 
 
 class OverlayRoot:

@@ -76,16 +76,18 @@ def test_vm_memory_pressure(vm_image, runs):
     assert any(s["step"].startswith("write-") and s["ok"] for s in steps)
 
 
-def test_vm_reboot_mid_restore(vm_image, runs):
-    disk = os.path.join(runs, "reboot.qcow2")
-    if os.path.exists(disk):
-        os.unlink(disk)
-    image._run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                os.path.join(vm_image, "disk.raw"), disk], "qemu-img create")
-    steps1, log1 = image.boot(vm_image, "reboot1", runs, disk=disk, timeout=400)
+def reboot_mid_restore(img: str, runs: str, timeout: float) -> None:
+    """reboot1 starts a restore and reboots; reboot2, on the same disk,
+    finds it resumed (and the attach unit up at boot) with the right data."""
+    disk = _fresh_disk(img, runs, "reboot")
+    steps1, log1 = image.boot(img, "reboot1", runs, disk=disk, timeout=timeout)
     check(steps1, log1, "running", "reboot-now")
-    steps2, log2 = image.boot(vm_image, "reboot2", runs, disk=disk, timeout=400)
+    steps2, log2 = image.boot(img, "reboot2", runs, disk=disk, timeout=timeout)
     check(steps2, log2, "attach-at-boot", "resumed", "right-data", "done")
+
+
+def test_vm_reboot_mid_restore(vm_image, runs):
+    reboot_mid_restore(vm_image, runs, 400)
 
 
 def test_vm_upgrade_under_load(vm_image, runs):
