@@ -1,9 +1,12 @@
 """A pause probe: 4 KiB O_DIRECT|O_DSYNC writes to PATH every 20 ms, the
 wall-clock time of each completion appended to LOG, until STOPFILE exists.
 
-``probe.py read DEV READY WITHIN``: one 4 KiB O_DIRECT read of the
-device, and how long after READY (wall clock: the daemon ready again) it
-completed: new I/O resumes when the supervisor has reconnected.  (A
+``probe.py read DEV READYFILE WITHIN``: started before the daemon goes
+away, it waits for READYFILE (the wall-clock time the daemon answered
+again), then does one 4 KiB O_DIRECT read of the device and says how long
+after that time it completed: new I/O resumes when the supervisor has
+reconnected.  Started beforehand so that no Python start-up under TCG
+counts against the daemon.  (A
 filesystem can stay stalled longer: a journal flush lost inside the daemon
 waits for the kernel's timer, which ``report`` shows.)
 ``probe.py report LOG``: the longest gap between the probe's completions:
@@ -29,9 +32,12 @@ def run(path: str, log: str, stopfile: str) -> None:
             time.sleep(0.02)
 
 
-def read(dev: str, ready: float, within: float) -> int:
+def read(dev: str, readyfile: str, within: float) -> int:
     buf = mmap.mmap(-1, 4096)
     fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    while not os.path.exists(readyfile):
+        time.sleep(0.005)
+    ready = float(open(readyfile).read())
     os.preadv(fd, [buf], 4096 * random.randrange(1024))
     took = time.time() - ready
     print(f"a new read completed {took:.2f} s after the daemon was ready")
@@ -49,5 +55,5 @@ if __name__ == "__main__":
     if sys.argv[1] == "report":
         sys.exit(report(sys.argv[2], float(sys.argv[3])))
     if sys.argv[1] == "read":
-        sys.exit(read(sys.argv[2], float(sys.argv[3]), float(sys.argv[4])))
+        sys.exit(read(sys.argv[2], sys.argv[3], float(sys.argv[4])))
     run(*sys.argv[1:4])
