@@ -63,8 +63,9 @@ def test_a_schema_1_database_is_brought_forward_with_its_counts(tmp_path):
     assert [v.name for v in md.volumes()] == ["c1", "src"]
     md.close()
     db = sqlite3.connect(os.path.join(tmp_path, DB_NAME))
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
     assert db.execute("SELECT page, nset FROM bitmaps").fetchall() == [(0, 3), (1, 2)]
+    assert "undo" in [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
     db.close()
     Metadata(str(tmp_path)).close()  # opens again, nothing left to bring forward
 

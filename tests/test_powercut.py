@@ -22,6 +22,11 @@ and after the restart:
 - a clone deleted before the cut stays deleted, and its name can be reused;
 - after a clean stop the persisted delta map covers every differing extent.
 
+Phase ``restore-undo`` keeps an undo image: at the cut, each extent the
+restore copies is captured (its pre-restore data durable in the undo image)
+or holds its pre-restore data in the source; once done, the undo image and
+the clone give back the pre-restore source.
+
 Phase ``restore-writeback-error``: during a protected restore one fdatasync
 of the source's file fails (LazyFS drops its unsynced data, as Linux does);
 the writer stops at its failed flush, and the same checks hold.
@@ -188,6 +193,7 @@ class Durable:
     clone_state: str | None
     job: tuple[str, str] | None          # (kind, state) of the source's job row
     maps: dict[str, set[int]] = field(default_factory=dict)
+    undo: bytes | None = None            # the source's undo image, if there is one
 
 
 def read_durable(backing: str) -> Durable:
@@ -203,7 +209,8 @@ def read_durable(backing: str) -> Durable:
             row = db.execute("SELECT clone_state FROM volumes WHERE name='c1'").fetchone()
             job = db.execute("SELECT kind, state FROM jobs WHERE source='src'").fetchone()
             maps = {}
-            for owner, kind in (("c1", "delta"), ("src", "pending"), ("src", "protected")):
+            for owner, kind in (("c1", "delta"), ("src", "pending"), ("src", "protected"),
+                                ("src", "captured")):
                 maps[kind] = bits(db.execute(
                     "SELECT page, bits FROM bitmaps WHERE owner=? AND kind=?", (owner, kind)))
         finally:
@@ -211,9 +218,11 @@ def read_durable(backing: str) -> Durable:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     clone_path = os.path.join(backing, "volumes", "c1.img")
+    undo_path = os.path.join(backing, "undo", "src.img")
     return Durable(read_file(os.path.join(backing, "volumes", "src.img")),
                    read_file(clone_path) if row and os.path.exists(clone_path) else None,
-                   row[0] if row else None, job, maps)
+                   row[0] if row else None, job, maps,
+                   read_file(undo_path) if os.path.exists(undo_path) else None)
 
 
 def bits(rows) -> set[int]:
@@ -250,6 +259,7 @@ class Run:
     daemon: Daemon
     rng: random.Random
     clone_data: bytes | None = None     # the clone at fracture (restore phases)
+    pre_restore: bytes | None = None    # the source just before a protected restore
     cmd: subprocess.Popen | None = None  # the phase's admin command
     fs: LazyFS | None = None
     acked: bool = False                  # it returned success before the cut
@@ -327,11 +337,15 @@ def background(*args: str) -> Callable[[Run], None]:
     return act
 
 
-def restore_setup(protected: bool, damaged: int, rate: str | None) -> Callable[[Run], bytes]:
+def restore_setup(protected: bool, damaged: int, rate: str | None,
+                  undo: bool = False) -> Callable[[Run], bytes]:
     def setup(run: Run) -> bytes:
-        run.clone_data, _ = fractured(run.daemon, run.rng, damaged)
+        run.clone_data, before = fractured(run.daemon, run.rng, damaged)
+        if undo:  # its undo image is checked (rule 5)
+            run.pre_restore = before
         run.daemon.cli("restore", "src", "--from", "c1",
                        *([] if protected else ["--unprotected"]),
+                       *(["--undo"] if undo else []),
                        *(["--rate", rate] if rate else []))
         return run.clone_data             # the source shows the clone's data now
     return setup
@@ -375,6 +389,10 @@ PHASES = {p.name: p for p in [
     Phase("resync", setup_resync, (0.0, 0.3),
           background("clone", "sync", "c1")),
     Phase("restore", restore_setup(True, 80, "4M"), (0.05, 1.2), restore=True),
+    # keeping an undo image: each extent's pre-restore data is captured
+    # before the restore or a host write overwrites it (rule 5)
+    Phase("restore-undo", restore_setup(True, 80, "4M", undo=True), (0.05, 1.2),
+          restore=True),
     Phase("restore-unprotected", restore_setup(False, 80, "4M"), (0.05, 1.2),
           restore=True, protected=False),
     Phase("restore-finish", restore_setup(True, 6, "1M"), (0.15, 0.6), restore=True),
@@ -411,7 +429,9 @@ def one_cut(phase: Phase, seed: int, fua: bool) -> Run:
         if writer.error:
             raise writer.error
         run.notes.append(f"writer {writer.acked} writes {writer.flushes} flushes")
-        check_durable(run, read_durable(fs.backing))
+        durable = read_durable(fs.backing)
+        check_durable(run, durable)
+        check_capture(run, durable)
         fs.mount()
         daemon.start()
         check_after_restart(run, phase, model)
@@ -450,6 +470,45 @@ def check_durable(run: Run, d: Durable) -> None:
         run.problem(f"durable: the clone changed in extents {sorted(changed)[:8]}")
 
 
+def check_capture(run: Run, d: Durable) -> None:
+    """Rule 5 on the disk as the cut left it: each extent of the original
+    pending set is captured, its pre-restore data durable in the undo image,
+    or still holds its pre-restore data in the source."""
+    if run.pre_restore is None or d.job is None or d.job[0] != "restore":
+        return
+    # (The pending set may hold more: a trim of a zero extent sets a delta bit.)
+    captured = d.maps["captured"]
+    pending = differing_extents(run.pre_restore, run.clone_data, EXT) | captured
+    if captured and d.undo is None:
+        run.problem("durable: captured bits but no undo image")
+        return
+    for i in sorted(pending):
+        old = run.pre_restore[i * EXT:(i + 1) * EXT]
+        where, data = ("undo image", d.undo) if i in captured else ("source", d.src)
+        if data[i * EXT:(i + 1) * EXT] != old:
+            run.problem(f"durable: extent {i}: pre-restore data lost (looked in the {where}; "
+                        f"captured {len(captured)} of {len(pending)})")
+            return
+    run.notes.append(f"captured {len(captured)}/{len(pending)}")
+
+
+def check_undo_image(run: Run) -> None:
+    """After the restore is done: every pending extent captured, and the undo
+    image + the clone give back the pre-restore source byte for byte."""
+    d = read_durable(run.fs.backing)
+    pending = differing_extents(run.pre_restore, run.clone_data, EXT)
+    if not pending <= d.maps["captured"] or d.undo is None:
+        run.problem(f"after the restore: captured {len(d.maps['captured'])} of "
+                    f"{len(pending)} extents")
+        return
+    rebuilt = bytearray(run.clone_data)
+    for i in d.maps["captured"]:
+        rebuilt[i * EXT:(i + 1) * EXT] = d.undo[i * EXT:(i + 1) * EXT]
+    if bytes(rebuilt) != run.pre_restore:
+        run.problem(f"the undo image + clone differ from the pre-restore source in extents "
+                    f"{sorted(differing_extents(bytes(rebuilt), run.pre_restore, EXT))[:8]}")
+
+
 def check_after_restart(run: Run, phase: Phase, model: BlockModel) -> None:
     daemon = run.daemon
     status = daemon.json("status", "src")
@@ -467,6 +526,8 @@ def check_after_restart(run: Run, phase: Phase, model: BlockModel) -> None:
             daemon.cli("restore", "rate", "src", "0", check=False)  # it may end meanwhile
         wait_for(lambda: (daemon.json("status", "src")["restore"] or {}).get("state")
                  == "done", 60, what="restore done")
+        if run.pre_restore is not None:
+            check_undo_image(run)
     elif "c1" in clones and clones["c1"]["state"] != "fractured":
         wait_clone_state(daemon, "src", "c1", "synchronized", timeout=60)
     src = whole(daemon, "src")
@@ -555,7 +616,7 @@ def lazy_ok():
 
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_power_cut(lazy_ok, long_mode, phase):
-    """3 cuts per phase (24 in all) in CI, 45 per phase (360) with --long."""
+    """3 cuts per phase (27 in all) in CI, 45 per phase (405) with --long."""
     cuts = 45 if long_mode else 3
     t0 = time.monotonic()
     done, failed = run_phase(phase, cuts, seed=1 + list(PHASES).index(phase))

@@ -243,13 +243,15 @@ def clone_fracture(name: str, run_dir: str, as_json: bool) -> None:
 @clone.command("sync")
 @click.argument("name")
 @wait_option
+@click.option("--force", is_flag=True,
+              help="Also if the clone holds an undo point (the point is dropped).")
 @run_dir_option
 @json_option
 @handle_errors
-def clone_sync(name: str, wait: bool, run_dir: str, as_json: bool) -> None:
+def clone_sync(name: str, wait: bool, force: bool, run_dir: str, as_json: bool) -> None:
     """Re-synchronize a fractured clone incrementally."""
     with Client(run_dir) as c:
-        info = c.call("clone_sync", name=name)
+        info = c.call("clone_sync", name=name, force=force or None)
         emit(info, as_json, lambda v: f"clone {name}: synchronizing")
         if wait:
             _follow_sync(c, name, info["source"])
@@ -268,11 +270,13 @@ def clone_diff(name: str, run_dir: str, as_json: bool) -> None:
 
 @clone.command("delete")
 @click.argument("name")
+@click.option("--force", is_flag=True,
+              help="Also if the clone holds an undo point (the point is dropped).")
 @run_dir_option
 @handle_errors
-def clone_delete(name: str, run_dir: str) -> None:
+def clone_delete(name: str, force: bool, run_dir: str) -> None:
     """Delete a clone and its file."""
-    call(run_dir, "clone_delete", name=name)
+    call(run_dir, "clone_delete", name=name, force=force or None)
     click.echo(f"deleted clone {name}")
 
 
@@ -314,11 +318,17 @@ def restore() -> None:
 @click.option("--rate", metavar="LIMIT", help="Copy at most LIMIT bytes/s (e.g. 100M).")
 @click.option("--dry-run", is_flag=True,
               help="Check and show what the restore would copy; change nothing.")
+@click.option("--force", is_flag=True,
+              help="Start even if SOURCE has an undo point (the point is dropped).")
+@click.option("--undo/--no-undo", "keep_undo", default=False,
+              help="Keep an undo image: the source's data the restore overwrites, "
+                   "captured first (STATE/undo/SOURCE.img).  [default: --no-undo]")
 @run_dir_option
 @json_option
 @handle_errors
 def restore_start(source: str, clone_name: str, unprotected: bool, wait: bool,
-                  rate: str | None, dry_run: bool, run_dir: str, as_json: bool) -> None:
+                  rate: str | None, dry_run: bool, force: bool, keep_undo: bool,
+                  run_dir: str, as_json: bool) -> None:
     """Start an instant restore of SOURCE from CLONE."""
     if dry_run:
         plan = call(run_dir, "restore_plan", source=source, clone_name=clone_name,
@@ -328,7 +338,8 @@ def restore_start(source: str, clone_name: str, unprotected: bool, wait: bool,
     with Client(run_dir) as c:
         t0 = time.monotonic()
         info = c.call("restore", source=source, clone_name=clone_name,
-                      protected=not unprotected, rate_limit=rate)
+                      protected=not unprotected, rate_limit=rate, keep_undo=keep_undo,
+                      force=force or None)
         took = time.monotonic() - t0
         if as_json and not wait:
             emit(info, True, str)
@@ -367,6 +378,16 @@ def _restore_command(cmd: str, doc: str):
 
 restore.command("pause")(_restore_command("restore_pause", "Pause the restore of SOURCE."))
 restore.command("resume")(_restore_command("restore_resume", "Resume the restore of SOURCE."))
+
+
+@restore.command("forget")
+@click.argument("source")
+@run_dir_option
+@handle_errors
+def restore_forget(source: str, run_dir: str) -> None:
+    """Drop the undo point of SOURCE's finished restore (its undo image)."""
+    call(run_dir, "restore_forget", source=source)
+    click.echo(f"undo point of {source} dropped")
 
 
 @restore.command("rate")
@@ -476,11 +497,12 @@ EXAMPLES = {
     "clone diff": ["lunclone clone diff db-snap", "lunclone clone diff db-snap --json"],
     "clone delete": ["lunclone clone delete db-snap"],
     "restore": ["lunclone restore db --from db-snap --dry-run",
-                "lunclone restore db --from db-snap --rate 200M --wait",
+                "lunclone restore db --from db-snap --undo --rate 200M --wait",
                 "lunclone restore pause db ; lunclone restore rate db 50M"],
     "restore rate": ["lunclone restore rate db 100M", "lunclone restore rate db 0   # unlimited"],
     "restore pause": ["lunclone restore pause db"],
     "restore resume": ["lunclone restore resume db"],
+    "restore forget": ["lunclone restore forget db   # the clone is free to change again"],
     "metrics": ["lunclone metrics > /var/lib/node_exporter/textfile_collector/lunclone.prom"],
     "attach": ["lunclone attach db", "lunclone attach db /dev/nbd3 --connections 4",
                "lunclone attach db --foreground   # as lunclone-attach@db.service runs it"],

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import time
 
-from . import faults
+from . import faults, undo
 from . import volume as vf
 from .bitmap import Bitmap
 from .commit import Committer
@@ -33,7 +33,7 @@ from .iopath import Volume, quiesce
 from .jobs import JobKey, JobRunner, SyncJob
 from .metadata import DELTA, Transaction, VolumeRecord
 from .policy import (FRACTURED, MIRRORED, SYNCHRONIZED, SYNCHRONIZING, Clone, CloneExport, Family,
-                     Progress)
+                     Progress, Restore, undo_refusal)
 from .store import FileStore, Store, is_local
 from .volumes import VolumeTable
 
@@ -152,11 +152,11 @@ class Clones:
             fam.add_clone(clone)  # from now on host writes set its delta bits
             return (*plain_writes, src.barrier.switch())
 
-        def undo():
+        def uninstall():
             fam.remove_clone(name)
             self.committer.unregister(delta)
         try:
-            async with new_rules(fam, src.name, install, undo):
+            async with new_rules(fam, src.name, install, uninstall):
                 differ = self._initial_delta(fam, store)
                 with self.committer.transaction() as tx:
                     new_delta = delta.copy(delta.key)
@@ -286,9 +286,10 @@ class Clones:
         return (clone.volume.barrier.switch(), *fam.switch_fast())
 
     # -- sync --------------------------------------------------------------------
-    async def sync(self, name: str) -> None:
+    async def sync(self, name: str, force: bool = False) -> None:
         async with self.admin:
             fam, clone = self.families.find_clone(name)
+            point = self._undo_point_on(fam, clone, force)
             r = fam.restore
             if r is not None and r.clone is not clone:
                 raise WrongState(f"{fam.source.name} is being restored from {r.clone.name}; "
@@ -306,11 +307,14 @@ class Clones:
                 clone.state = SYNCHRONIZING  # its own export refuses writes from now on
                 return (clone.volume.barrier.switch(), *fam.switch_fast())
 
-            def undo():
+            def uninstall():
                 clone.state = FRACTURED  # the rules of both states set delta bits alike
-            async with new_rules(fam, name, install, undo):
+            job = undo.job_of(self.committer, fam.source.name)
+            async with new_rules(fam, name, install, uninstall):
                 with self.committer.transaction() as tx:
                     self.set_state(clone, SYNCHRONIZING, tx)
+                    dropped = undo.forget_point(self.committer, point, job, tx)
+            self._undo_point_dropped(fam, clone, dropped)
             clone.error = None
             clone.sync_progress = Progress()
             self.start_sync(fam, clone)
@@ -358,29 +362,55 @@ class Clones:
         loop.call_soon_threadsafe(resync)
 
     # -- delete --------------------------------------------------------------------
-    async def delete(self, name: str) -> None:
+    async def delete(self, name: str, force: bool = False) -> None:
         async with self.admin:
-            await self.delete_locked(name)
+            await self.delete_locked(name, force)
 
-    async def delete_locked(self, name: str) -> None:
+    def _undo_point_on(self, fam: Family, clone: Clone, force: bool) -> Restore | None:
+        """The undo point a change to ``clone`` would make wrong (a finished
+        restore from it), or None.  Refused without ``force``; with it, the
+        caller drops the point in the transaction that makes the change
+        (``undo.forget_point``), so a refusal later on changes nothing."""
+        point = fam.undo_point()
+        if point is None or point.clone is not clone or point is fam.restore:
+            return None
+        if not force:
+            raise WrongState(undo_refusal(fam.source.name, clone.name) + ", or use --force")
+        return point
+
+    def _undo_point_dropped(self, fam: Family, clone: Clone, dropped: bool) -> None:
+        """After the transaction that dropped the point: its image goes."""
+        if dropped:
+            undo.remove(self.volumes.state_dir, fam.source.name)
+            log.warning("undo point of %s dropped (--force on clone %s)", fam.source.name,
+                        clone.name)
+
+    async def delete_locked(self, name: str, force: bool = False) -> None:
         """The record goes first; memory and the file follow once that has
         committed.  Writes that may still mirror into the clone, and its
-        sync job's copies, end before its file is closed."""
+        sync job's copies, end before its file is closed.  An undo point
+        rebuilt from the clone refuses it, or with ``force`` goes with it
+        (in the same transaction)."""
         fam, clone = self.families.find_clone(name)
         if fam.restore is not None and fam.restore.clone is clone:
             raise WrongState(f"clone {name} is the source of a running restore of "
                              f"{fam.source.name}; wait for it to finish")
+        last = self._undo_point_on(fam, clone, force)
+        job = undo.job_of(self.committer, fam.source.name)
         with self.committer.transaction() as tx:
             if clone.volume.connections:  # under the lock: no open can slip in
                 raise Busy(f"clone {name} has {clone.volume.connections} open "
                                  "connection(s); disconnect them first")
             tx.delete_volume(name)
+            # The undo point of a restore from this clone needs the clone.
+            dropped = undo.forget_point(self.committer, last, job, tx)
 
             def forget() -> None:
                 fam.remove_clone(name)
                 self.committer.unregister(clone.delta)
                 self.volumes.served.pop(name, None)  # no new connection from now on
             tx.then(forget)
+        self._undo_point_dropped(fam, clone, dropped)
         if faults.armed is not None:
             faults.hit("clone.delete_committed")
         with self.maps_lock:  # after forget(): new writes and flushes no longer see it

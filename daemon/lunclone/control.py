@@ -51,6 +51,7 @@ class ControlServer:
             "restore_pause": _then_status(engine.restores.pause, "source", st),
             "restore_resume": _then_status(engine.restores.resume, "source", st),
             "restore_rate": _then_status(engine.restores.set_rate, "source", st),
+            "restore_forget": _then_status(engine.restores.forget, "source", st),
             "metrics": self._metrics,
             "shutdown": engine.shutdown,
         }

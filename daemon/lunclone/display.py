@@ -48,9 +48,18 @@ def status_text(obj) -> str:
     r = v.get("restore")
     if r:
         lines.append("  " + restore_line(r))
+    u = v.get("undo")
+    if u:
+        lines.append("  " + undo_line(u))
     for a in v.get("attached", []):
         lines.append("  " + attached_line(a))
     return "\n".join(lines)
+
+
+def undo_line(u: dict) -> str:
+    what = "being captured" if u["state"] == "capturing" else "kept"
+    return (f"undo image of the restore from {u['from']}: {what}, "
+            f"{u['captured_extents']} extent(s), {human_size(u['bytes'])}")
 
 
 def attached_line(a: dict) -> str:

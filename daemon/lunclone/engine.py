@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from . import remote, units
+from . import remote, undo, units
 from . import volume as vf
 from .clones import Clones
 from .commit import Committer
@@ -102,7 +102,8 @@ class Engine:
         self.jobs = JobRunner()
         self.admin = asyncio.Lock()  # one admin command at a time
         self.clones = Clones(self.volumes, self.families, self.jobs, self.admin)
-        self.restores = Restores(self.volumes, self.families, self.jobs, self.admin, self.clones)
+        self.restores = Restores(self.volumes, self.families, self.jobs, self.admin, self.clones,
+                                 self.state_dir)
         self.status = Status(self.volumes, self.families, self.export_uri)
         self.volumes.load_all()
         self.families.load_all()
@@ -121,7 +122,7 @@ class Engine:
             units.check_name(name)
             rec = self.volumes.record(name)
             if rec.source is not None and self.families.get(rec.source) is not None:
-                await self.clones.delete_locked(name)
+                await self.clones.delete_locked(name, force)
                 return
             fam = self.families.get(name)
             if fam is not None and fam.restore is not None:
@@ -134,8 +135,9 @@ class Engine:
                                      f"({', '.join(sorted(fam.clones))}); delete them first "
                                      "or use --force")
                 for clone in list(fam.clones):
-                    await self.clones.delete_locked(clone)
+                    await self.clones.delete_locked(clone, force=True)
             self.volumes.delete(name)
+            undo.remove(self.state_dir, name)
 
     def export_uri(self, name: str) -> str:
         if self.tcp:

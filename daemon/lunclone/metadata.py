@@ -5,10 +5,11 @@ Tables (schema version ``SCHEMA_VERSION``):
     meta     (key, value)                     schema version, creation time
     volumes  (name, size, extent_size, source, clone_state, remote)
              a row with ``source`` set is a clone of that volume
-    jobs     (source, kind, clone, state, protected, ...)   one job per source
+    jobs     (source, kind, clone, state, protected, ..., undo)   one job per
+             source; ``undo``: the restore keeps an undo image (undo.py)
     bitmaps  (owner, kind, page, nset, bits)  pages of a Bitmap; no row = zeroes
-             kind is one of DELTA (owner: a clone), PENDING and PROTECTED
-             (owner: a source being restored); ``nset`` is the page's
+             kind is one of DELTA (owner: a clone), PENDING, PROTECTED and
+             CAPTURED (owner: a source being restored, or restored); ``nset`` is the page's
              count of set bits, stored before the blob so that a map's
              count is read without its pages (``map_counts``)
 
@@ -42,13 +43,14 @@ from .errors import MetadataError
 
 log = logging.getLogger("lunclone.metadata")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_NAME = "lunclone.db"
 
 # The kinds of map (``bitmaps.kind``)
 DELTA = "delta"          # clone delta map: extent may differ from the source
 PENDING = "pending"      # restore-pending map: still to copy clone -> source
 PROTECTED = "protected"  # protected restore map: the host wrote it meanwhile
+CAPTURED = "captured"    # captured map: the extent's pre-restore data is in the undo image
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -72,7 +74,8 @@ CREATE TABLE jobs (
     on_demand INTEGER NOT NULL DEFAULT 0,
     rate_limit INTEGER NOT NULL DEFAULT 0,
     error TEXT,
-    started REAL NOT NULL
+    started REAL NOT NULL,
+    undo INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE bitmaps (
     owner TEXT NOT NULL,
@@ -101,6 +104,11 @@ INSERT INTO bitmaps_v2 SELECT owner, kind, page, popcount(bits), bits FROM bitma
 DROP TABLE bitmaps;
 ALTER TABLE bitmaps_v2 RENAME TO bitmaps;
 UPDATE meta SET value = '2' WHERE key = 'schema_version';
+""",
+    # Version 3: a restore may keep an undo image (its jobs row says so).
+    2: """
+ALTER TABLE jobs ADD COLUMN undo INTEGER NOT NULL DEFAULT 0;
+UPDATE meta SET value = '3' WHERE key = 'schema_version';
 """,
 }
 
@@ -133,6 +141,7 @@ class JobRecord:
     rate_limit: int = 0
     error: str | None = None
     started: float = 0.0
+    undo: bool = False
 
 
 class Transaction:
@@ -161,10 +170,11 @@ class Transaction:
     def put_job(self, rec: JobRecord) -> None:
         d = asdict(rec)
         d["protected"] = int(rec.protected)
+        d["undo"] = int(rec.undo)
         self._db.execute(
             "INSERT OR REPLACE INTO jobs VALUES (:source, :kind, :clone, :state,"
             " :protected, :total_extents, :copied_bytes, :on_demand, :rate_limit,"
-            " :error, :started)", d)
+            " :error, :started, :undo)", d)
 
     def delete_job(self, source: str) -> None:
         self._db.execute("DELETE FROM jobs WHERE source = ?", (source,))
@@ -297,8 +307,8 @@ class Metadata:
         with self.lock:
             rows = self._db.execute(
                 "SELECT source, kind, clone, state, protected, total_extents,"
-                " copied_bytes, on_demand, rate_limit, error, started FROM jobs").fetchall()
-        return [JobRecord(*r[:4], bool(r[4]), *r[5:]) for r in rows]
+                " copied_bytes, on_demand, rate_limit, error, started, undo FROM jobs").fetchall()
+        return [JobRecord(*r[:4], bool(r[4]), *r[5:11], bool(r[11])) for r in rows]
 
     def map_counts(self) -> dict[tuple[str, str], int]:
         """Every stored map's count of set bits, by (owner, kind), read

@@ -13,6 +13,8 @@ Maps (docs/DESIGN.md, "Maps"):
     guard.writers      extent -> count of host writes between decision and end
     restore.pending    restore-pending map: extents still to copy clone->source
     restore.protected  protected restore map: extents the host wrote
+    restore.captured   captured map: the extent's pre-restore data is in the
+                       undo image (``undo.py``); None without an undo image
 
 Host write / trim / zero on the source, per extent touched:
     in flight                        -> wait for the copy, then decide again
@@ -27,7 +29,8 @@ Host write / trim / zero on the source, per extent touched:
                                         data, like rule 2); requests on that
                                         extent wait for this write to end
       neither waits for a commit: a crash before it finds the extent still
-      pending, and copying it again undoes only unflushed writes (rule 3)
+      pending, and copying it again undoes only unflushed writes (rule 3);
+      with an undo image, both first wait for the extent's capture (below)
     restoring clone                  -> protected bit committed, then write
                                         (unprotected restore: also mirrored)
     fractured clone                  -> delta bit committed, then write
@@ -51,6 +54,13 @@ Background copies (jobs.py drives them, these methods decide):
                  destination for fdatasync before the next commit (rule 2)
 A job never clears a bit while a host write to that extent is in progress,
 and a host write never starts on an extent in flight: that is claim 1.
+
+Capture (a restore that keeps an undo image): whatever overwrites a pending
+extent of the source (``copy_runs`` into the source, ``copy_on_demand``, a
+write covering it whole) first calls ``capture``: the source's old data is
+copied into the undo image and fdatasynced, the captured bits committed,
+and only then the source written.  The extents are in flight or being
+written meanwhile, so nothing else changes them.
 """
 from __future__ import annotations
 
@@ -66,7 +76,7 @@ from . import faults
 from . import volume as vf
 from .bitmap import Bitmap, extent_range
 from .commit import Batch, Committer
-from .errors import ReadOnly
+from .errors import LuncloneError, ReadOnly
 from .iopath import Volume, WriteBarrier
 from .store import Store, copy_range, is_local, start_writeback
 
@@ -141,8 +151,12 @@ class Clone:
 
 class Restore:
     def __init__(self, clone: Clone, protected_mode: bool, pending: Bitmap,
-                 protected: Bitmap, total_extents: int):
+                 protected: Bitmap, total_extents: int, captured: Bitmap | None = None,
+                 undo_store: Store | None = None):
         self.clone = clone
+        # The undo image and what it holds (``undo.py``); None: --no-undo.
+        self.captured = captured
+        self.undo_store = undo_store
         self.protected_mode = protected_mode
         self.pending = pending
         self.protected = protected
@@ -292,6 +306,11 @@ class Family:
     def restore(self, value: Restore | None) -> None:
         self._restore = value
         self.refresh_fast()
+
+    def undo_point(self) -> Restore | None:
+        """The restore whose undo image is kept (running or done), if any."""
+        r = self._restore or self.last_restore
+        return r if r is not None and r.captured is not None else None
 
     def add_clone(self, clone: Clone) -> None:
         clone.family = self
@@ -464,9 +483,13 @@ class Family:
         if self._restore is None:
             return False
         exts = extent_range(offset, length, self.shift)
+        r = self._restore
         with self.maps_lock:
             return bool(self._copies_needed(exts, offset, length)
-                        or any(self.guard.copy_of(i) for i in exts))
+                        or any(self.guard.copy_of(i) for i in exts)
+                        or (r.captured is not None and any(  # a capture is a copy too
+                            r.pending.test(i) and not r.protected.test(i)
+                            and not r.captured.test(i) for i in exts)))
 
     def extents(self, vol: Volume, count: int, offset: int,
                 one: bool) -> list[tuple[int, int, bool]]:
@@ -502,6 +525,8 @@ class Family:
     def _write(self, offset: int, length: int, fua: bool, do: Callable[[Store], None]) -> None:
         plan = self._plan_write(offset, length)
         try:
+            if plan.protect_after:  # no copy first: its old data is kept now
+                self.capture(self._restore, plan.protect_after)
             if faults.armed is not None:
                 faults.hit("write.bits_committed")
             try:
@@ -788,6 +813,35 @@ class Family:
             self.guard.end_write(exts)
 
     # -- copies ------------------------------------------------------------------
+    def capture(self, r: Restore, exts) -> None:
+        """Keep the pre-restore data of these extents of the source before
+        it is overwritten (see the module docstring): no lock held, the
+        extents in flight or being written by the caller.  Extents not
+        pending (their old data is the clone's) or captured already are
+        skipped.  Raises OSError (a full disk, say) with nothing changed
+        but the undo image: the caller then does not overwrite them."""
+        if r.captured is None:
+            return
+        with self.maps_lock:
+            todo = [i for i in exts if r.pending.test(i) and not r.captured.test(i)]
+        if not todo:
+            return
+        store, source = r.undo_store, self.source.store
+        self.committer.check_writable(store.fd)
+        self.committer.check_writable(source.fd)
+        for first, n in _runs_of(todo):
+            offset = first << self.shift
+            copy_range(source, store, offset, min(n << self.shift, self.source.size - offset))
+        if faults.armed is not None:
+            faults.hit("capture.data_written")
+        self.committer.sync_volume(store.fd)  # durable before its bits (rule 5)
+        with self.maps_lock:
+            batches = [self.committer.request(r.captured, i) for i in todo]
+        try:
+            _wait(batches)
+        except LuncloneError as e:  # as a copy's error: the job retries, then pauses
+            raise OSError(e.errno, f"capture for the undo image: {e.message}") from e
+
     def copy_on_demand(self, todo: list[int]) -> None:
         """Copy extents (already marked in flight) clone->source for a write
         that covers them in part, and protect them for it.
@@ -799,6 +853,7 @@ class Family:
         that were never flushed."""
         r = self.restore
         try:
+            self.capture(r, todo)
             copied = 0
             for i in todo:
                 copied += self.copy_extents(r.data_source, self.source.store, i, 1)
@@ -881,6 +936,9 @@ class Family:
         writes waiting for a commit of their map bits do not wait for the
         job's megabytes to reach the disk, and a write into an extent so
         copied has its protected bit committed alone (``copy_durable``)."""
+        r = self._restore
+        if r is not None and dst is self.source.store:
+            self.capture(r, [i for first, n in runs for i in range(first, first + n)])
         copied = 0
         for first, n in runs:
             copied += self.copy_extents(src, dst, first, n)
@@ -951,6 +1009,9 @@ class CloneExport:
             if clone.state != FRACTURED:
                 raise ReadOnly(f"clone {clone.name} is {clone.state}: its export is "
                                "read-only until it is fractured")
+            point = self.family.undo_point()
+            if point is not None and point.clone is clone:  # the undo rebuilds from it
+                raise ReadOnly(undo_refusal(self.family.source.name, clone.name))
             exts = extent_range(offset, length, self.family.shift)
             batches = [self.family.committer.request(clone.delta, i) for i in exts]
             if clone.fracturing is not None:  # a real difference, not a mirrored write
@@ -982,6 +1043,12 @@ class CloneExport:
         vol.store.flush()
 
 
+def undo_refusal(source: str, clone: str) -> str:
+    """Why a change to ``clone`` is refused while it holds an undo point."""
+    return (f"clone {clone} holds the undo point of {source}'s restore (the volume as it "
+            f"was before it); 'lunclone restore forget {source}' drops it")
+
+
 def _wait(batches: list[Batch | None]) -> None:
     seen: set[int] = set()
     for b in batches:
@@ -989,6 +1056,17 @@ def _wait(batches: list[Batch | None]) -> None:
             seen.add(id(b))
             b.wait()
 
+
+
+def _runs_of(exts: list[int]) -> list[tuple[int, int]]:
+    """(first, count) runs of consecutive extents, in order."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(exts):
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
 
 
 def _chunks(hot: set[int]) -> set[int]:

@@ -24,15 +24,16 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import os
 import time
 
-from . import faults, units
+from . import faults, undo, units
 from .bitmap import Bitmap, byte_ranges
 from .clones import Clones
 from .errors import Busy, InvalidArgument, LuncloneError, NotFound, WrongState
 from .families import DRAIN_TIMEOUT, Families, new_rules
 from .jobs import JobKey, JobRunner, RestoreJob
-from .metadata import DELTA, PENDING, PROTECTED, JobRecord
+from .metadata import CAPTURED, DELTA, PENDING, PROTECTED, JobRecord
 from .policy import DONE, FRACTURED, MIRRORED, PAUSED, RESTORING, RUNNING, SYNCHRONIZING
 from .policy import Clone, Family, Restore
 from .volumes import VolumeTable
@@ -42,7 +43,8 @@ log = logging.getLogger("lunclone.restores")
 
 class Restores:
     def __init__(self, volumes: VolumeTable, families: Families, jobs: JobRunner,
-                 admin: asyncio.Lock, clones: Clones):
+                 admin: asyncio.Lock, clones: Clones, state_dir: str):
+        self.state_dir = state_dir  # where the undo images are (undo.py)
         self.volumes = volumes
         self.families = families
         self.committer = families.committer
@@ -66,7 +68,8 @@ class Restores:
         clone = fam.clones.get(job.clone) if fam is not None else None
         if job.state == DONE:
             if clone is not None:
-                fam.last_restore = self._done(clone, job, fam.nextents)
+                captured, store = self._load_undo(job, fam.nextents)
+                fam.last_restore = self._done(clone, job, fam.nextents, captured, store)
             return
         if clone is None:
             why = self.volumes.broken.get(job.clone, "is missing")
@@ -78,21 +81,46 @@ class Restores:
         self.families.load_maps(fam)  # the restore's end reads every clone's map
         pending = self.md.load_bitmap(job.source, PENDING, fam.nextents)
         protected = self.md.load_bitmap(job.source, PROTECTED, fam.nextents)
-        r = Restore(clone, job.protected, pending, protected, job.total_extents)
+        captured, store = self._load_undo(job, fam.nextents)
+        r = Restore(clone, job.protected, pending, protected, job.total_extents,
+                    captured, store)
         r.state, r.rate_limit, r.on_demand, r.error = job.state, job.rate_limit, job.on_demand, job.error
         r.progress.copied_bytes = job.copied_bytes
         r.ready.set()
         self.committer.register(pending)
         self.committer.register(protected)
+        if captured is not None:
+            self.committer.register(captured)
         fam.restore = r
         log.info("resuming restore of %s from %s: %d extents pending",
                  job.source, clone.name, pending.count())
 
+    def _load_undo(self, job: JobRecord, nextents: int):
+        """(captured map, open undo image) of a restore that keeps one, else
+        (None, None); a missing image is logged, and there is no undo point."""
+        if not job.undo:
+            return None, None
+        store = undo.open_existing(self.state_dir, job.source)
+        if store is None:
+            # Dropped for good, so that no later image is paired with this
+            # map.  (The metadata alone: no map in memory holds it yet, and
+            # a caller may hold maps_lock, which comes after commit_lock.)
+            log.error("restore of %s: its undo image %s is missing: its undo point is "
+                      "dropped%s", job.source, undo.path(self.state_dir, job.source),
+                      "" if job.state == DONE else "; the restore goes on without one")
+            with self.md.transaction() as tx:
+                tx.delete_bitmap(job.source, CAPTURED)
+                tx.put_job(dataclasses.replace(job, undo=False))
+            return None, None
+        return self.md.load_bitmap(job.source, CAPTURED, nextents), store
+
     @staticmethod
-    def _done(clone: Clone, job: JobRecord, nextents: int) -> Restore:
+    def _done(clone: Clone, job: JobRecord, nextents: int,
+              captured: Bitmap | None = None, store=None) -> Restore:
         """A finished restore, for status: its protected map was the clone's
         delta map at completion."""
-        r = Restore(clone, job.protected, Bitmap(nextents), clone.delta.copy(), job.total_extents)
+        r = Restore(clone, job.protected, Bitmap(nextents), clone.delta.copy(), job.total_extents,
+                    captured, store)
         r.state, r.on_demand = DONE, job.on_demand
         r.progress.copied_bytes = job.copied_bytes
         return r
@@ -105,13 +133,31 @@ class Restores:
 
     # -- start -----------------------------------------------------------------------
     async def begin(self, source: str, clone_name: str, protected: bool = True,
-                    rate_limit=0) -> None:
+                    rate_limit=0, keep_undo: bool = False, force: bool = False) -> None:
+        """Start a restore.  ``keep_undo`` (protected restores only: an
+        unprotected one writes the clone, which the undo image relies on)
+        keeps the source's pre-restore data as the restore overwrites it
+        (``undo.py``).  The start drops the source's last undo point, if
+        any, in its own transaction.  (Off by default until ``restore
+        undo`` exists: until then the image costs a second copy and gives
+        nothing but the rebuilt pre-restore image, by hand.)"""
         async with self.admin:
             units.check_name(source)
             rate_limit = units.parse_size(rate_limit or 0)
-            self.volumes.get(source)
+            src = self.volumes.get(source)
             fam, clone = self.families.find_clone(clone_name)
             self._check_can_start(fam, clone, source)
+            point = fam.undo_point()
+            if point is not None and not force:
+                raise WrongState(f"{source} has an undo point (its restore from "
+                                 f"{point.clone.name}); a new restore would drop it: "
+                                 f"'lunclone restore forget {source}' first, or --force")
+            if point is not None:
+                log.warning("restore of %s: dropping the undo point of its restore from %s "
+                            "(--force)", source, point.clone.name)
+            if keep_undo and not protected:
+                raise InvalidArgument("--undo needs a protected restore: an unprotected one "
+                                      "writes the clone, which the undo image relies on")
             old_state = clone.state
             r = Restore(clone, protected, Bitmap(fam.nextents, key=(source, PENDING)),
                         Bitmap(fam.nextents, key=(source, PROTECTED)), 0)
@@ -122,7 +168,7 @@ class Restores:
                 clone.state = RESTORING
                 return (clone.volume.barrier.switch(), *fam.switch_fast())
 
-            def undo():
+            def uninstall():
                 # Only these two changed before the commit (the gate); other
                 # clones may have changed state meanwhile: left alone.
                 fam.restore = None
@@ -130,8 +176,14 @@ class Restores:
             # Before the gate closes (host requests must not wait for a sync
             # copy); from the install on, no sync job starts (``start_sync``).
             await self._end_syncs(fam, clone)
+            made = False
+            if keep_undo:  # (no await from here to the try)
+                made = not os.path.exists(undo.path(self.state_dir, source))
+                r.undo_store = undo.open_or_create(self.state_dir, source, src.size)
+                r.captured = Bitmap(fam.nextents, key=(source, CAPTURED))
+            store = r.undo_store
             try:
-                async with new_rules(fam, source, install, undo):
+                async with new_rules(fam, source, install, uninstall):
                     await self._writers_end(fam)
                     if faults.armed is not None:
                         faults.hit("restore.gated")
@@ -140,6 +192,10 @@ class Restores:
                 for other in list(fam.clones.values()):  # the start changed nothing
                     if other.state == SYNCHRONIZING:
                         self.clones.start_sync(fam, other)
+                if store is not None:  # the last undo point, if any, is intact
+                    undo.close(self.committer, store)
+                    if made:
+                        undo.remove(self.state_dir, source)
                 raise
             finally:
                 r.ready.set()  # open the gate: requests go on under the new rules, or the old
@@ -223,15 +279,39 @@ class Restores:
                 tx.then(functools.partial(_put_pages, other.delta, grown))
             tx.delete_bitmap(fam.source.name, PENDING)
             tx.delete_bitmap(fam.source.name, PROTECTED)
+            tx.delete_bitmap(fam.source.name, CAPTURED)
             tx.save_bitmap(fam.source.name, PENDING, r.pending)
             tx.put_job(self._record(fam, r))
             tx.then(functools.partial(self.committer.register, r.pending))
             tx.then(functools.partial(self.committer.register, r.protected))
+            if r.captured is not None:
+                tx.then(functools.partial(self.committer.register, r.captured))
+        self._replace_undo_point(fam, r)
+
+    def _replace_undo_point(self, fam: Family, r: Restore) -> None:
+        """The start has committed: the last restore's undo point is gone
+        from the metadata (the start deleted its captured map and rewrote
+        the job row).  Its open image is closed, and its blocks freed (the
+        new restore captures into the same file: nothing in it is trusted
+        now) or the file removed (--no-undo).  Before the gate opens, so
+        before any capture."""
+        last = fam.last_restore
+        if last is not None and last.undo_store is not None:
+            undo.close(self.committer, last.undo_store)
+            last.captured = last.undo_store = None
+        try:  # (an error here is no failed start: it has committed)
+            if r.undo_store is not None:
+                undo.empty(r.undo_store)
+            else:
+                undo.remove(self.state_dir, fam.source.name)
+        except Exception as e:  # only space is at stake
+            log.warning("restore of %s: the last undo image was not freed: %s",
+                        fam.source.name, e)
 
     def _record(self, fam: Family, r: Restore) -> JobRecord:
         return JobRecord(fam.source.name, "restore", r.clone.name, r.state, r.protected_mode,
                          r.total_extents, r.progress.copied_bytes, r.on_demand, r.rate_limit,
-                         r.error, time.time())
+                         r.error, time.time(), r.captured is not None)
 
     def _run_job(self, fam: Family) -> None:
         job = RestoreJob(fam, fam.restore, self.jobs.pool, self.finish, self.pause_with_error)
@@ -267,6 +347,8 @@ class Restores:
                 r.state = DONE
                 self.committer.unregister(r.pending)
                 self.committer.unregister(r.protected)
+                if r.captured is not None:
+                    self.committer.unregister(r.captured)
                 fam.restore = None
                 fam.last_restore = r
             tx.then(done)
@@ -276,6 +358,23 @@ class Restores:
         if clone.state == SYNCHRONIZING:
             self.clones.start_sync(fam, clone)
         return True
+
+    # -- the undo point ------------------------------------------------------------------
+    async def forget(self, source: str) -> None:
+        """Drop the undo point of the source's finished restore."""
+        async with self.admin:
+            units.check_name(source)
+            self.volumes.get(source)
+            fam = self.families.get(source)
+            point = fam.undo_point() if fam is not None else None
+            if point is None:
+                raise NotFound(f"{source} has no undo point")
+            if point is fam.restore:
+                raise WrongState(f"the restore of {source} is {point.state}; its undo point "
+                                 "can be dropped once it is done")
+            undo.forget(self.committer, self.state_dir, source, point)
+            log.info("undo point of %s dropped", source)
+
 
     # -- pause, resume, rate -----------------------------------------------------------
     def _restore_of(self, source: str) -> tuple[Family, Restore]:

@@ -43,6 +43,7 @@ class Status:
             "clone_state": rec.clone_state,
             "clones": self.clones(name),
             "restore": self.restore(name),
+            "undo": self.undo(name),
         }
 
     def all(self) -> list[dict]:
@@ -136,6 +137,21 @@ class Status:
                  "rate_limit_bytes_per_s": r.rate_limit, "error": r.error}
         d.update(_progress(r.progress, pending, fam.source.extent_size))
         return d
+
+
+    def undo(self, source: str) -> dict | None:
+        """The undo image of the source's last restore, if one is kept:
+        ``capturing`` while the restore runs, ``kept`` once it is done."""
+        fam: Family | None = self.families.peek(source)
+        r = fam and (fam.restore or fam.last_restore)
+        if r is None or r.captured is None:
+            return None
+        with self.maps_lock:
+            n = r.captured.count()
+        size = fam.source.size
+        return {"from": r.clone.name, "captured_extents": n,
+                "bytes": min(n * fam.source.extent_size, size),
+                "state": "kept" if r.state == DONE else "capturing"}
 
 
 def _progress(p: Progress, remaining_extents: int, extent_size: int) -> dict:

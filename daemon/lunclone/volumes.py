@@ -21,7 +21,7 @@ from . import volume as vf
 from .commit import Committer
 from .errors import AlreadyExists, Busy, InvalidArgument, LuncloneError, NotFound
 from .iopath import Volume
-from .metadata import Metadata, VolumeRecord
+from .metadata import CAPTURED, Metadata, VolumeRecord
 from .store import FileStore, Store
 
 log = logging.getLogger("lunclone.volumes")
@@ -42,6 +42,7 @@ class VolumeTable:
 
     def __init__(self, state_dir: str, md: Metadata, committer: Committer,
                  remote_options: RemoteOptions):
+        self.state_dir = state_dir
         self.dir = os.path.join(state_dir, VOLUME_DIR)
         self.md = md
         self.committer = committer
@@ -186,6 +187,8 @@ class VolumeTable:
         with self.committer.transaction() as tx:
             self.check_unused(name, vol)  # under the lock: none can slip in
             tx.delete_volume(name)
+            tx.delete_bitmap(name, CAPTURED)  # its undo image's map, if any
+            tx.delete_job(name)  # and its last restore's row
             tx.then(lambda: self.served.pop(name, None))
         self.forget(name, vol)
         log.info("deleted volume %s", name)

@@ -1,0 +1,293 @@
+"""The undo image (issue 17, item 1): a restore keeps the source's
+pre-restore data of every extent it overwrites, captured before the
+overwrite, so that the volume as it was just before the restore is exactly
+the undo image where captured and the clone everywhere else.
+
+Checked against the real daemon, every byte: after host I/O of every shape
+on several connections during the restore; after SIGKILLs at random points
+of the capture (the crash rule: an extent of the original pending set is
+captured with its old data in the undo image, or still holds its old data
+in the source)."""
+import os
+import random
+import time
+
+import pytest
+
+from helpers import (EXT, SIZE, fractured_then_damaged, read_bitmap, restore_status,
+                     wait_restore_done, whole)
+from workloads import host_io_during_restore
+
+
+def undo_path(daemon, source="src"):
+    return os.path.join(daemon.state_dir, "undo", f"{source}.img")
+
+
+def read_extent(path: str, i: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(i * EXT)
+        return f.read(EXT)
+
+
+def before_restore(daemon, rng):
+    """The scenario: returns (the source's data just before the restore,
+    the clone's data, the original pending set, a handle on src)."""
+    clone_data, src = fractured_then_damaged(daemon, rng)
+    before = whole(src, SIZE)
+    pending = read_bitmap(daemon.state_dir, "c1", "delta")
+    assert pending
+    return before, clone_data, pending, src
+
+
+def rebuilt_pre_restore(daemon, clone_data: bytes, captured: set[int]) -> bytes:
+    """The undo image where captured, the clone everywhere else."""
+    out = bytearray(clone_data)
+    for i in captured:
+        out[i * EXT:(i + 1) * EXT] = read_extent(undo_path(daemon), i)
+    return bytes(out)
+
+
+def test_restore_keeps_the_pre_restore_image(daemon):
+    """Host I/O of every shape on four connections during a slow restore
+    (copies on demand, whole-extent writes, the job): when it is done,
+    every extent of the original pending set is captured, and the undo
+    image plus the clone give back the pre-restore source byte for byte;
+    the clone is untouched; status shows the undo image."""
+    rng = random.Random(17)
+    before, clone_data, pending, src = before_restore(daemon, rng)
+    daemon.cli("restore", "src", "--from", "c1", "--undo", "--rate", "64K")
+    u = daemon.json("status", "src")["undo"]
+    assert u["from"] == "c1" and u["state"] == "capturing"
+    host_io_during_restore(daemon, src, clone_data, 100, 120)
+    assert restore_status(daemon, "src")["on_demand_extents"] > 0
+    captured = read_bitmap(daemon.state_dir, "src", "captured")
+    assert captured == pending
+    assert rebuilt_pre_restore(daemon, clone_data, captured) == before
+    assert whole(daemon.connect("c1"), SIZE) == clone_data
+    u = daemon.json("status", "src")["undo"]
+    assert u == {"from": "c1", "captured_extents": len(pending),
+                 "bytes": len(pending) * EXT, "state": "kept"}
+    assert "undo image of the restore from c1: kept" in daemon.cli("status", "src").stdout
+
+
+def test_no_undo_keeps_nothing(daemon):
+    """The default (until 'restore undo' exists): no undo image."""
+    rng = random.Random(3)
+    before, clone_data, pending, src = before_restore(daemon, rng)
+    daemon.cli("restore", "src", "--from", "c1", "--wait")
+    assert daemon.json("status", "src")["undo"] is None
+    assert not os.path.exists(undo_path(daemon))
+    assert read_bitmap(daemon.state_dir, "src", "captured") == set()
+
+
+def test_a_new_restore_drops_the_old_undo_image(daemon):
+    rng = random.Random(4)
+    before, clone_data, pending, src = before_restore(daemon, rng)
+    daemon.cli("restore", "src", "--from", "c1", "--undo", "--wait")
+    assert read_bitmap(daemon.state_dir, "src", "captured") == pending
+    src.pwrite(os.urandom(EXT), 0)
+    daemon.cli("restore", "src", "--from", "c1", "--force", "--wait")
+    assert daemon.json("status", "src")["undo"] is None
+    assert read_bitmap(daemon.state_dir, "src", "captured") == set()
+    assert not os.path.exists(undo_path(daemon))
+
+
+def check_crash_rule(daemon, before: bytes, pending: set[int]) -> int:
+    """After a SIGKILL, on the files: each extent of the original pending
+    set is captured (its old data in the undo image) or holds its old data
+    in the source.  Returns how many were captured."""
+    captured = read_bitmap(daemon.state_dir, "src", "captured")
+    assert captured <= pending
+    source = daemon.volume_path("src")
+    for i in pending:
+        old = before[i * EXT:(i + 1) * EXT]
+        if i in captured:
+            assert read_extent(undo_path(daemon), i) == old, f"extent {i}: undo data wrong"
+        else:
+            assert read_extent(source, i) == old, \
+                f"extent {i}: overwritten in the source before it was captured"
+    return len(captured)
+
+
+def test_sigkill_during_capture_keeps_the_rule(daemon, long_mode):
+    """SIGKILL at random moments of a rate-limited restore with a writer
+    doing partial and whole-extent writes; before each restart the crash
+    rule is checked on the files; at the end the pre-restore image is
+    rebuilt byte for byte.  (12 kills, 60 with --long.)"""
+    rng = random.Random(23)
+    before, clone_data, pending, src = before_restore(daemon, rng)
+    daemon.cli("restore", "src", "--from", "c1", "--undo", "--rate", "256K")
+    kills = 60 if long_mode else 12
+    seen = []
+    for k in range(kills):
+        h = daemon.connect("src")
+        deadline = time.monotonic() + rng.uniform(0.05, 0.6)
+        while time.monotonic() < deadline:
+            i = rng.choice(sorted(pending))
+            if rng.random() < 0.5:
+                h.pwrite(os.urandom(4096), i * EXT + rng.randrange(0, EXT, 4096))
+            else:
+                h.pwrite(os.urandom(EXT), i * EXT)
+        del h
+        daemon.kill()
+        seen.append(check_crash_rule(daemon, before, pending))
+        daemon.start()
+        if (restore_status(daemon, "src") or {}).get("state") == "done":
+            break
+    daemon.cli("restore", "rate", "src", "0", check=False)  # it may be done already
+    wait_restore_done(daemon, "src")
+    captured = read_bitmap(daemon.state_dir, "src", "captured")
+    assert captured == pending
+    assert rebuilt_pre_restore(daemon, clone_data, captured) == before
+    assert whole(daemon.connect("c1"), SIZE) == clone_data
+    print(f"captured after each kill: {seen}")
+
+
+# -- item 3: when undo is no longer possible, say so, never undo wrongly ---------
+
+def kept_point(daemon, seed: int):
+    """A finished restore of src from c1 that kept its undo image."""
+    before, clone_data, pending, src = before_restore(daemon, random.Random(seed))
+    daemon.cli("restore", "src", "--from", "c1", "--undo", "--wait")
+    assert daemon.json("status", "src")["undo"]["state"] == "kept"
+    return clone_data, pending
+
+
+def point_intact(daemon, clone_data: bytes, pending: set[int]) -> None:
+    assert daemon.json("status", "src")["undo"]["captured_extents"] == len(pending)
+    assert read_bitmap(daemon.state_dir, "src", "captured") == pending
+    assert os.path.exists(undo_path(daemon))
+    assert whole(daemon.connect("c1"), SIZE) == clone_data
+
+
+def point_gone(daemon) -> None:
+    assert daemon.json("status", "src")["undo"] is None
+    assert read_bitmap(daemon.state_dir, "src", "captured") == set()
+    assert not os.path.exists(undo_path(daemon))
+
+
+@pytest.mark.parametrize("args", [["clone", "sync", "c1"], ["clone", "delete", "c1"],
+                                  ["restore", "src", "--from", "c1"]],
+                         ids=["sync", "delete", "restore"])
+def test_a_change_that_breaks_the_undo_point_is_refused(daemon, args):
+    """One line naming the point and how to drop it; nothing changed."""
+    clone_data, pending = kept_point(daemon, 8)
+    r = daemon.cli(*args, check=False)
+    assert r.returncode != 0
+    msg = r.stderr.strip()
+    assert "\n" not in msg and "undo point" in msg and "restore forget src" in msg, msg
+    point_intact(daemon, clone_data, pending)
+    daemon.cli(*args, "--force")
+    point_gone(daemon)
+
+
+def test_a_forced_delete_refused_for_another_reason_keeps_the_point(daemon):
+    """--force drops the point only with the change it makes way for: a
+    delete refused (the clone has a connection) leaves the point whole."""
+    clone_data, pending = kept_point(daemon, 15)
+    h = daemon.connect("c1")
+    r = daemon.cli("clone", "delete", "c1", "--force", check=False)
+    assert r.returncode != 0 and "open connection" in r.stderr, r.stderr
+    del h
+    point_intact(daemon, clone_data, pending)
+
+
+def test_a_write_to_the_clone_is_refused_while_it_holds_the_point(daemon):
+    import nbd
+    clone_data, pending = kept_point(daemon, 9)
+    h = daemon.connect("c1")
+    with pytest.raises(nbd.Error) as e:  # EROFS goes over NBD as EPERM
+        h.pwrite(os.urandom(4096), 0)
+    assert "not permitted" in str(e.value)
+    del h
+    point_intact(daemon, clone_data, pending)
+    daemon.cli("restore", "forget", "src")
+    point_gone(daemon)
+    h = daemon.connect("c1")
+    h.pwrite(os.urandom(4096), 0)  # the clone is a plain fractured clone again
+
+
+def test_forget_refuses_what_it_cannot_do(daemon):
+    before, clone_data, pending, src = before_restore(daemon, random.Random(10))
+    r = daemon.cli("restore", "forget", "src", check=False)
+    assert r.returncode != 0 and "src has no undo point" in r.stderr
+    daemon.cli("restore", "src", "--from", "c1", "--undo", "--rate", "64K")
+    r = daemon.cli("restore", "forget", "src", check=False)
+    assert r.returncode != 0 and "once it is done" in r.stderr
+    daemon.cli("restore", "rate", "src", "0")
+    wait_restore_done(daemon, "src")
+    daemon.cli("restore", "forget", "src")
+    point_gone(daemon)
+
+
+def test_the_point_survives_a_restart(daemon):
+    clone_data, pending = kept_point(daemon, 12)
+    daemon.stop()
+    daemon.start()
+    point_intact(daemon, clone_data, pending)
+    r = daemon.cli("clone", "delete", "c1", check=False)
+    assert r.returncode != 0 and "undo point" in r.stderr
+
+
+def test_undo_needs_a_protected_restore(daemon):
+    before_restore(daemon, random.Random(13))
+    r = daemon.cli("restore", "src", "--from", "c1", "--undo", "--unprotected", check=False)
+    assert r.returncode != 0 and "--undo needs a protected restore" in r.stderr
+    assert "\n" not in r.stderr.strip()
+    assert daemon.json("status", "src")["restore"] is None
+    assert not os.path.exists(undo_path(daemon))
+
+
+def test_a_missing_image_drops_the_point_for_good(daemon):
+    """An undo image deleted behind the daemon's back: at the next start
+    the point is dropped from the metadata (never paired with a later
+    image), and the clone is free again."""
+    kept_point(daemon, 14)
+    daemon.stop()
+    os.unlink(undo_path(daemon))
+    daemon.start()
+    point_gone(daemon)
+    assert "undo image" in daemon.log() and "is missing" in daemon.log()
+    daemon.cli("clone", "delete", "c1")
+
+
+def test_a_full_disk_while_capturing_pauses_and_overwrites_nothing_uncaptured(daemon):
+    """The undo directory on a tmpfs with room for a few extents: the
+    restore pauses with the error in status; every extent not captured
+    still holds its pre-restore data in the source, every captured one has
+    it in the undo image; the host still reads the clone's data.  With
+    room again, resume finishes and the pre-restore image is whole."""
+    import subprocess
+    from helpers import wait_for
+    before, clone_data, pending, src = before_restore(daemon, random.Random(16))
+    undo_dir = os.path.dirname(undo_path(daemon))
+    os.makedirs(undo_dir, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", undo_dir]).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+    try:
+        daemon.cli("restore", "src", "--from", "c1", "--undo")
+        err = wait_for(lambda: (daemon.json("status", "src")["restore"] or {}).get("error"),
+                       60, what="the restore to pause on ENOSPC")
+        assert "space" in err, err
+        assert daemon.json("status", "src")["restore"]["state"] == "paused"
+        for i in sorted(pending)[:4]:  # reads of pending extents: the clone's data
+            assert src.pread(EXT, i * EXT) == clone_data[i * EXT:(i + 1) * EXT]
+        captured = read_bitmap(daemon.state_dir, "src", "captured")
+        assert len(captured) < len(pending)
+        with open(daemon.volume_path("src"), "rb") as f:
+            source_file = f.read()
+        for i in pending - captured:  # never overwritten
+            assert source_file[i * EXT:(i + 1) * EXT] == before[i * EXT:(i + 1) * EXT], i
+        for i in captured:
+            assert read_extent(undo_path(daemon), i) == before[i * EXT:(i + 1) * EXT], i
+        subprocess.run(["mount", "-o", "remount,size=64m", undo_dir], check=True)
+        daemon.cli("restore", "resume", "src")
+        wait_restore_done(daemon, "src")
+        captured = read_bitmap(daemon.state_dir, "src", "captured")
+        assert captured == pending
+        assert rebuilt_pre_restore(daemon, clone_data, captured) == before
+        assert whole(src, SIZE) == clone_data
+    finally:
+        del src
+        daemon.stop()
+        subprocess.run(["umount", "-l", undo_dir])
