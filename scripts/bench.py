@@ -456,6 +456,78 @@ def restore_alone(d: Daemon, flags: list[str], every_mb: list[int]) -> float:
 DURING_MB = 4096  # alone, its restore outlasts a few seconds of fio
 
 
+def timed_restore(d: Daemon, keep_undo: bool) -> float:
+    """Seconds from the ``restore`` call to its end (``--wait``'s span)."""
+    from lunclone.client import Client
+    t0 = time.monotonic()
+    with Client(d.run_dir) as c:
+        c.call("restore", source="v", clone_name="c", keep_undo=keep_undo, force=True)
+    wait_restore_done(d, "v")
+    return time.monotonic() - t0
+
+
+def bench_undo(args) -> None:
+    """Issue 17, item 6 (the capture half): a restore until done of a 1 GiB
+    volume with 10% and 100% of its 64 KiB extents changed, with ``--undo``
+    (the old data of each extent copied into the undo image first, so the
+    data is copied twice) and without, beside a raw copy_file_range loop of
+    the same extents; then host 4k randrw IOPS during a restore of every
+    extent with ``--undo`` beside one without.  The sides alternate; the
+    last round's undo point is dropped before the next (``--force``)."""
+    import random
+    size_mb, extent = 1024, 65536
+    with bench_daemon() as (d, work):
+        d.cli("create", "v", "--size", f"{size_mb}M")
+        fill(d.volume_path("v"), size_mb)
+        d.cli("clone", "create", "v", "c")
+        wait_state(d, "v", "c", "synchronized")
+        raw_dst = os.path.join(work, "raw.img")
+        shutil.copyfile(d.volume_path("v"), raw_dst)
+        fsync_path(raw_dst)
+        nexts = (size_mb << 20) // extent
+        m = statistics.median
+        print(f"-- restore until done of {size_mb >> 10} GiB, with --undo / without / raw "
+              f"copy_file_range of the same extents, {args.rounds} alternated rounds (seconds):")
+        for pct in (10, 100):
+            exts = sorted(random.Random(pct).sample(range(nexts), nexts * pct // 100))
+            took: dict[str, list[float]] = {"undo": [], "plain": [], "raw": []}
+            for r in range(args.rounds):
+                for side in (took if r % 2 == 0 else list(took)[::-1]):
+                    if side == "raw":
+                        pretouch(1 << 30)
+                        took[side].append(raw_copy_extents(d.volume_path("c"), raw_dst, exts,
+                                                           extent))
+                        continue
+                    d.cli("restore", "forget", "v", check=False)
+                    damage_and_fracture(d, "v", "c", [i * extent for i in exts], n=4096)
+                    pretouch(1 << 30)
+                    took[side].append(timed_restore(d, side == "undo"))
+            rounds = ", ".join("/".join(f"{t:.2f}" for t in ts) for ts in zip(*took.values()))
+            ratio = m(p / u for u, p in zip(took["undo"], took["plain"]))
+            raw = m(w / u for u, w in zip(took["undo"], took["raw"]))
+            print(f"   {pct:3d}% ({len(exts)} extents, {len(exts) * extent >> 20} MiB): {rounds}; "
+                  f"median throughput with undo / without {ratio:.3f} (target >= 0.45); "
+                  f"raw time / undo time {raw:.3f}", flush=True)
+        case = dict(rw="randrw", bs="4k", iodepth=16)
+        iops_: dict[str, list[float]] = {"undo": [], "plain": []}
+        every_mb = [mb << 20 for mb in range(size_mb)]
+        for r in range(args.rounds):
+            for side in (iops_ if r % 2 == 0 else list(iops_)[::-1]):
+                d.cli("restore", "forget", "v", check=False)
+                damage_and_fracture(d, "v", "c", every_mb, n=1 << 20)
+                pretouch(1 << 30)
+                # rate-limited so that it runs under the whole fio run on both sides
+                d.cli("restore", "v", "--from", "c", "--force", "--rate", "128M",
+                      *(["--undo"] if side == "undo" else []))
+                iops_[side].append(measure(d.uri("v"), case, f"{size_mb}M", args.runtime))
+                end_restore(d, "v")
+        rounds = ", ".join(f"{u:.0f}/{p:.0f}" for u, p in zip(iops_["undo"], iops_["plain"]))
+        print(f"-- fio 4k randrw qd16 for {args.runtime:.0f}s during a restore of every extent "
+              "at 128 MiB/s (pending extents under the I/O), "
+              f"with --undo / without: {rounds} IOPS; median ratio "
+              f"{m(u / p for u, p in zip(iops_['undo'], iops_['plain'])):.3f} (target >= 1)")
+
+
 def bench_during(args) -> None:
     """Host I/O over a whole 4 GiB volume during an unthrottled restore of
     it (every extent differs), beside the same fio on the same volume with
@@ -556,7 +628,7 @@ def bench_pending(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("suite", choices=["io", "clone", "restore", "scattered", "pending", "during",
-                                      "remote", "scale", "attach"])
+                                      "remote", "scale", "attach", "undo"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runtime", type=float, default=5.0)
     p.add_argument("--size", default="1G")
@@ -568,7 +640,7 @@ def main() -> None:
     from bench_scale import bench_scale
     {"io": bench_io, "clone": bench_clone, "restore": bench_restore, "scattered": bench_scattered,
      "pending": bench_pending, "during": bench_during, "remote": bench_remote,
-     "scale": bench_scale, "attach": bench_attach}[args.suite](args)
+     "scale": bench_scale, "attach": bench_attach, "undo": bench_undo}[args.suite](args)
 
 
 if __name__ == "__main__":

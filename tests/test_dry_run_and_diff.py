@@ -2,6 +2,7 @@
 (issue 17, item 4): ``restore --dry-run`` and ``clone diff``, against a
 real nbdkit, checked against the bytes read over NBD."""
 import os
+import shutil
 import sqlite3
 
 from helpers import EXT, MiB, differing_extents, fractured_clone, whole
@@ -41,8 +42,17 @@ def test_dry_run_shows_the_copy_and_changes_nothing(daemon):
     _change(src)
     before = (_stored(daemon), daemon.json("status", "src"))
     plan = daemon.json("restore", "src", "--from", "c1", "--dry-run")
+    free = plan.pop("free_bytes")
+    assert 0 < free <= shutil.disk_usage(daemon.state_dir).total
     assert plan == {"source": "src", "from": "c1", "protected": True, "extents": 5,
-                    "bytes": 4 * EXT + 4096}
+                    "bytes": 4 * EXT + 4096, "undo_bytes": 0}
+    plan = daemon.json("restore", "src", "--from", "c1", "--dry-run", "--undo")
+    assert plan["undo_bytes"] == 4 * EXT + 4096
+    text = daemon.cli("restore", "src", "--from", "c1", "--dry-run", "--undo").stdout
+    assert "would copy 5 extents (260.0 KiB) and keep up to 260.0 KiB in its undo image (" in text
+    r = daemon.cli("restore", "src", "--from", "c1", "--dry-run", "--undo", "--unprotected",
+                   check=False)
+    assert r.returncode != 0 and "--undo needs a protected restore" in r.stderr
     text = daemon.cli("restore", "src", "--from", "c1", "--dry-run", "--unprotected").stdout
     assert text.startswith("dry run: an unprotected restore of src from c1 would copy 5 extents"
                            " (260.0 KiB); nothing was changed"), text

@@ -181,6 +181,14 @@ def test_a_change_that_breaks_the_undo_point_is_refused(daemon, args):
     point_gone(daemon)
 
 
+def test_a_dry_run_says_what_a_restore_would_say_of_the_point(daemon):
+    clone_data, pending = kept_point(daemon, 18)
+    r = daemon.cli("restore", "src", "--from", "c1", "--dry-run", check=False)
+    assert r.returncode != 0 and "has an undo point" in r.stderr
+    assert daemon.json("restore", "src", "--from", "c1", "--dry-run", "--force")["extents"] >= 0
+    point_intact(daemon, clone_data, pending)
+
+
 def test_a_forced_delete_refused_for_another_reason_keeps_the_point(daemon):
     """--force drops the point only with the change it makes way for: a
     delete refused (the clone has a connection) leaves the point whole."""

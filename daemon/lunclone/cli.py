@@ -332,7 +332,8 @@ def restore_start(source: str, clone_name: str, unprotected: bool, wait: bool,
     """Start an instant restore of SOURCE from CLONE."""
     if dry_run:
         plan = call(run_dir, "restore_plan", source=source, clone_name=clone_name,
-                    protected=not unprotected, rate_limit=rate)
+                    protected=not unprotected, rate_limit=rate, keep_undo=keep_undo,
+                    force=force or None)
         emit(plan, as_json, display.restore_plan_line)
         return
     with Client(run_dir) as c:

@@ -171,8 +171,10 @@ def follow_restore(client, name: str, forever: bool = False, interval: float = 0
 def restore_plan_line(p: dict) -> str:
     """``restore --dry-run``."""
     kind = "a protected" if p["protected"] else "an unprotected"
+    undo = (f" and keep up to {human_size(p['undo_bytes'])} in its undo image "
+            f"({human_size(p['free_bytes'])} free)" if p.get("undo_bytes") else "")
     return (f"dry run: {kind} restore of {p['source']} from {p['from']} would copy "
-            f"{p['extents']} extents ({human_size(p['bytes'])}); nothing was changed")
+            f"{p['extents']} extents ({human_size(p['bytes'])}){undo}; nothing was changed")
 
 
 def diff_lines(ranges: list[dict]) -> str:

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import logging
 import os
+import shutil
 import time
 
 from . import faults, undo, units
@@ -147,17 +148,10 @@ class Restores:
             src = self.volumes.get(source)
             fam, clone = self.families.find_clone(clone_name)
             self._check_can_start(fam, clone, source)
-            point = fam.undo_point()
-            if point is not None and not force:
-                raise WrongState(f"{source} has an undo point (its restore from "
-                                 f"{point.clone.name}); a new restore would drop it: "
-                                 f"'lunclone restore forget {source}' first, or --force")
+            point = self._check_undo(fam, source, protected, keep_undo, force)
             if point is not None:
                 log.warning("restore of %s: dropping the undo point of its restore from %s "
                             "(--force)", source, point.clone.name)
-            if keep_undo and not protected:
-                raise InvalidArgument("--undo needs a protected restore: an unprotected one "
-                                      "writes the clone, which the undo image relies on")
             old_state = clone.state
             r = Restore(clone, protected, Bitmap(fam.nextents, key=(source, PENDING)),
                         Bitmap(fam.nextents, key=(source, PROTECTED)), 0)
@@ -206,21 +200,41 @@ class Restores:
             self._run_job(fam)
 
     async def plan(self, source: str, clone_name: str, protected: bool = True,
-                   rate_limit=0) -> dict:
+                   rate_limit=0, keep_undo: bool = False, force: bool = False) -> dict:
         """What ``begin`` would do, changing nothing (``restore --dry-run``):
         the same checks, then the extents it would copy (the clone's delta
-        map) and their bytes."""
+        map) and their bytes; with ``keep_undo`` the undo image needs at
+        most as many (whole extents, sparse where the source has holes),
+        beside the space free where it would be."""
         async with self.admin:
             units.check_name(source)
             units.parse_size(rate_limit or 0)
             src = self.volumes.get(source)
             fam, clone = self.families.find_clone(clone_name)
             self._check_can_start(fam, clone, source)
+            self._check_undo(fam, source, protected, keep_undo, force)
             with self.maps_lock:
                 differs = clone.delta.copy()
+            copied = sum(n for _, n in byte_ranges(differs, src.extent_size, src.size))
             return {"source": source, "from": clone_name, "protected": protected,
-                    "extents": differs.count(),
-                    "bytes": sum(n for _, n in byte_ranges(differs, src.extent_size, src.size))}
+                    "extents": differs.count(), "bytes": copied,
+                    "undo_bytes": copied if keep_undo else 0,
+                    "free_bytes": shutil.disk_usage(self.state_dir).free}
+
+    @staticmethod
+    def _check_undo(fam: Family, source: str, protected: bool, keep_undo: bool,
+                    force: bool) -> Restore | None:
+        """The undo point a new restore would drop (refused without
+        ``force``), and ``--undo`` only with a protected restore."""
+        point = fam.undo_point()
+        if point is not None and not force:
+            raise WrongState(f"{source} has an undo point (its restore from "
+                             f"{point.clone.name}); a new restore would drop it: "
+                             f"'lunclone restore forget {source}' first, or --force")
+        if keep_undo and not protected:
+            raise InvalidArgument("--undo needs a protected restore: an unprotected one "
+                                  "writes the clone, which the undo image relies on")
+        return point
 
     @staticmethod
     def _check_can_start(fam: Family, clone: Clone, source: str) -> None:
