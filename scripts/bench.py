@@ -466,12 +466,24 @@ def timed_restore(d: Daemon, keep_undo: bool) -> float:
     return time.monotonic() - t0
 
 
+def timed_undo(d: Daemon) -> float:
+    """Seconds from the ``restore undo`` call to its end."""
+    from lunclone.client import Client
+    t0 = time.monotonic()
+    with Client(d.run_dir) as c:
+        c.call("restore_undo", source="v")
+    wait_restore_done(d, "v")
+    return time.monotonic() - t0
+
+
 def bench_undo(args) -> None:
-    """Issue 17, item 6 (the capture half): a restore until done of a 1 GiB
-    volume with 10% and 100% of its 64 KiB extents changed, with ``--undo``
-    (the old data of each extent copied into the undo image first, so the
-    data is copied twice) and without, beside a raw copy_file_range loop of
-    the same extents; then host 4k randrw IOPS during a restore of every
+    """Issue 17, item 6: a restore until done of a 1 GiB volume with 10% and
+    100% of its 64 KiB extents changed, with ``--undo`` (the old data of
+    each extent copied into the undo image first, so the data is copied
+    twice) and without, beside a raw copy_file_range loop of the same
+    extents, and ``restore undo`` of the ``--undo`` one right after it
+    ("back": the same extents, from the undo image and the clone); then
+    host 4k randrw IOPS during a restore of every
     extent with ``--undo`` beside one without.  The sides alternate; the
     last round's undo point is dropped before the next (``--force``)."""
     import random
@@ -490,9 +502,9 @@ def bench_undo(args) -> None:
               f"copy_file_range of the same extents, {args.rounds} alternated rounds (seconds):")
         for pct in (10, 100):
             exts = sorted(random.Random(pct).sample(range(nexts), nexts * pct // 100))
-            took: dict[str, list[float]] = {"undo": [], "plain": [], "raw": []}
+            took: dict[str, list[float]] = {"undo": [], "plain": [], "raw": [], "back": []}
             for r in range(args.rounds):
-                for side in (took if r % 2 == 0 else list(took)[::-1]):
+                for side in (("undo", "plain", "raw") if r % 2 == 0 else ("raw", "plain", "undo")):
                     if side == "raw":
                         pretouch(1 << 30)
                         took[side].append(raw_copy_extents(d.volume_path("c"), raw_dst, exts,
@@ -502,12 +514,17 @@ def bench_undo(args) -> None:
                     damage_and_fracture(d, "v", "c", [i * extent for i in exts], n=4096)
                     pretouch(1 << 30)
                     took[side].append(timed_restore(d, side == "undo"))
+                    if side == "undo":  # and back: the same extents, from the undo image
+                        pretouch(1 << 30)
+                        took["back"].append(timed_undo(d))
             rounds = ", ".join("/".join(f"{t:.2f}" for t in ts) for ts in zip(*took.values()))
             ratio = m(p / u for u, p in zip(took["undo"], took["plain"]))
             raw = m(w / u for u, w in zip(took["undo"], took["raw"]))
-            print(f"   {pct:3d}% ({len(exts)} extents, {len(exts) * extent >> 20} MiB): {rounds}; "
-                  f"median throughput with undo / without {ratio:.3f} (target >= 0.45); "
-                  f"raw time / undo time {raw:.3f}", flush=True)
+            back = m(p / b for b, p in zip(took["back"], took["plain"]))
+            print(f"   {pct:3d}% ({len(exts)} extents, {len(exts) * extent >> 20} MiB) "
+                  f"undo/plain/raw/back: {rounds}; median throughput with undo / without "
+                  f"{ratio:.3f} (target >= 0.45); raw time / undo time {raw:.3f}; "
+                  f"restore undo / plain restore throughput {back:.3f}", flush=True)
         case = dict(rw="randrw", bs="4k", iodepth=16)
         iops_: dict[str, list[float]] = {"undo": [], "plain": []}
         every_mb = [mb << 20 for mb in range(size_mb)]

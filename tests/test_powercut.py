@@ -27,6 +27,13 @@ restore copies is captured (its pre-restore data durable in the undo image)
 or holds its pre-restore data in the source; once done, the undo image and
 the clone give back the pre-restore source.
 
+Phase ``undo``: ``restore undo`` of a finished restore that kept its undo
+image: at the cut, every extent where the source differs from the
+pre-restore image (the undo image where captured, the clone elsewhere,
+as durable) is pending or protected, and the undo image and the clone are
+unchanged; once done, the source holds the pre-restore image plus the
+host's writes (``BlockModel``).
+
 Phase ``restore-writeback-error``: during a protected restore one fdatasync
 of the source's file fails (LazyFS drops its unsynced data, as Linux does);
 the writer stops at its failed flush, and the same checks hold.
@@ -260,6 +267,7 @@ class Run:
     rng: random.Random
     clone_data: bytes | None = None     # the clone at fracture (restore phases)
     pre_restore: bytes | None = None    # the source just before a protected restore
+    undo_target: bytes | None = None    # phase undo: the pre-restore image it goes back to
     cmd: subprocess.Popen | None = None  # the phase's admin command
     fs: LazyFS | None = None
     acked: bool = False                  # it returned success before the cut
@@ -351,6 +359,15 @@ def restore_setup(protected: bool, damaged: int, rate: str | None,
     return setup
 
 
+def undo_setup(run: Run) -> bytes:
+    """A restore with --undo, done; then ``restore undo`` at 4 MiB/s."""
+    run.clone_data, before = fractured(run.daemon, run.rng, 80)
+    run.daemon.cli("restore", "src", "--from", "c1", "--undo", "--wait")
+    run.undo_target = before
+    run.daemon.cli("restore", "undo", "src", "--rate", "4M")
+    return before                         # the source shows the pre-restore data now
+
+
 def fail_writeback(pattern: str) -> Callable[[Run], None]:
     """A little later, the next fdatasync of the files matching ``pattern``
     fails with EIO and their unsynced data is dropped (Linux's writeback
@@ -393,6 +410,9 @@ PHASES = {p.name: p for p in [
     # before the restore or a host write overwrites it (rule 5)
     Phase("restore-undo", restore_setup(True, 80, "4M", undo=True), (0.05, 1.2),
           restore=True),
+    # back to the pre-restore image: from the undo image where captured,
+    # from the clone elsewhere
+    Phase("undo", undo_setup, (0.05, 1.2), restore=True),
     Phase("restore-unprotected", restore_setup(False, 80, "4M"), (0.05, 1.2),
           restore=True, protected=False),
     Phase("restore-finish", restore_setup(True, 6, "1M"), (0.15, 0.6), restore=True),
@@ -456,7 +476,11 @@ def check_durable(run: Run, d: Durable) -> None:
     if run.deleted:
         run.problem("clone delete was acknowledged but the clone is back after the cut")
     diff = differing_extents(d.src, d.clone, EXT)
-    if d.clone_state == "restoring":
+    if d.job is not None and d.job[0] == "undo" and d.job[1] != "done":
+        target = check_undo_source(run, d)
+        diff = differing_extents(d.src, target, EXT)
+        cover, what = d.maps["pending"] | d.maps["protected"], "pending or protected"
+    elif d.clone_state == "restoring":
         cover = d.maps["pending"] | d.maps["protected"]
         what = "pending or protected"
     else:
@@ -468,6 +492,21 @@ def check_durable(run: Run, d: Durable) -> None:
             run.phase != "restore-unprotected" and d.clone != run.clone_data:
         changed = differing_extents(d.clone, run.clone_data, EXT)
         run.problem(f"durable: the clone changed in extents {sorted(changed)[:8]}")
+
+
+def check_undo_source(run: Run, d: Durable) -> bytes:
+    """During an undo: the undo image where captured and the clone elsewhere
+    (durable, unchanged) are the pre-restore image; returns it."""
+    target = bytearray(d.clone)
+    if d.undo is None:
+        run.problem("durable: an undo runs but its undo image is gone")
+        return bytes(target)
+    for i in d.maps["captured"]:
+        target[i * EXT:(i + 1) * EXT] = d.undo[i * EXT:(i + 1) * EXT]
+    if bytes(target) != run.undo_target:
+        run.problem(f"durable: undo image + clone differ from the pre-restore image in "
+                    f"{sorted(differing_extents(bytes(target), run.undo_target, EXT))[:8]}")
+    return bytes(target)
 
 
 def check_capture(run: Run, d: Durable) -> None:

@@ -299,3 +299,94 @@ def test_a_full_disk_while_capturing_pauses_and_overwrites_nothing_uncaptured(da
         del src
         daemon.stop()
         subprocess.run(["umount", "-l", undo_dir])
+
+
+def test_undo_after_the_restore_brings_back_the_pre_restore_image(daemon):
+    """A restore with --undo under host I/O on four connections, host
+    writes after it, then ``restore undo`` under host I/O on four
+    connections: every byte of the source is the pre-restore image plus
+    the writes made during the undo (the model); the clone is untouched;
+    its delta map is the first restore's pending set plus the undo's
+    writes; the point is used up and its image gone."""
+    rng = random.Random(21)
+    before, clone_data, pending, src = before_restore(daemon, rng)
+    daemon.cli("restore", "src", "--from", "c1", "--undo", "--rate", "64K")
+    host_io_during_restore(daemon, src, clone_data, 200, 60)
+    src.pwrite(b"\x5a" * (3 * EXT), 40 * EXT + 100)  # after it: in the clone's delta
+    src.flush()
+    out = daemon.cli("restore", "undo", "src", "--rate", "64K").stdout
+    assert "shows its data from before that restore now" in out
+    st = daemon.json("status", "src")
+    assert st["restore"]["kind"] == "undo" and st["undo"]["state"] == "undoing"
+    assert "undo of the restore from c1: running" in daemon.cli("status", "src").stdout
+    model, touched = host_io_during_restore(daemon, src, before, 300, 60)
+    assert whole(daemon.connect("c1"), SIZE) == clone_data
+    st = daemon.json("status", "src")
+    assert st["undo"] is None and st["restore"]["state"] == "done"
+    assert not os.path.exists(undo_path(daemon))
+    assert read_bitmap(daemon.state_dir, "c1", "delta") == pending | touched
+    assert read_bitmap(daemon.state_dir, "src", "captured") == set()
+    del src  # nbdkit waits for its clients before it exits
+    daemon.stop()
+    daemon.start()
+    assert whole(daemon.connect("src"), SIZE) == bytes(model)
+
+
+def test_sigkill_during_undo_loses_nothing(daemon, long_mode):
+    """SIGKILL at random moments of a rate-limited undo with a writer doing
+    partial and whole-extent writes (flushed before the kill):
+    once the undo is done, every byte is the pre-restore image with those
+    writes on top, and the clone's delta map is the first restore's
+    pending set plus the extents written.  (12 kills, 60 with --long.)"""
+    rng = random.Random(29)
+    before, clone_data, pending, src = before_restore(daemon, rng)
+    daemon.cli("restore", "src", "--from", "c1", "--undo", "--wait")
+    daemon.cli("restore", "undo", "src", "--rate", "256K")
+    model, written = bytearray(before), set()
+    for k in range(60 if long_mode else 12):
+        h = daemon.connect("src")
+        time.sleep(rng.uniform(0.05, 0.6))  # the undo copies meanwhile
+        for _ in range(rng.randrange(1, 6)):  # a few writes: most extents keep their data
+            i = rng.randrange(SIZE // EXT)
+            off, n = (i * EXT + rng.randrange(0, EXT, 4096), 4096) if rng.random() < 0.5 \
+                else (i * EXT, EXT)
+            data = os.urandom(n)
+            h.pwrite(data, off)
+            model[off:off + n] = data
+            written.add(i)
+        h.flush()  # only flushed writes must survive a crash (rule 3)
+        del h
+        daemon.kill()
+        daemon.start()
+        if (restore_status(daemon, "src") or {}).get("state") == "done":
+            break
+    daemon.cli("restore", "rate", "src", "0", check=False)
+    wait_restore_done(daemon, "src")
+    assert whole(daemon.connect("src"), SIZE) == bytes(model)
+    assert whole(daemon.connect("c1"), SIZE) == clone_data
+    assert read_bitmap(daemon.state_dir, "c1", "delta") == pending | written
+    assert not os.path.exists(undo_path(daemon))
+
+
+def test_undo_refuses_what_it_cannot_do(daemon):
+    """One line each, nothing changed: no point (a restore without --undo),
+    the restore still running, an unknown volume, a bad name; and the point
+    is used up by an undo."""
+    before, clone_data, pending, src = before_restore(daemon, random.Random(31))
+    for args, words in ((["nope"], "no volume named"), (["a/b"], "invalid name"),
+                        (["src"], "src has no undo point")):
+        r = daemon.cli("restore", "undo", *args, check=False)
+        assert r.returncode != 0 and words in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    daemon.cli("restore", "src", "--from", "c1", "--undo", "--rate", "64K")
+    r = daemon.cli("restore", "undo", "src", check=False)
+    assert r.returncode != 0 and "undo it once it is done" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert restore_status(daemon, "src")["kind"] == "restore"
+    daemon.cli("restore", "rate", "src", "0")
+    wait_restore_done(daemon, "src")
+    daemon.cli("restore", "undo", "src", "--wait")
+    assert whole(src, SIZE) == before
+    r = daemon.cli("restore", "undo", "src", check=False)
+    assert r.returncode != 0 and "src has no undo point" in r.stderr
+    del src

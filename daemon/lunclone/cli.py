@@ -291,7 +291,7 @@ class RestoreGroup(click.Group):
 
     def format_usage(self, ctx, formatter) -> None:
         formatter.write_usage(ctx.command_path, "SOURCE --from CLONE [OPTIONS]")
-        formatter.write_usage(ctx.command_path, "pause|resume SOURCE | rate SOURCE LIMIT",
+        formatter.write_usage(ctx.command_path, "pause|resume|undo|forget SOURCE | rate SOURCE LIMIT",
                               prefix="       ")
 
     def format_options(self, ctx, formatter) -> None:
@@ -379,6 +379,35 @@ def _restore_command(cmd: str, doc: str):
 
 restore.command("pause")(_restore_command("restore_pause", "Pause the restore of SOURCE."))
 restore.command("resume")(_restore_command("restore_resume", "Resume the restore of SOURCE."))
+
+
+@restore.command("undo")
+@click.argument("source")
+@click.option("--wait", is_flag=True,
+              help="Show progress until the undo is done; exit 1 if it pauses on an error.")
+@click.option("--rate", metavar="LIMIT", help="Copy at most LIMIT bytes/s (e.g. 100M).")
+@run_dir_option
+@json_option
+@handle_errors
+def restore_undo(source: str, wait: bool, rate: str | None, run_dir: str,
+                 as_json: bool) -> None:
+    """Go back, instantly, to SOURCE as it was just before its last restore
+    (a restore started with --undo): an instant protected restore from its
+    undo image and its clone.  The undo point is used up."""
+    with Client(run_dir) as c:
+        t0 = time.monotonic()
+        info = c.call("restore_undo", source=source, rate_limit=rate)
+        took = time.monotonic() - t0
+        if as_json and not wait:
+            emit(info, True, str)
+            return
+        click.echo(f"undo of the restore of {source} started in {took * 1000:.0f} ms: "
+                   f"{source} shows its data from before that restore now", err=as_json)
+        if wait:
+            info = display.follow_restore(c, source)
+            if as_json:
+                emit(info, True, str)
+            _check_restore_ended(info)
 
 
 @restore.command("forget")
@@ -504,6 +533,8 @@ EXAMPLES = {
     "restore pause": ["lunclone restore pause db"],
     "restore resume": ["lunclone restore resume db"],
     "restore forget": ["lunclone restore forget db   # the clone is free to change again"],
+    "restore undo": ["lunclone restore undo db   # db as it was before its last restore --undo",
+                     "lunclone restore undo db --rate 100M --wait"],
     "metrics": ["lunclone metrics > /var/lib/node_exporter/textfile_collector/lunclone.prom"],
     "attach": ["lunclone attach db", "lunclone attach db /dev/nbd3 --connections 4",
                "lunclone attach db --foreground   # as lunclone-attach@db.service runs it"],

@@ -52,6 +52,7 @@ class ControlServer:
             "restore_resume": _then_status(engine.restores.resume, "source", st),
             "restore_rate": _then_status(engine.restores.set_rate, "source", st),
             "restore_forget": _then_status(engine.restores.forget, "source", st),
+            "restore_undo": _then_status(engine.restores.undo_begin, "source", st),
             "metrics": self._metrics,
             "shutdown": engine.shutdown,
         }

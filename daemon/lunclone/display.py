@@ -57,7 +57,8 @@ def status_text(obj) -> str:
 
 
 def undo_line(u: dict) -> str:
-    what = "being captured" if u["state"] == "capturing" else "kept"
+    what = {"capturing": "being captured", "undoing": "being restored (restore undo)"}.get(
+        u["state"], "kept ('lunclone restore undo' goes back to it)")
     return (f"undo image of the restore from {u['from']}: {what}, "
             f"{u['captured_extents']} extent(s), {human_size(u['bytes'])}")
 
@@ -88,7 +89,8 @@ def restore_line(r: dict) -> str:
     done = r["total_extents"] - r["pending_extents"]
     pct = 100.0 * done / r["total_extents"] if r["total_extents"] else 100.0
     eta = f"{r['eta_s']:.0f}s" if r.get("eta_s") is not None else "-"
-    return (f"restore from {r['from']}: {r['state']}, {pct:5.1f}% "
+    what = "undo of the restore from" if r.get("kind") == "undo" else "restore from"
+    return (f"{what} {r['from']}: {r['state']}, {pct:5.1f}% "
             f"({done}/{r['total_extents']} extents, {human_size(r['copied_bytes'])}), "
             f"{human_size(r['rate_bytes_per_s'] or 0)}/s, ETA {eta}, "
             f"{r['protected_extents']} protected")

@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Literal, NamedTuple
 
 from .bitmap import Bitmap
 from .policy import PAUSED, SYNCHRONIZING, Clone, Family, Progress, Restore
-from .store import Store, is_local
+from .store import Store, is_remote
 
 log = logging.getLogger("lunclone.jobs")
 
@@ -224,7 +224,7 @@ class CopyJob(abc.ABC):
 
     def _remote(self) -> bool:
         """Does this job copy to or from a remote store?"""
-        return not all(is_local(s) for s in self.stores())
+        return any(is_remote(s) for s in self.stores())
 
     def _host_requests(self) -> int:
         """Reads and writes the host sent to the source so far (the

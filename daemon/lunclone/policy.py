@@ -157,6 +157,10 @@ class Restore:
         # The undo image and what it holds (``undo.py``); None: --no-undo.
         self.captured = captured
         self.undo_store = undo_store
+        # "undo": a restore back to the pre-restore image of the last one,
+        # reading from ``undo_from`` (``undo.UndoSource``); it captures nothing.
+        self.kind = "restore"
+        self.undo_from: Store | None = None
         self.protected_mode = protected_mode
         self.pending = pending
         self.protected = protected
@@ -186,7 +190,7 @@ class Restore:
     def data_source(self) -> Store:
         """Where the restore reads the data of an extent still pending: the
         one answer, for copies on demand and for the job alike."""
-        return self.clone.volume.store
+        return self.undo_from or self.clone.volume.store
 
 
 class ExtentGuard:

@@ -58,7 +58,7 @@ class Restores:
     # -- start-up ----------------------------------------------------------------
     def load_all(self) -> None:
         for job in self.md.jobs():
-            if job.kind == "restore" and job.source in self.volumes.served:
+            if job.kind in ("restore", "undo") and job.source in self.volumes.served:
                 self.load(job)
 
     def load(self, job: JobRecord) -> None:
@@ -79,18 +79,29 @@ class Restores:
             log.error("volume %s not served: %s", job.source, msg)
             self.families.unserve(fam, job.source, msg)
             return
+        if job.kind == "undo" and not os.path.exists(undo.path(self.state_dir, job.source)):
+            msg = (f"its undo cannot go on: the undo image {undo.path(self.state_dir, job.source)} "
+                   "is missing; bring it back, then restart the daemon")
+            log.error("volume %s not served: %s", job.source, msg)
+            self.families.unserve(fam, job.source, msg)
+            return
         self.families.load_maps(fam)  # the restore's end reads every clone's map
         pending = self.md.load_bitmap(job.source, PENDING, fam.nextents)
         protected = self.md.load_bitmap(job.source, PROTECTED, fam.nextents)
         captured, store = self._load_undo(job, fam.nextents)
-        r = Restore(clone, job.protected, pending, protected, job.total_extents,
-                    captured, store)
+        if job.kind == "undo":
+            r = Restore(clone, True, pending, protected, job.total_extents)
+            r.kind = "undo"
+            r.undo_from = undo.UndoSource(captured, store, clone.volume.store, fam.shift)
+        else:
+            r = Restore(clone, job.protected, pending, protected, job.total_extents,
+                        captured, store)
         r.state, r.rate_limit, r.on_demand, r.error = job.state, job.rate_limit, job.on_demand, job.error
         r.progress.copied_bytes = job.copied_bytes
         r.ready.set()
         self.committer.register(pending)
         self.committer.register(protected)
-        if captured is not None:
+        if r.captured is not None:
             self.committer.register(captured)
         fam.restore = r
         log.info("resuming restore of %s from %s: %d extents pending",
@@ -99,7 +110,8 @@ class Restores:
     def _load_undo(self, job: JobRecord, nextents: int):
         """(captured map, open undo image) of a restore that keeps one, else
         (None, None); a missing image is logged, and there is no undo point."""
-        if not job.undo:
+        if not job.undo:  # an image left by a crash (an undo's end, a failed start): no one's
+            undo.remove(self.state_dir, job.source)
             return None, None
         store = undo.open_existing(self.state_dir, job.source)
         if store is None:
@@ -122,7 +134,7 @@ class Restores:
         delta map at completion."""
         r = Restore(clone, job.protected, Bitmap(nextents), clone.delta.copy(), job.total_extents,
                     captured, store)
-        r.state, r.on_demand = DONE, job.on_demand
+        r.state, r.on_demand, r.kind = DONE, job.on_demand, job.kind
         r.progress.copied_bytes = job.copied_bytes
         return r
 
@@ -279,28 +291,39 @@ class Restores:
             r.pending.assign(clone.delta)
             r.total_extents = r.pending.count()
             self.clones.set_state(clone, RESTORING, tx)
-            for other in fam.clones.values():
-                if other is clone:
-                    continue
-                if other.state in MIRRORED:
-                    self.clones.set_state(other, FRACTURED, tx)
-                # Stored: delta | pending.  Only the pages the union changes,
-                # and those changed in memory but not stored yet, can
-                # differ from the stored map (no commit runs meanwhile).
-                grown = other.delta.union_pages(r.pending)
-                for p in sorted(grown.keys() | other.delta.dirty_pages):
-                    tx.save_page(other.name, DELTA, p, grown.get(p) or other.delta.page(p))
-                tx.then(functools.partial(_put_pages, other.delta, grown))
-            tx.delete_bitmap(fam.source.name, PENDING)
-            tx.delete_bitmap(fam.source.name, PROTECTED)
+            self._others_fractured(fam, r, tx)
             tx.delete_bitmap(fam.source.name, CAPTURED)
-            tx.save_bitmap(fam.source.name, PENDING, r.pending)
-            tx.put_job(self._record(fam, r))
-            tx.then(functools.partial(self.committer.register, r.pending))
-            tx.then(functools.partial(self.committer.register, r.protected))
+            self._record_start(fam, r, tx)
             if r.captured is not None:
                 tx.then(functools.partial(self.committer.register, r.captured))
         self._replace_undo_point(fam, r)
+
+    def _others_fractured(self, fam: Family, r: Restore, tx) -> None:
+        """In the start's transaction: the source is about to change in the
+        pending extents, so every other clone is fractured and those extents
+        join its delta map."""
+        for other in fam.clones.values():
+            if other is r.clone:
+                continue
+            if other.state in MIRRORED:
+                self.clones.set_state(other, FRACTURED, tx)
+            # Stored: delta | pending.  Only the pages the union changes,
+            # and those changed in memory but not stored yet, can
+            # differ from the stored map (no commit runs meanwhile).
+            grown = other.delta.union_pages(r.pending)
+            for p in sorted(grown.keys() | other.delta.dirty_pages):
+                tx.save_page(other.name, DELTA, p, grown.get(p) or other.delta.page(p))
+            tx.then(functools.partial(_put_pages, other.delta, grown))
+
+    def _record_start(self, fam: Family, r: Restore, tx) -> None:
+        """In the start's transaction: the new pending map, an empty
+        protected map and the job; the maps registered once committed."""
+        tx.delete_bitmap(fam.source.name, PENDING)
+        tx.delete_bitmap(fam.source.name, PROTECTED)
+        tx.save_bitmap(fam.source.name, PENDING, r.pending)
+        tx.put_job(self._record(fam, r))
+        tx.then(functools.partial(self.committer.register, r.pending))
+        tx.then(functools.partial(self.committer.register, r.protected))
 
     def _replace_undo_point(self, fam: Family, r: Restore) -> None:
         """The start has committed: the last restore's undo point is gone
@@ -323,9 +346,9 @@ class Restores:
                         fam.source.name, e)
 
     def _record(self, fam: Family, r: Restore) -> JobRecord:
-        return JobRecord(fam.source.name, "restore", r.clone.name, r.state, r.protected_mode,
+        return JobRecord(fam.source.name, r.kind, r.clone.name, r.state, r.protected_mode,
                          r.total_extents, r.progress.copied_bytes, r.on_demand, r.rate_limit,
-                         r.error, time.time(), r.captured is not None)
+                         r.error, time.time(), r.captured is not None or r.undo_from is not None)
 
     def _run_job(self, fam: Family) -> None:
         job = RestoreJob(fam, fam.restore, self.jobs.pool, self.finish, self.pause_with_error)
@@ -349,12 +372,19 @@ class Restores:
             # The protected map is exactly what the host changed; with
             # --unprotected those writes were mirrored, but a crash may have
             # cut one short, so the clone resynchronizes them (cheaply).
+            # An undo: the clone's delta map is the first restore's pending
+            # set (``undo_begin``), and the host's writes join it.
             delta = r.protected.copy(clone.delta.key)
+            if r.kind == "undo":
+                delta.union(clone.delta)
+                tx.delete_bitmap(fam.source.name, CAPTURED)
             tx.replace_bitmap(clone.name, DELTA, delta)
             self.clones.set_state(clone, FRACTURED if r.protected_mode else SYNCHRONIZING, tx)
             tx.delete_bitmap(fam.source.name, PENDING)
             tx.delete_bitmap(fam.source.name, PROTECTED)
-            tx.put_job(dataclasses.replace(self._record(fam, r), state=DONE))
+            tx.put_job(dataclasses.replace(self._record(fam, r), state=DONE,
+                                        undo=r.captured is not None))
+            image = r.undo_from.image if r.undo_from is not None else None
 
             def done() -> None:
                 clone.delta.assign(delta)
@@ -363,9 +393,15 @@ class Restores:
                 self.committer.unregister(r.protected)
                 if r.captured is not None:
                     self.committer.unregister(r.captured)
+                if image is not None:  # under commit_lock and maps_lock (``forget_fd``)
+                    r.undo_from = None
+                    self.committer.forget_fd(image.fd)
+                    os.close(image.fd)
                 fam.restore = None
                 fam.last_restore = r
             tx.then(done)
+        if image is not None:
+            undo.remove(self.state_dir, fam.source.name)
         log.info("restore of %s from %s done: %d bytes copied, %d on demand, %d protected",
                  fam.source.name, clone.name, r.progress.copied_bytes, r.on_demand,
                  r.protected.count())
@@ -389,6 +425,83 @@ class Restores:
             undo.forget(self.committer, self.state_dir, source, point)
             log.info("undo point of %s dropped", source)
 
+
+    async def undo_begin(self, source: str, rate_limit=0) -> None:
+        """``restore undo``: an instant protected restore of the source back
+        to the pre-restore image of its finished restore (the undo point):
+        the undo image where captured, the clone everywhere else
+        (``undo.UndoSource``).  It copies what may differ from that image:
+        the captured extents (the first restore's pending set) and the
+        clone's delta map (what the host wrote since that restore began).
+        In the same transaction the clone's delta map becomes the first
+        restore's pending set: what differed before it; ``finish`` adds the
+        host's writes during the undo.  The point is used up by the undo."""
+        async with self.admin:
+            units.check_name(source)
+            rate_limit = units.parse_size(rate_limit or 0)
+            self.volumes.get(source)
+            fam = self.families.get(source)
+            point = fam.undo_point() if fam is not None else None
+            if point is None:
+                raise NotFound(f"{source} has no undo point: only a restore started with "
+                               "--undo keeps one")
+            if point is fam.restore:
+                raise WrongState(f"the restore of {source} from {point.clone.name} is "
+                                 f"{point.state}; undo it once it is done ('lunclone restore "
+                                 f"rate {source} 0' speeds it up)")
+            clone = point.clone
+            if clone.state != FRACTURED:  # the point's refusals keep it so
+                raise WrongState(f"clone {clone.name} is {clone.state}; cannot undo from it")
+            r = Restore(clone, True, Bitmap(fam.nextents, key=(source, PENDING)),
+                        Bitmap(fam.nextents, key=(source, PROTECTED)), 0)
+            r.kind, r.rate_limit = "undo", rate_limit
+            r.undo_from = undo.UndoSource(point.captured, point.undo_store,
+                                          clone.volume.store, fam.shift)
+
+            def install():
+                fam.restore = r
+                clone.state = RESTORING
+                return (clone.volume.barrier.switch(), *fam.switch_fast())
+
+            def uninstall():
+                fam.restore = None
+                clone.state = FRACTURED
+            await self._end_syncs(fam, clone)
+            try:
+                async with new_rules(fam, source, install, uninstall):
+                    await self._writers_end(fam)
+                    if faults.armed is not None:
+                        faults.hit("undo.gated")
+                    self._commit_undo_start(fam, r, point)
+            except BaseException:
+                for other in list(fam.clones.values()):  # the start changed nothing
+                    if other.state == SYNCHRONIZING:
+                        self.clones.start_sync(fam, other)
+                raise
+            finally:
+                r.ready.set()
+                with self.maps_lock:
+                    fam.refresh_fast()
+            log.info("undo of the restore of %s from %s started: %d extents to copy", source,
+                     clone.name, r.total_extents)
+            self._run_job(fam)
+
+    def _commit_undo_start(self, fam: Family, r: Restore, point: Restore) -> None:
+        clone, captured = r.clone, point.captured
+        with self.committer.transaction() as tx:
+            r.pending.assign(clone.delta)
+            r.pending.union(captured)
+            r.total_extents = r.pending.count()
+            before = captured.copy(clone.delta.key)  # what differed before the first restore
+            tx.replace_bitmap(clone.name, DELTA, before)
+            self.clones.set_state(clone, RESTORING, tx)
+            self._others_fractured(fam, r, tx)
+            self._record_start(fam, r, tx)
+
+            def started() -> None:
+                clone.delta.assign(before)
+                point.captured = point.undo_store = None  # the undo's now (``undo_from``)
+            tx.then(started)
 
     # -- pause, resume, rate -----------------------------------------------------------
     def _restore_of(self, source: str) -> tuple[Family, Restore]:
@@ -455,7 +568,7 @@ class Restores:
             for name in clones:
                 vols.serve_again(name)
             self.families.load(source)
-            if job is not None and job.kind == "restore":
+            if job is not None and job.kind in ("restore", "undo"):
                 self.load(job)
         if source in vols.broken:
             raise NotFound(f"volume {source!r} is not served: {vols.broken[source]}")

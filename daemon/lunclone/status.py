@@ -131,7 +131,8 @@ class Status:
             return None
         with self.maps_lock:
             pending = r.pending.count() if r.state != DONE else 0
-            d = {"from": r.clone.name, "state": r.state, "protected": r.protected_mode,
+            d = {"from": r.clone.name, "kind": r.kind, "state": r.state,
+                 "protected": r.protected_mode,
                  "total_extents": r.total_extents, "pending_extents": pending,
                  "protected_extents": r.protected.count(), "on_demand_extents": r.on_demand,
                  "rate_limit_bytes_per_s": r.rate_limit, "error": r.error}
@@ -141,17 +142,22 @@ class Status:
 
     def undo(self, source: str) -> dict | None:
         """The undo image of the source's last restore, if one is kept:
-        ``capturing`` while the restore runs, ``kept`` once it is done."""
+        ``capturing`` while the restore runs, ``kept`` once it is done,
+        ``undoing`` while ``restore undo`` copies from it."""
         fam: Family | None = self.families.peek(source)
         r = fam and (fam.restore or fam.last_restore)
-        if r is None or r.captured is None:
+        if r is None:
+            return None
+        undoing = r.undo_from is not None
+        captured = r.undo_from.captured if undoing else r.captured
+        if captured is None:
             return None
         with self.maps_lock:
-            n = r.captured.count()
+            n = captured.count()
         size = fam.source.size
+        state = "undoing" if undoing else "kept" if r.state == DONE else "capturing"
         return {"from": r.clone.name, "captured_extents": n,
-                "bytes": min(n * fam.source.extent_size, size),
-                "state": "kept" if r.state == DONE else "capturing"}
+                "bytes": min(n * fam.source.extent_size, size), "state": state}
 
 
 def _progress(p: Progress, remaining_extents: int, extent_size: int) -> dict:

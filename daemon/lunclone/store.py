@@ -86,6 +86,13 @@ def is_local(store: Store) -> bool:
     return store.fd >= 0
 
 
+def is_remote(store: Store) -> bool:
+    """Is the store behind a network (a copy job overlaps its round trips)?
+    Not one local file is not always remote: an undo's source
+    (``undo.UndoSource``) is two local files, or an image and a remote clone."""
+    return getattr(store, "remote", not is_local(store))
+
+
 def start_writeback(store: Store, offset: int, length: int) -> None:
     """A local file: start writing back what was copied into the range
     (``volume.start_writeback``).  A remote store: nothing (its copy was

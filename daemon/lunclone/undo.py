@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Iterator
 
 from . import volume as vf
+from .bitmap import Bitmap
 from .metadata import CAPTURED, JobRecord
-from .store import FileStore
+from .store import FileStore, Store, copy_range, is_local
 
 UNDO_DIR = "undo"
 
@@ -108,3 +110,47 @@ def forget(committer, state_dir: str, source: str, r) -> None:
         dropped = forget_point(committer, r, job, tx)
     if dropped:
         remove(state_dir, source)
+
+
+class UndoSource:
+    """Where ``restore undo`` reads an extent's pre-restore data: the undo
+    image where the extent is captured, the clone everywhere else.  Both
+    are read-only meanwhile (the clone is not written while it holds the
+    undo point, and an undo captures nothing), so no read of them needs a
+    lock, and what is copied from them is durable already.
+
+    Not one local file (``fd`` -1): ``store.copy_range`` hands a copy to
+    ``copy_into_file``, which copies each part with ``copy_range``
+    (copy_file_range where both ends are local)."""
+
+    fd = -1
+
+    def __init__(self, captured: Bitmap, image: FileStore, clone: Store, shift: int):
+        self.captured, self.image, self.clone, self.shift = captured, image, clone, shift
+        self.remote = not is_local(clone)  # the job's window: see ``store.is_remote``
+
+    def parts(self, offset: int, length: int) -> Iterator[tuple[Store, int, int]]:
+        """(store, offset, length) runs covering the range, in order."""
+        pos, end, shift, test = offset, offset + length, self.shift, self.captured.test
+        while pos < end:
+            from_image = test(pos >> shift)
+            stop = min(end, ((pos >> shift) + 1) << shift)
+            while stop < end and test(stop >> shift) == from_image:
+                stop = min(end, ((stop >> shift) + 1) << shift)
+            yield (self.image if from_image else self.clone), pos, stop - pos
+            pos = stop
+
+    def pread(self, buf, offset: int) -> None:
+        view = memoryview(buf)
+        for store, start, n in self.parts(offset, len(buf)):
+            store.pread(view[start - offset:start - offset + n], start)
+
+    def copy_into_file(self, dst: FileStore, offset: int, length: int) -> None:
+        for store, start, n in self.parts(offset, length):
+            copy_range(store, dst, start, n)
+
+    def flush(self) -> None:
+        pass
+
+    def describe(self) -> dict | None:
+        return None

@@ -54,6 +54,7 @@ def qemu():
 def test_trixie_main_scenario(qemu, trixie_image):
     steps, log = image.boot(trixie_image, "main", image.runs_dir(RELEASE), timeout=900)
     check(steps, log, "package-started", "attach-nbd0", "files-back-while-restoring",
+          "wrong-files-seen", "right-files-while-undoing", "right-files-after-undo",
           "fio-verify-during-restore", "writer-goes-on", "no-io-errors", "io-flusher",
           "stopped-cleanly", "done")
 

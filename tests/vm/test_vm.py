@@ -66,6 +66,7 @@ def check(steps, log, *must):
 def test_vm_systemd_nbd0_restore_fio_restart(vm_image, runs):
     steps, log = image.boot(vm_image, "main", runs, timeout=600)
     check(steps, log, "package-started", "attach-nbd0", "files-back-while-restoring",
+          "wrong-files-seen", "right-files-while-undoing", "right-files-after-undo",
           "fio-verify-during-restore",
           "writer-goes-on", "no-io-errors", "io-flusher", "stopped-cleanly", "done")
 
