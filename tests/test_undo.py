@@ -390,3 +390,20 @@ def test_undo_refuses_what_it_cannot_do(daemon):
     r = daemon.cli("restore", "undo", "src", check=False)
     assert r.returncode != 0 and "src has no undo point" in r.stderr
     del src
+
+
+def test_during_an_undo_clone_diff_covers_the_pre_restore_data(daemon):
+    """The source shows the pre-restore data in the captured extents, so
+    ``clone diff`` (what an audit tool reads) includes them; a second undo
+    is refused while one runs."""
+    clone_data, pending = kept_point(daemon, 33)
+    daemon.cli("restore", "undo", "src", "--rate", "64K")
+    ranges = daemon.json("clone", "diff", "c1")
+    covered = {i for r in ranges for i in range(r["offset"] // EXT,
+                                               (r["offset"] + r["length"] - 1) // EXT + 1)}
+    assert pending <= covered, sorted(pending - covered)[:8]
+    r = daemon.cli("restore", "undo", "src", check=False)
+    assert r.returncode != 0 and "the undo of src is running already" in r.stderr, r.stderr
+    daemon.cli("restore", "rate", "src", "0")
+    wait_restore_done(daemon, "src")
+    assert daemon.json("clone", "diff", "c1") == ranges  # the captured set, as before

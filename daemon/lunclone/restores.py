@@ -81,7 +81,7 @@ class Restores:
             return
         if job.kind == "undo" and not os.path.exists(undo.path(self.state_dir, job.source)):
             msg = (f"its undo cannot go on: the undo image {undo.path(self.state_dir, job.source)} "
-                   "is missing; bring it back, then restart the daemon")
+                   f"is missing; bring it back, then run 'lunclone restore resume {job.source}'")
             log.error("volume %s not served: %s", job.source, msg)
             self.families.unserve(fam, job.source, msg)
             return
@@ -396,7 +396,7 @@ class Restores:
                 if image is not None:  # under commit_lock and maps_lock (``forget_fd``)
                     r.undo_from = None
                     self.committer.forget_fd(image.fd)
-                    os.close(image.fd)
+                    image.close()  # (its fd number -1: never closed twice)
                 fam.restore = None
                 fam.last_restore = r
             tx.then(done)
@@ -442,6 +442,10 @@ class Restores:
             self.volumes.get(source)
             fam = self.families.get(source)
             point = fam.undo_point() if fam is not None else None
+            if point is None and fam is not None and fam.restore is not None \
+                    and fam.restore.kind == "undo":
+                raise WrongState(f"the undo of {source} is {fam.restore.state} already; see "
+                                 f"'lunclone status {source}'")
             if point is None:
                 raise NotFound(f"{source} has no undo point: only a restore started with "
                                "--undo keeps one")

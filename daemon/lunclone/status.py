@@ -101,12 +101,19 @@ class Status:
 
     def _differs(self, name: str):
         """(family, a copy of where clone ``name`` may differ from its
-        source): its delta map, or the protected map of the restore that
-        copies from it."""
+        source): its delta map; the protected map of the restore that
+        copies from it (the source shows the clone's data elsewhere); for
+        an undo, also the clone's delta map, which is then the captured
+        set (the source shows the pre-restore data there)."""
         fam, clone = self.families.find_clone(name)
         with self.maps_lock:
             r = fam.restore
-            return fam, (r.protected if r is not None and r.clone is clone else clone.delta).copy()
+            if r is None or r.clone is not clone:
+                return fam, clone.delta.copy()
+            differs = r.protected.copy()
+            if r.kind == "undo":
+                differs.union(clone.delta)
+            return fam, differs
 
     def _map_layers(self, name: str, source: str | None):
         """(letter, map copy) by priority, extents in flight, kind."""

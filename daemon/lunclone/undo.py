@@ -72,7 +72,7 @@ def close(committer, store: FileStore) -> None:
     """Close an undo image; its fd number may be reused (``forget_fd``)."""
     with committer.commit_lock, committer.maps_lock:
         committer.forget_fd(store.fd)
-        os.close(store.fd)
+        store.close()  # fd -1 from now on: never closed twice
 
 
 def forget_point(committer, r, job: JobRecord | None, tx) -> bool:
@@ -92,7 +92,7 @@ def forget_point(committer, r, job: JobRecord | None, tx) -> bool:
         r.captured = r.undo_store = None
         if store is not None:
             committer.forget_fd(store.fd)
-            os.close(store.fd)
+            store.close()
     tx.then(gone)
     return True
 
