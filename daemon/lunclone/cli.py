@@ -336,17 +336,27 @@ def restore_start(source: str, clone_name: str, unprotected: bool, wait: bool,
                     force=force or None)
         emit(plan, as_json, display.restore_plan_line)
         return
+    _start_restore(run_dir, source, wait, as_json,
+                   f"restore of {source} from {clone_name}", "the clone's data",
+                   "restore", dict(source=source, clone_name=clone_name,
+                                   protected=not unprotected, rate_limit=rate,
+                                   keep_undo=keep_undo, force=force or None))
+
+
+def _start_restore(run_dir: str, source: str, wait: bool, as_json: bool, what: str,
+                   shows: str, cmd: str, args: dict) -> None:
+    """Start a restore (or an undo) with control command ``cmd``; say how
+    long the start took and what SOURCE shows now, then with ``wait``
+    follow it to its end (exit 1 if it pauses on an error)."""
     with Client(run_dir) as c:
         t0 = time.monotonic()
-        info = c.call("restore", source=source, clone_name=clone_name,
-                      protected=not unprotected, rate_limit=rate, keep_undo=keep_undo,
-                      force=force or None)
+        info = c.call(cmd, **args)
         took = time.monotonic() - t0
         if as_json and not wait:
             emit(info, True, str)
             return
-        click.echo(f"restore of {source} from {clone_name} started in {took * 1000:.0f} ms: "
-                   f"{source} shows the clone's data now", err=as_json)
+        click.echo(f"{what} started in {took * 1000:.0f} ms: {source} shows {shows} now",
+                   err=as_json)
         if wait:
             info = display.follow_restore(c, source)
             if as_json:
@@ -394,20 +404,9 @@ def restore_undo(source: str, wait: bool, rate: str | None, run_dir: str,
     """Go back, instantly, to SOURCE as it was just before its last restore
     (a restore started with --undo): an instant protected restore from its
     undo image and its clone.  The undo point is used up."""
-    with Client(run_dir) as c:
-        t0 = time.monotonic()
-        info = c.call("restore_undo", source=source, rate_limit=rate)
-        took = time.monotonic() - t0
-        if as_json and not wait:
-            emit(info, True, str)
-            return
-        click.echo(f"undo of the restore of {source} started in {took * 1000:.0f} ms: "
-                   f"{source} shows its data from before that restore now", err=as_json)
-        if wait:
-            info = display.follow_restore(c, source)
-            if as_json:
-                emit(info, True, str)
-            _check_restore_ended(info)
+    _start_restore(run_dir, source, wait, as_json, f"undo of the restore of {source}",
+                   "its data from before that restore", "restore_undo",
+                   dict(source=source, rate_limit=rate))
 
 
 @restore.command("forget")

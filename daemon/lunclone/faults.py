@@ -20,6 +20,7 @@ from __future__ import annotations
 #   commit.after_fdatasync   volumes fdatasync'ed, pages not yet written to the database
 #   metadata.commit          any transaction, just before SQLite's COMMIT
 #   restore.gated            a restore start: gate closed and old writes drained, not committed
+#   undo.gated               the same for a 'restore undo' start
 #   restore.finish           a restore's end, before its transaction
 #   clone.delete_committed   a clone's delete committed, its writes not yet drained
 #   remote.write, remote.flush   a write or flush to a remote clone, before it is sent

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import time
+from typing import Callable
 
 from . import faults, undo, units
 from .bitmap import Bitmap, byte_ranges
@@ -168,17 +169,6 @@ class Restores:
             r = Restore(clone, protected, Bitmap(fam.nextents, key=(source, PENDING)),
                         Bitmap(fam.nextents, key=(source, PROTECTED)), 0)
             r.rate_limit = rate_limit
-
-            def install():
-                fam.restore = r
-                clone.state = RESTORING
-                return (clone.volume.barrier.switch(), *fam.switch_fast())
-
-            def uninstall():
-                # Only these two changed before the commit (the gate); other
-                # clones may have changed state meanwhile: left alone.
-                fam.restore = None
-                clone.state = old_state
             # Before the gate closes (host requests must not wait for a sync
             # copy); from the install on, no sync job starts (``start_sync``).
             await self._end_syncs(fam, clone)
@@ -188,28 +178,55 @@ class Restores:
                 r.undo_store = undo.open_or_create(self.state_dir, source, src.size)
                 r.captured = Bitmap(fam.nextents, key=(source, CAPTURED))
             store = r.undo_store
-            try:
-                async with new_rules(fam, source, install, uninstall):
-                    await self._writers_end(fam)
-                    if faults.armed is not None:
-                        faults.hit("restore.gated")
-                    self._commit_start(fam, r)
-            except BaseException:
-                for other in list(fam.clones.values()):  # the start changed nothing
-                    if other.state == SYNCHRONIZING:
-                        self.clones.start_sync(fam, other)
+
+            def failed() -> None:
                 if store is not None:  # the last undo point, if any, is intact
                     undo.close(self.committer, store)
                     if made:
                         undo.remove(self.state_dir, source)
-                raise
-            finally:
-                r.ready.set()  # open the gate: requests go on under the new rules, or the old
-                with self.maps_lock:
-                    fam.refresh_fast()
+            await self._start(fam, r, old_state, functools.partial(self._commit_start, fam, r),
+                              failed)
             log.info("restore of %s from %s started: %d extents to copy (%s)", source,
                      clone_name, r.total_extents, "protected" if protected else "unprotected")
             self._run_job(fam)
+
+    async def _start(self, fam: Family, r: Restore, old_state: str, commit: Callable[[], None],
+                     failed: Callable[[], None] | None = None) -> None:
+        """Install restore ``r`` behind the gate (``new_rules``: new host
+        requests wait at it), wait for the writes decided under the old
+        rules, and ``commit`` its start in one transaction.  If anything
+        fails before COMMIT, the install is undone (only the restore and
+        its clone's state changed: other clones may have changed state
+        meanwhile and are left alone), the sync jobs stopped for the start
+        go on, ``failed`` runs, and the error is raised.  The gate opens
+        either way: requests go on under the new rules, or the old."""
+        clone = r.clone
+
+        def install():
+            fam.restore = r
+            clone.state = RESTORING
+            return (clone.volume.barrier.switch(), *fam.switch_fast())
+
+        def uninstall():
+            fam.restore = None
+            clone.state = old_state
+        try:
+            async with new_rules(fam, fam.source.name, install, uninstall):
+                await self._writers_end(fam)
+                if faults.armed is not None:
+                    faults.hit(f"{r.kind}.gated")
+                commit()
+        except BaseException:
+            for other in list(fam.clones.values()):  # the start changed nothing
+                if other.state == SYNCHRONIZING:
+                    self.clones.start_sync(fam, other)
+            if failed is not None:
+                failed()
+            raise
+        finally:
+            r.ready.set()
+            with self.maps_lock:
+                fam.refresh_fast()
 
     async def plan(self, source: str, clone_name: str, protected: bool = True,
                    rate_limit=0, keep_undo: bool = False, force: bool = False) -> dict:
@@ -461,31 +478,9 @@ class Restores:
             r.kind, r.rate_limit = "undo", rate_limit
             r.undo_from = undo.UndoSource(point.captured, point.undo_store,
                                           clone.volume.store, fam.shift)
-
-            def install():
-                fam.restore = r
-                clone.state = RESTORING
-                return (clone.volume.barrier.switch(), *fam.switch_fast())
-
-            def uninstall():
-                fam.restore = None
-                clone.state = FRACTURED
             await self._end_syncs(fam, clone)
-            try:
-                async with new_rules(fam, source, install, uninstall):
-                    await self._writers_end(fam)
-                    if faults.armed is not None:
-                        faults.hit("undo.gated")
-                    self._commit_undo_start(fam, r, point)
-            except BaseException:
-                for other in list(fam.clones.values()):  # the start changed nothing
-                    if other.state == SYNCHRONIZING:
-                        self.clones.start_sync(fam, other)
-                raise
-            finally:
-                r.ready.set()
-                with self.maps_lock:
-                    fam.refresh_fast()
+            await self._start(fam, r, FRACTURED,
+                              functools.partial(self._commit_undo_start, fam, r, point))
             log.info("undo of the restore of %s from %s started: %d extents to copy", source,
                      clone.name, r.total_extents)
             self._run_job(fam)
