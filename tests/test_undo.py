@@ -16,7 +16,7 @@ import pytest
 
 from helpers import (EXT, SIZE, fractured_then_damaged, read_bitmap, restore_status,
                      wait_restore_done, whole)
-from workloads import host_io_during_restore
+from workloads import host_io, host_io_during_restore
 
 
 def undo_path(daemon, source="src"):
@@ -370,21 +370,14 @@ def test_sigkill_during_undo_loses_nothing(daemon, long_mode):
 
 def test_undo_refuses_what_it_cannot_do(daemon):
     """One line each, nothing changed: no point (a restore without --undo),
-    the restore still running, an unknown volume, a bad name; and the point
-    is used up by an undo."""
+    an unknown volume, a bad name; and the point is used up by an undo."""
     before, clone_data, pending, src = before_restore(daemon, random.Random(31))
     for args, words in ((["nope"], "no volume named"), (["a/b"], "invalid name"),
                         (["src"], "src has no undo point")):
         r = daemon.cli("restore", "undo", *args, check=False)
         assert r.returncode != 0 and words in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    daemon.cli("restore", "src", "--from", "c1", "--undo", "--rate", "64K")
-    r = daemon.cli("restore", "undo", "src", check=False)
-    assert r.returncode != 0 and "undo it once it is done" in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-    assert restore_status(daemon, "src")["kind"] == "restore"
-    daemon.cli("restore", "rate", "src", "0")
-    wait_restore_done(daemon, "src")
+    daemon.cli("restore", "src", "--from", "c1", "--undo", "--wait")
     daemon.cli("restore", "undo", "src", "--wait")
     assert whole(src, SIZE) == before
     r = daemon.cli("restore", "undo", "src", check=False)
@@ -407,3 +400,77 @@ def test_during_an_undo_clone_diff_covers_the_pre_restore_data(daemon):
     daemon.cli("restore", "rate", "src", "0")
     wait_restore_done(daemon, "src")
     assert daemon.json("clone", "diff", "c1") == ranges  # the captured set, as before
+
+
+@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
+def test_undo_while_the_restore_runs(daemon, paused):
+    """``restore undo`` while the ``--undo`` restore still runs (or is
+    paused), host I/O on four connections during both: one transaction
+    ends the restore and starts the undo; the source ends as the
+    pre-restore image plus the writes made during the undo (the model),
+    the clone untouched, its delta map the first restore's pending set
+    plus the undo's writes."""
+    before, clone_data, pending, src = before_restore(daemon, random.Random(41))
+    daemon.cli("restore", "src", "--from", "c1", "--undo", "--rate", "64K")
+    host_io(daemon, src, clone_data, 500, 40)  # copies on demand, captures
+    if paused:
+        daemon.cli("restore", "pause", "src")
+    assert 0 < restore_status(daemon, "src")["pending_extents"]
+    daemon.cli("restore", "undo", "src", "--rate", "64K")
+    st = daemon.json("status", "src")
+    assert st["restore"]["kind"] == "undo" and st["undo"]["state"] == "undoing"
+    model, touched = host_io_during_restore(daemon, src, before, 600, 40)
+    assert whole(daemon.connect("c1"), SIZE) == clone_data
+    assert read_bitmap(daemon.state_dir, "c1", "delta") == pending | touched
+    assert daemon.json("status", "src")["undo"] is None
+    del src
+    daemon.stop()
+    daemon.start()
+    assert whole(daemon.connect("src"), SIZE) == bytes(model)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sigkill_around_an_undo_of_a_running_restore(daemon, seed):
+    """SIGKILL at a random moment around ``restore undo`` of a running
+    ``--undo`` restore (before, during or after its transaction): after the
+    restart the undo runs (killed before its transaction: the restore
+    does, and is undone then), a few flushed writes, another SIGKILL; in
+    the end the source is the pre-restore image plus those writes, the
+    clone untouched, its delta map the pending set plus those writes."""
+    rng = random.Random(43 + seed)
+    before, clone_data, pending, src = before_restore(daemon, rng)
+    del src
+    daemon.cli("restore", "src", "--from", "c1", "--undo", "--rate", "128K")
+    time.sleep(rng.uniform(0.1, 0.5))
+    undo = subprocess_popen(daemon, "restore", "undo", "src", "--rate", "256K")
+    time.sleep(rng.uniform(0.0, 0.05))
+    daemon.kill()
+    undo.wait(30)
+    daemon.start()
+    if restore_status(daemon, "src")["kind"] != "undo":  # killed before the switch
+        daemon.cli("restore", "undo", "src", "--rate", "256K")
+    model, written = bytearray(before), set()
+    h = daemon.connect("src")
+    for _ in range(rng.randrange(1, 6)):
+        i = rng.randrange(SIZE // EXT)
+        data = os.urandom(4096)
+        off = i * EXT + rng.randrange(0, EXT, 4096)
+        h.pwrite(data, off)
+        model[off:off + 4096] = data
+        written.add(i)
+    h.flush()
+    del h
+    daemon.kill()
+    daemon.start()
+    daemon.cli("restore", "rate", "src", "0", check=False)
+    wait_restore_done(daemon, "src")
+    assert whole(daemon.connect("src"), SIZE) == bytes(model)
+    assert whole(daemon.connect("c1"), SIZE) == clone_data
+    assert read_bitmap(daemon.state_dir, "c1", "delta") == pending | written
+
+
+def subprocess_popen(daemon, *args):
+    import subprocess
+    from helpers import LUNCLONE
+    return subprocess.Popen([LUNCLONE, *args, "--run-dir", daemon.run_dir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

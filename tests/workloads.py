@@ -72,12 +72,11 @@ def stripes_for(n_workers, size, stripe=MiB):
     return out
 
 
-def host_io_during_restore(daemon, first, clone_data: bytes, seed: int, ops: int):
+def host_io(daemon, first, shown: bytes, seed: int, ops: int):
     """Four connections (``first`` and three more) do random I/O of every
-    shape, checked against a model, while a slow restore of ``src`` runs;
-    then the restore goes on to the end and every byte of ``src`` is
-    compared with the model.  Returns (model, extents the host wrote)."""
-    model = bytearray(clone_data)
+    shape on ``src``, checked against a model that starts as ``shown``
+    (what the source shows now).  Returns (model, extents the host wrote)."""
+    model = bytearray(shown)
     conns = [first] + [daemon.connect("src") for _ in range(3)]
     workers = [Worker(h, model, None, st, seed + k, ops)
                for k, (h, st) in enumerate(zip(conns, stripes_for(4, SIZE)))]
@@ -88,12 +87,20 @@ def host_io_during_restore(daemon, first, clone_data: bytes, seed: int, ops: int
     for w in workers:
         if w.error:
             raise w.error
+    return model, set().union(*(w.touched for w in workers))
+
+
+def host_io_during_restore(daemon, first, clone_data: bytes, seed: int, ops: int):
+    """``host_io`` while a slow restore of ``src`` runs; then the restore
+    goes on to the end and every byte of ``src`` is compared with the
+    model.  Returns (model, extents the host wrote)."""
+    model, touched = host_io(daemon, first, clone_data, seed, ops)
     assert restore_status(daemon, "src")["state"] == "running", \
         "the restore ended before the host writes did"
     daemon.cli("restore", "rate", "src", "0")
     wait_restore_done(daemon, "src")
     assert whole(daemon.connect("src"), SIZE) == bytes(model)
-    return model, set().union(*(w.touched for w in workers))
+    return model, touched
 
 
 BLOCK = 4096

@@ -110,6 +110,10 @@ class CopyJob(abc.ABC):
         """Extents that need no copy after all (cleared from ``bitmap`` on the way)."""
         return None
 
+    def taken_under(self) -> Restore | None:
+        """The restore this job's copies belong to (they capture for it)."""
+        return None
+
     @abc.abstractmethod
     def stores(self) -> tuple[Store, Store]:
         """(copy from, copy to)."""
@@ -172,7 +176,7 @@ class CopyJob(abc.ABC):
         src, dst = self.stores()
         write_back = self.host_busy
         copy = asyncio.get_running_loop().run_in_executor(
-            self.pool, fam.copy_runs, src, dst, runs, write_back)
+            self.pool, fam.copy_runs, src, dst, runs, write_back, self.taken_under())
 
         def finished(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None and self.active()
@@ -324,7 +328,8 @@ class RestoreJob(CopyJob):
     kind = "restore"
 
     def __init__(self, family: Family, restore: Restore, pool,
-                 finish: Callable[[Family], bool], pause: Callable[[Family, str | None], None]):
+                 finish: Callable[[Family], bool],
+                 pause: Callable[[Family, Restore, str | None], None]):
         super().__init__(family, pool)
         self.restore = restore
         self._finish = finish
@@ -332,7 +337,7 @@ class RestoreJob(CopyJob):
         self.throttle.set(restore.rate_limit)
 
     def active(self) -> bool:
-        return self.family.restore is self.restore
+        return not self.stopped and self.family.restore is self.restore
 
     def paused(self) -> bool:
         return self.restore.state == PAUSED
@@ -342,6 +347,9 @@ class RestoreJob(CopyJob):
 
     def skip(self) -> Bitmap:
         return self.restore.protected
+
+    def taken_under(self) -> Restore:
+        return self.restore
 
     def stores(self) -> tuple[Store, Store]:
         return self.restore.data_source, self.family.source.store
@@ -353,7 +361,7 @@ class RestoreJob(CopyJob):
         return self._finish(self.family)
 
     def failed(self, message: str) -> None:
-        self._pause(self.family, message)
+        self._pause(self.family, self.restore, message)
 
 
 def is_running(job: CopyJob | None) -> bool:

@@ -276,6 +276,9 @@ class WritePlan:
     # Pending extents the write covers whole: no copy first; protected
     # once the write has landed (``_protect_after_write``).
     protect_after: list[int]
+    # The restore the plan was made under: an undo may replace it behind
+    # the gate while this write is still going (``Restores.undo_begin``).
+    restore: "Restore | None" = None
 
 
 class Family:
@@ -530,7 +533,7 @@ class Family:
         plan = self._plan_write(offset, length)
         try:
             if plan.protect_after:  # no copy first: its old data is kept now
-                self.capture(self._restore, plan.protect_after)
+                self.capture(plan.restore, plan.protect_after)
             if faults.armed is not None:
                 faults.hit("write.bits_committed")
             try:
@@ -548,13 +551,13 @@ class Family:
             for clone in plan.mirrors:
                 self._mirror(clone, do)
             if plan.protect_after:
-                self._protect_after_write(plan.protect_after)
+                self._protect_after_write(plan.restore, plan.protect_after)
             if fua:
                 self.flush(self.source)
         finally:
             self._end_write(plan.exts)
 
-    def _protect_after_write(self, late: list[int]) -> None:
+    def _protect_after_write(self, r: Restore, late: list[int]) -> None:
         """Protect pending extents a write covered whole, now that it landed.
 
         No copy preceded this write, so until the write is durable the
@@ -563,7 +566,6 @@ class Family:
         and it is committed with the next commit, which the next flush
         waits for (rule 3).  A crash before that commit copies the clone's
         data again over a write that was never flushed."""
-        r = self.restore
         with self.maps_lock:
             self.committer.check_writable(self.source.fd)
             for i in late:
@@ -736,7 +738,7 @@ class Family:
         if not todo:
             return None
         self.guard.start_copies(todo)
-        return functools.partial(self.copy_on_demand, todo)
+        return functools.partial(self.copy_on_demand, todo, self.restore)
 
     def _blocker(self, exts: range) -> threading.Event | None:
         """What this request must wait for first, if anything.
@@ -799,7 +801,7 @@ class Family:
                         batches.append(req(r.protected, i, self.copy_durable(r, i)))
                 if r.mirrored:
                     mirrors.append(clone)
-        return WritePlan(exts, batches, mirrors, late)
+        return WritePlan(exts, batches, mirrors, late, r)
 
     def _intents(self, delta: Bitmap, exts: range) -> list[Batch | None]:
         """Under the lock: the write-intent bits a mirrored write needs
@@ -846,7 +848,7 @@ class Family:
         except LuncloneError as e:  # as a copy's error: the job retries, then pauses
             raise OSError(e.errno, f"capture for the undo image: {e.message}") from e
 
-    def copy_on_demand(self, todo: list[int]) -> None:
+    def copy_on_demand(self, todo: list[int], r: Restore) -> None:
         """Copy extents (already marked in flight) clone->source for a write
         that covers them in part, and protect them for it.
 
@@ -854,8 +856,9 @@ class Family:
         of the protected bit go out together with the next commit (the next
         flush waits for it, rule 3).  Until then the extent is pending in
         the metadata, so a crash copies it again, which only undoes writes
-        that were never flushed."""
-        r = self.restore
+        that were never flushed.  ``r``: the restore the copy was decided
+        under (an undo may replace it behind the gate meanwhile: its maps
+        and data source are the ones to use)."""
         try:
             self.capture(r, todo)
             copied = 0
@@ -929,7 +932,7 @@ class Family:
         return runs
 
     def copy_runs(self, src: Store, dst: Store, runs: list[tuple[int, int]],
-                  write_back: bool = False) -> int:
+                  write_back: bool = False, restore: Restore | None = None) -> int:
         """Copy runs taken by ``take_runs``; no lock held (they are in flight).
 
         A local destination starts writing each run back as soon as it is
@@ -940,7 +943,9 @@ class Family:
         writes waiting for a commit of their map bits do not wait for the
         job's megabytes to reach the disk, and a write into an extent so
         copied has its protected bit committed alone (``copy_durable``)."""
-        r = self._restore
+        # A restore job's copy captures for the restore it was taken under
+        # (an undo may replace it behind the gate before this thread runs).
+        r = restore if restore is not None else self._restore
         if r is not None and dst is self.source.store:
             self.capture(r, [i for first, n in runs for i in range(first, first + n)])
         copied = 0

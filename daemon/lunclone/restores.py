@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 from . import faults, undo, units
 from .bitmap import Bitmap, byte_ranges
@@ -191,7 +191,8 @@ class Restores:
             self._run_job(fam)
 
     async def _start(self, fam: Family, r: Restore, old_state: str, commit: Callable[[], None],
-                     failed: Callable[[], None] | None = None) -> None:
+                     failed: Callable[[], None] | None = None,
+                     before_commit: Callable[[], Awaitable[None]] | None = None) -> None:
         """Install restore ``r`` behind the gate (``new_rules``: new host
         requests wait at it), wait for the writes decided under the old
         rules, and ``commit`` its start in one transaction.  If anything
@@ -199,8 +200,11 @@ class Restores:
         its clone's state changed: other clones may have changed state
         meanwhile and are left alone), the sync jobs stopped for the start
         go on, ``failed`` runs, and the error is raised.  The gate opens
-        either way: requests go on under the new rules, or the old."""
+        either way: requests go on under the new rules, or the old.
+        ``before_commit`` runs behind the gate, once the old writes are
+        done (an undo of a running restore ends that restore's copies)."""
         clone = r.clone
+        previous = fam.restore  # a running restore an undo replaces, else None
 
         def install():
             fam.restore = r
@@ -208,11 +212,13 @@ class Restores:
             return (clone.volume.barrier.switch(), *fam.switch_fast())
 
         def uninstall():
-            fam.restore = None
+            fam.restore = previous
             clone.state = old_state
         try:
             async with new_rules(fam, fam.source.name, install, uninstall):
                 await self._writers_end(fam)
+                if before_commit is not None:
+                    await before_commit()
                 if faults.armed is not None:
                     faults.hit(f"{r.kind}.gated")
                 commit()
@@ -452,7 +458,13 @@ class Restores:
         clone's delta map (what the host wrote since that restore began).
         In the same transaction the clone's delta map becomes the first
         restore's pending set: what differed before it; ``finish`` adds the
-        host's writes during the undo.  The point is used up by the undo."""
+        host's writes during the undo.  The point is used up by the undo.
+
+        While that restore still runs (or is paused), its job is stopped
+        first (host I/O goes on under it meanwhile), then it is replaced
+        behind the gate: its copies on demand land, its bits are committed
+        (``_end_first``), and one transaction ends it and starts the undo
+        (``_commit_undo_switch``).  If that fails, it goes on."""
         async with self.admin:
             units.check_name(source)
             rate_limit = units.parse_size(rate_limit or 0)
@@ -466,24 +478,77 @@ class Restores:
             if point is None:
                 raise NotFound(f"{source} has no undo point: only a restore started with "
                                "--undo keeps one")
-            if point is fam.restore:
-                raise WrongState(f"the restore of {source} from {point.clone.name} is "
-                                 f"{point.state}; undo it once it is done ('lunclone restore "
-                                 f"rate {source} 0' speeds it up)")
             clone = point.clone
-            if clone.state != FRACTURED:  # the point's refusals keep it so
+            await self._end_syncs(fam, clone)
+            if point is fam.restore:  # its job stops (it may finish the restore first)
+                await self._stop_job(fam)
+            running = point is fam.restore  # (looked at after the last await)
+            if not running and clone.state != FRACTURED:  # the point's refusals keep it so
                 raise WrongState(f"clone {clone.name} is {clone.state}; cannot undo from it")
             r = Restore(clone, True, Bitmap(fam.nextents, key=(source, PENDING)),
                         Bitmap(fam.nextents, key=(source, PROTECTED)), 0)
             r.kind, r.rate_limit = "undo", rate_limit
             r.undo_from = undo.UndoSource(point.captured, point.undo_store,
                                           clone.volume.store, fam.shift)
-            await self._end_syncs(fam, clone)
-            await self._start(fam, r, FRACTURED,
-                              functools.partial(self._commit_undo_start, fam, r, point))
+            if running:
+                await self._start(fam, r, RESTORING,
+                                  functools.partial(self._commit_undo_switch, fam, r, point),
+                                  failed=functools.partial(self._run_job, fam),
+                                  before_commit=functools.partial(self._end_first, fam, point))
+            else:
+                await self._start(fam, r, FRACTURED,
+                                  functools.partial(self._commit_undo_start, fam, r, point))
             log.info("undo of the restore of %s from %s started: %d extents to copy", source,
                      clone.name, r.total_extents)
             self._run_job(fam)
+
+    async def _stop_job(self, fam: Family) -> None:
+        """Stop the restore job of the family and wait until its copies have
+        landed (before a gate: host requests never wait for a job's copy)."""
+        key = JobKey("restore", fam.source.name)
+        job = self.jobs.get(key)
+        if job is not None:
+            job.stopped = True
+            await self.jobs.end(key)
+
+    async def _end_first(self, fam: Family, first: Restore) -> None:
+        """Behind the gate of an undo of running restore ``first`` (its job
+        stopped already): every copy on demand decided under it lands, and
+        its bits requested or set until a flush are committed, so that
+        nothing of it is still moving when one transaction replaces it."""
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while fam.guard.copying():
+            if time.monotonic() > deadline:
+                raise Busy(f"copies of the restore of {fam.source.name} did not finish; "
+                           "try again")
+            await asyncio.sleep(0.0005)
+        self.committer.commit_now()
+        with self.maps_lock:
+            left = any(self.committer.has_requests(bm)
+                       for bm in (first.pending, first.protected, first.captured))
+        if left:
+            raise Busy(f"the restore of {fam.source.name} is still committing; try again")
+
+    def _commit_undo_switch(self, fam: Family, r: Restore, first: Restore) -> None:
+        """One transaction: running restore ``first`` ends, undo ``r`` starts.
+        What may differ from the pre-restore image: the captured extents and
+        the extents the host wrote during ``first`` (its protected map);
+        an extent still pending and never captured holds its pre-restore
+        data.  The clone's delta map is still ``first``'s pending set as it
+        started (a restoring clone's map does not change): what differed
+        before it, as the undo's end needs (``finish``)."""
+        with self.committer.transaction() as tx:
+            r.pending.assign(first.protected)
+            r.pending.union(first.captured)
+            r.total_extents = r.pending.count()
+            self._others_fractured(fam, r, tx)
+            self._record_start(fam, r, tx)
+
+            def switched() -> None:
+                for bm in (first.pending, first.protected, first.captured):
+                    self.committer.unregister(bm)
+                first.captured = first.undo_store = None  # the undo's now (``undo_from``)
+            tx.then(switched)
 
     def _commit_undo_start(self, fam: Family, r: Restore, point: Restore) -> None:
         clone, captured = r.clone, point.captured
@@ -522,12 +587,13 @@ class Restores:
             fam, r = self._restore_of(source)
             self._persist(fam, r, state=PAUSED)
 
-    def pause_with_error(self, fam: Family, message: str | None) -> None:
-        """Pause in memory at once (the job stops retrying); persist if the
-        metadata can take it (on a full disk it may not: after a restart the
-        job then runs again)."""
-        r = fam.restore
-        if r is None:
+    def pause_with_error(self, fam: Family, r: Restore, message: str | None) -> None:
+        """Pause restore ``r`` in memory at once (the job stops retrying);
+        persist if the metadata can take it (on a full disk it may not:
+        after a restart the job then runs again).  Nothing if ``r`` is no
+        longer the family's restore (an undo replaced it: its job's last
+        copy failed after the install)."""
+        if fam.restore is not r:
             return
         r.state, r.error = PAUSED, message
         try:
