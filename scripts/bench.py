@@ -140,6 +140,15 @@ def fill(path: str, size_mb: int, every: int = 1) -> None:
         os.fsync(f.fileno())
 
 
+def filled_with_clone(d: Daemon, size_mb: int) -> None:
+    """Volume ``v`` of ``size_mb`` MiB filled with data, and its clone ``c``
+    synchronized: the starting point of the restore benchmarks."""
+    d.cli("create", "v", "--size", f"{size_mb}M")
+    fill(d.volume_path("v"), size_mb)
+    d.cli("clone", "create", "v", "c")
+    wait_state(d, "v", "c", "synchronized")
+
+
 def wait_state(d: Daemon, source: str, clone: str, state: str, timeout: float = 600) -> float:
     """Poll in-process (a CLI call costs ~0.1 s, too coarse for timing)."""
     from lunclone.client import Client
@@ -352,10 +361,7 @@ def bench_scattered(args) -> None:
     from lunclone.client import Client
     size_mb, extent = 2048, 65536
     with bench_daemon() as (d, work):
-        d.cli("create", "v", "--size", f"{size_mb}M")
-        fill(d.volume_path("v"), size_mb)
-        d.cli("clone", "create", "v", "c")
-        wait_state(d, "v", "c", "synchronized")
+        filled_with_clone(d, size_mb)
         clone = d.volume_path("c")
         raw_dst = os.path.join(work, "raw.img")
         shutil.copyfile(d.volume_path("v"), raw_dst)
@@ -489,10 +495,7 @@ def bench_undo(args) -> None:
     import random
     size_mb, extent = 1024, 65536
     with bench_daemon() as (d, work):
-        d.cli("create", "v", "--size", f"{size_mb}M")
-        fill(d.volume_path("v"), size_mb)
-        d.cli("clone", "create", "v", "c")
-        wait_state(d, "v", "c", "synchronized")
+        filled_with_clone(d, size_mb)
         raw_dst = os.path.join(work, "raw.img")
         shutil.copyfile(d.volume_path("v"), raw_dst)
         fsync_path(raw_dst)
@@ -552,10 +555,7 @@ def bench_during(args) -> None:
     and ``--unprotected`` restores; and the restore's duration under that
     load beside its duration alone.  The sides alternate."""
     with bench_daemon() as (d, work):
-        d.cli("create", "v", "--size", f"{DURING_MB}M")
-        fill(d.volume_path("v"), DURING_MB)
-        d.cli("clone", "create", "v", "c")
-        wait_state(d, "v", "c", "synchronized")
+        filled_with_clone(d, DURING_MB)
         every_mb = [mb << 20 for mb in range(DURING_MB)]
         size = f"{DURING_MB}M"
         print(f"-- host I/O during an unthrottled restore of {DURING_MB >> 10} GiB (every "
@@ -614,10 +614,7 @@ def bench_pending(args) -> None:
     alternate."""
     with bench_daemon() as (d, work):
         size_mb = int(args.size.rstrip("MG")) * (1024 if args.size.endswith("G") else 1)
-        d.cli("create", "v", "--size", f"{size_mb}M")
-        fill(d.volume_path("v"), size_mb)
-        d.cli("clone", "create", "v", "c")
-        wait_state(d, "v", "c", "synchronized")
+        filled_with_clone(d, size_mb)
         every_mb = [mb << 20 for mb in range(size_mb)]
         results = {c: {"pending": [], "restored": []} for c in PENDING_CASES}
         for r in range(args.rounds):
