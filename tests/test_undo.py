@@ -92,6 +92,38 @@ def test_a_new_restore_drops_the_old_undo_image(daemon):
     assert not os.path.exists(undo_path(daemon))
 
 
+def test_a_host_write_captures_its_block_along(daemon):
+    """A host write into one pending extent captures the other pending
+    extents of its ``CAPTURE_BLOCK`` too (one fdatasync and one commit for
+    all: host I/O spread over the volume pays a capture per block), each
+    with its pre-restore data; while the admin holds the restore paused,
+    only what the write overwrites."""
+    from lunclone.policy import CAPTURE_BLOCK
+    rng = random.Random(21)
+    before, clone_data, pending, src = before_restore(daemon, rng)
+    nexts = SIZE // EXT
+    # far from where the job (64 KiB/s) starts
+    running_block = set(range(nexts - CAPTURE_BLOCK, nexts))
+    paused_block = set(range(nexts - 2 * CAPTURE_BLOCK, nexts - CAPTURE_BLOCK))
+    daemon.cli("restore", "src", "--from", "c1", "--undo", "--rate", "64K")
+    written = max(pending & running_block)
+    src.pwrite(b"w" * 4096, written * EXT + 512)
+    captured = read_bitmap(daemon.state_dir, "src", "captured")
+    assert pending & running_block <= captured
+    daemon.cli("restore", "pause", "src")
+    written = max(pending & paused_block)
+    src.pwrite(b"w" * 4096, written * EXT + 512)
+    captured = read_bitmap(daemon.state_dir, "src", "captured")
+    assert captured & paused_block == {written}
+    for i in captured:
+        assert read_extent(undo_path(daemon), i) == before[i * EXT:(i + 1) * EXT], i
+    daemon.cli("restore", "resume", "src")
+    daemon.cli("restore", "rate", "src", "0")
+    wait_restore_done(daemon, "src")
+    assert read_bitmap(daemon.state_dir, "src", "captured") == pending
+    assert rebuilt_pre_restore(daemon, clone_data, pending) == before
+
+
 def check_crash_rule(daemon, before: bytes, pending: set[int]) -> int:
     """After a SIGKILL, on the files: each extent of the original pending
     set is captured (its old data in the undo image) or holds its old data

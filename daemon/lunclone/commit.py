@@ -112,6 +112,17 @@ def commit_error(exc: BaseException) -> Exception:
     return no_space(exc, "data or metadata") or MetadataError(f"metadata commit failed: {exc}")
 
 
+class _SyncGroup:
+    """Shared fdatasyncs of one file (``Committer.sync_shared``): how many
+    started, the last one done, whether one runs now, which failed."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.started = self.done = 0
+        self.running = False
+        self.errors: dict[int, BaseException] = {}  # by number (a failed file fails for good)
+
+
 class Committer:
     def __init__(self, md: Metadata, maps_lock: threading.RLock | None = None):
         self.md = md
@@ -135,6 +146,7 @@ class Committer:
         self.failed_fds: dict[int, str] = {}  # volumes whose write-back failed
         self._reloaded: set[int] = set()  # ... whose maps were put back (once each)
         self._sync_locks: dict[int, threading.Lock] = {}  # one fdatasync of a file at a time
+        self._sync_groups: dict[int, _SyncGroup] = {}  # ``sync_shared``'s, per file
         # Full commits (and admin transactions) started, and the last of them
         # whose fdatasyncs are done: data copied before ``copied_into(fd)``
         # under epoch e is durable once ``synced_epoch > e``.
@@ -210,6 +222,7 @@ class Committer:
         self._sync_fds.discard(fd)
         self.failed_fds.pop(fd, None)
         self._reloaded.discard(fd)
+        self._sync_groups.pop(fd, None)
 
     def check_writable(self, fd: int) -> None:
         """Refuse to copy into (or vouch for) a volume whose write-back failed."""
@@ -237,6 +250,38 @@ class Committer:
                 self.failed_fds.setdefault(fd, _writeback_message(e))
         self._writeback_failed(fd, error)
         raise OSError(error.errno, self.failed_fds.get(fd, str(error))) from error
+
+    def sync_shared(self, fd: int) -> None:
+        """``sync_volume`` for a caller whose writes to ``fd`` have returned:
+        any fdatasync that starts after this call covers them, so callers
+        that come together share one, as their bits share one commit
+        (captures of host writes: one each would queue them behind each
+        other's fdatasync).  Every caller of a failed one gets its error."""
+        group = self._sync_groups.setdefault(fd, _SyncGroup())
+        with group.cond:
+            wanted = group.started + 1  # one in progress may have begun before our writes
+            while group.done < wanted:
+                if group.running:
+                    group.cond.wait()
+                    continue
+                group.running = True
+                group.started += 1
+                mine = group.started
+                group.cond.release()
+                try:
+                    self.sync_volume(fd)
+                except BaseException as e:
+                    group.errors[mine] = e
+                finally:
+                    group.cond.acquire()
+                    group.running = False
+                    group.done = mine
+                    group.cond.notify_all()
+            error = group.errors.get(wanted)
+        if isinstance(error, OSError):  # (one object per caller: tracebacks differ)
+            raise OSError(error.errno, error.strerror) from error
+        if error is not None:
+            raise error
 
     def _writeback_failed(self, fd: int, exc: OSError) -> None:
         with self.maps_lock:

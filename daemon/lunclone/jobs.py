@@ -43,6 +43,8 @@ log = logging.getLogger("lunclone.jobs")
 
 RUN_EXTENTS = 64
 MAX_RUN_BYTES = 8 << 20
+CAPTURE_RUN_EXTENTS = 256
+CAPTURE_RUN_BYTES = 32 << 20
 MAX_RETRIES = 3
 REMOTE_RETRIES = 7
 MAX_BACKOFF_S = 5.0
@@ -92,6 +94,7 @@ class CopyJob(abc.ABC):
         self.on_failure: Callable[[], None] = lambda: None  # JobRunner.run: wakes waiters
         self._copies: set[asyncio.Future] = set()  # copies whose thread has not returned
         self.run_extents = max(1, min(RUN_EXTENTS, MAX_RUN_BYTES >> family.shift))
+        self.alone_run_extents = self.run_extents  # unthrottled, the host idle
         self.host_busy = False  # host requests came in during the last copy
 
     # what a kind of job says ----------------------------------------------
@@ -252,10 +255,12 @@ class CopyJob(abc.ABC):
             await asyncio.sleep(min(left, STOP_POLL_S))
 
     def _run_limit(self) -> int:
-        """Extents per copy: smaller under a rate limit, so the rate stays smooth."""
+        """Extents per copy: smaller under a rate limit, so the rate stays
+        smooth; larger, if the job has them, when neither a limit nor the
+        host holds it back (the host's requests on extents in flight wait)."""
         if self.throttle.limit:
             return max(1, min(self.run_extents, (self.throttle.limit // 10) >> self.family.shift))
-        return self.run_extents
+        return self.run_extents if self.host_busy else self.alone_run_extents
 
     async def _retry_or_pause(self, e: OSError) -> None:
         """Count a failure (once per backoff period: runs copied at once fail
@@ -335,6 +340,9 @@ class RestoreJob(CopyJob):
         self._finish = finish
         self._pause = pause
         self.throttle.set(restore.rate_limit)
+        if restore.captured is not None:  # each copy's capture costs an fdatasync and a commit
+            self.alone_run_extents = max(1, min(CAPTURE_RUN_EXTENTS,
+                                                CAPTURE_RUN_BYTES >> family.shift))
 
     def active(self) -> bool:
         return not self.stopped and self.family.restore is self.restore

@@ -60,7 +60,11 @@ extent of the source (``copy_runs`` into the source, ``copy_on_demand``, a
 write covering it whole) first calls ``capture``: the source's old data is
 copied into the undo image and fdatasynced, the captured bits committed,
 and only then the source written.  The extents are in flight or being
-written meanwhile, so nothing else changes them.
+written meanwhile, so nothing else changes them.  A host request's capture
+takes the idle extents of its ``CAPTURE_BLOCK`` along (in flight until
+their bits are committed), and concurrent captures share one fdatasync
+(``Committer.sync_shared``) and one commit: the cost is per capture, not
+per byte.
 """
 from __future__ import annotations
 
@@ -98,6 +102,9 @@ MIRRORED = (SYNCHRONIZED, SYNCHRONIZING)  # states that follow the source
 # copies those chunks: a few MiB each, for one commit per chunk instead of
 # one per extent.
 INTENT_CHUNK_SHIFT = 6
+# Extents a host request's capture takes along (``Family.capture``): a
+# capture costs an fdatasync and a commit, whether of 64 KiB or of 1 MiB.
+CAPTURE_BLOCK = 16
 
 
 class Progress:
@@ -533,7 +540,7 @@ class Family:
         plan = self._plan_write(offset, length)
         try:
             if plan.protect_after:  # no copy first: its old data is kept now
-                self.capture(plan.restore, plan.protect_after)
+                self.capture(plan.restore, plan.protect_after, along=True)
             if faults.armed is not None:
                 faults.hit("write.bits_committed")
             try:
@@ -819,34 +826,76 @@ class Family:
             self.guard.end_write(exts)
 
     # -- copies ------------------------------------------------------------------
-    def capture(self, r: Restore, exts) -> None:
+    def capture(self, r: Restore, exts, along: bool = False) -> None:
         """Keep the pre-restore data of these extents of the source before
         it is overwritten (see the module docstring): no lock held, the
         extents in flight or being written by the caller.  Extents not
         pending (their old data is the clone's) or captured already are
         skipped.  Raises OSError (a full disk, say) with nothing changed
-        but the undo image: the caller then does not overwrite them."""
+        but the undo image: the caller then does not overwrite them.
+
+        ``along`` (a host request's capture): idle extents of the same
+        ``CAPTURE_BLOCK`` are captured too, under the same fdatasync and
+        commit, so host I/O spread over the volume pays a capture per
+        block, not per extent."""
         if r.captured is None:
             return
         with self.maps_lock:
             todo = [i for i in exts if r.pending.test(i) and not r.captured.test(i)]
-        if not todo:
-            return
+            if not todo:
+                return
+            along_with = self._take_neighbours(r, todo) if along else []
         store, source = r.undo_store, self.source.store
-        self.committer.check_writable(store.fd)
-        self.committer.check_writable(source.fd)
-        for first, n in _runs_of(todo):
-            offset = first << self.shift
-            copy_range(source, store, offset, min(n << self.shift, self.source.size - offset))
-        if faults.armed is not None:
-            faults.hit("capture.data_written")
-        self.committer.sync_volume(store.fd)  # durable before its bits (rule 5)
-        with self.maps_lock:
-            batches = [self.committer.request(r.captured, i) for i in todo]
         try:
-            _wait(batches)
-        except LuncloneError as e:  # as a copy's error: the job retries, then pauses
-            raise OSError(e.errno, f"capture for the undo image: {e.message}") from e
+            self.committer.check_writable(store.fd)
+            self.committer.check_writable(source.fd)
+            self._copy_old_data(source, store, todo)
+            if along_with and not self._capture_along(source, store, along_with):
+                along_with = []  # (released)
+            if faults.armed is not None:
+                faults.hit("capture.data_written")
+            self.committer.sync_shared(store.fd)  # durable before its bits (rule 5)
+            with self.maps_lock:
+                batches = [self.committer.request(r.captured, i) for i in todo + along_with]
+            try:
+                _wait(batches)
+            except LuncloneError as e:  # as a copy's error: the job retries, then pauses
+                raise OSError(e.errno, f"capture for the undo image: {e.message}") from e
+        finally:
+            if along_with:  # held until their bits are in: a request on them finds them captured
+                self._release(along_with)
+
+    def _take_neighbours(self, r: Restore, todo: list[int]) -> list[int]:
+        """Under lock: the idle extents of ``todo``'s blocks that still need
+        a capture, marked in flight (nothing overwrites them meanwhile);
+        none while the admin holds the restore paused (no I/O it need not)."""
+        if r.state == PAUSED:
+            return []
+        mine, found = set(todo), []
+        for block in sorted({i // CAPTURE_BLOCK for i in todo}):
+            for i in range(block * CAPTURE_BLOCK, min((block + 1) * CAPTURE_BLOCK, self.nextents)):
+                if (i not in mine and r.pending.test(i) and not r.captured.test(i)
+                        and not r.protected.test(i) and not self.guard.busy(i)):
+                    found.append(i)
+        if found:
+            self.guard.start_copies(found)
+        return found
+
+    def _copy_old_data(self, source: Store, image: Store, exts: list[int]) -> None:
+        for first, n in _runs_of(exts):
+            offset = first << self.shift
+            copy_range(source, image, offset, min(n << self.shift, self.source.size - offset))
+
+    def _capture_along(self, source: Store, image: Store, exts: list[int]) -> bool:
+        """Copy neighbours' old data too; on failure (a full disk) they are
+        released and left for later: the request's own capture stands."""
+        try:
+            self._copy_old_data(source, image, exts)
+            return True
+        except OSError as e:
+            log.warning("capture of neighbouring extents skipped: %s", e)
+            self._release(exts)
+            return False
 
     def copy_on_demand(self, todo: list[int], r: Restore) -> None:
         """Copy extents (already marked in flight) clone->source for a write
@@ -860,7 +909,7 @@ class Family:
         under (an undo may replace it behind the gate meanwhile: its maps
         and data source are the ones to use)."""
         try:
-            self.capture(r, todo)
+            self.capture(r, todo, along=True)
             copied = 0
             for i in todo:
                 copied += self.copy_extents(r.data_source, self.source.store, i, 1)
