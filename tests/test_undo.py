@@ -143,36 +143,41 @@ def check_crash_rule(daemon, before: bytes, pending: set[int]) -> int:
 
 def test_sigkill_during_capture_keeps_the_rule(daemon, long_mode):
     """SIGKILL at random moments of a rate-limited restore with a writer
-    doing partial and whole-extent writes; before each restart the crash
-    rule is checked on the files; at the end the pre-restore image is
-    rebuilt byte for byte.  (12 kills, 60 with --long.)"""
+    doing a few partial and whole-extent writes between kills (most
+    extents are left to the job, so kills fall in all of its captures);
+    before each restart the crash rule is checked on the files; at the end
+    the pre-restore image is rebuilt byte for byte.  (12 kills; with
+    --long 100 or more, at a quarter of the rate so that the restore lasts.)"""
     rng = random.Random(23)
     before, clone_data, pending, src = before_restore(daemon, rng)
-    daemon.cli("restore", "src", "--from", "c1", "--undo", "--rate", "256K")
-    kills = 60 if long_mode else 12
+    del src
+    daemon.cli("restore", "src", "--from", "c1", "--undo",
+               "--rate", "64K" if long_mode else "256K")
     seen = []
-    for k in range(kills):
+    for k in range(110 if long_mode else 12):
         h = daemon.connect("src")
-        deadline = time.monotonic() + rng.uniform(0.05, 0.6)
-        while time.monotonic() < deadline:
-            i = rng.choice(sorted(pending))
+        for _ in range(rng.randrange(1, 6)):
+            # seldom into a pending extent: its capture takes its block along
+            i = rng.choice(sorted(pending)) if rng.random() < 0.15 else rng.randrange(SIZE // EXT)
             if rng.random() < 0.5:
                 h.pwrite(os.urandom(4096), i * EXT + rng.randrange(0, EXT, 4096))
             else:
                 h.pwrite(os.urandom(EXT), i * EXT)
+        time.sleep(rng.uniform(0.05, 0.6))  # the job captures and copies meanwhile
         del h
         daemon.kill()
         seen.append(check_crash_rule(daemon, before, pending))
         daemon.start()
         if (restore_status(daemon, "src") or {}).get("state") == "done":
             break
+    print(f"{len(seen)} kills; captured after each: {seen}")
+    assert not long_mode or len(seen) >= 100, f"only {len(seen)} kills before the end"
     daemon.cli("restore", "rate", "src", "0", check=False)  # it may be done already
     wait_restore_done(daemon, "src")
     captured = read_bitmap(daemon.state_dir, "src", "captured")
     assert captured == pending
     assert rebuilt_pre_restore(daemon, clone_data, captured) == before
     assert whole(daemon.connect("c1"), SIZE) == clone_data
-    print(f"captured after each kill: {seen}")
 
 
 # -- item 3: when undo is no longer possible, say so, never undo wrongly ---------
@@ -369,13 +374,14 @@ def test_sigkill_during_undo_loses_nothing(daemon, long_mode):
     partial and whole-extent writes (flushed before the kill):
     once the undo is done, every byte is the pre-restore image with those
     writes on top, and the clone's delta map is the first restore's
-    pending set plus the extents written.  (12 kills, 60 with --long.)"""
+    pending set plus the extents written.  (12 kills; with --long 100 or
+    more, at a quarter of the rate so that the undo lasts.)"""
     rng = random.Random(29)
     before, clone_data, pending, src = before_restore(daemon, rng)
     daemon.cli("restore", "src", "--from", "c1", "--undo", "--wait")
-    daemon.cli("restore", "undo", "src", "--rate", "256K")
-    model, written = bytearray(before), set()
-    for k in range(60 if long_mode else 12):
+    daemon.cli("restore", "undo", "src", "--rate", "64K" if long_mode else "256K")
+    model, written, kills = bytearray(before), set(), 0
+    for k in range(110 if long_mode else 12):
         h = daemon.connect("src")
         time.sleep(rng.uniform(0.05, 0.6))  # the undo copies meanwhile
         for _ in range(rng.randrange(1, 6)):  # a few writes: most extents keep their data
@@ -389,9 +395,12 @@ def test_sigkill_during_undo_loses_nothing(daemon, long_mode):
         h.flush()  # only flushed writes must survive a crash (rule 3)
         del h
         daemon.kill()
+        kills += 1
         daemon.start()
         if (restore_status(daemon, "src") or {}).get("state") == "done":
             break
+    print(f"{kills} kills")
+    assert not long_mode or kills >= 100, f"only {kills} kills before the end"
     daemon.cli("restore", "rate", "src", "0", check=False)
     wait_restore_done(daemon, "src")
     assert whole(daemon.connect("src"), SIZE) == bytes(model)
