@@ -94,8 +94,9 @@ def report(results: dict, subject: str, baselines: list[str]) -> None:
 
 @contextlib.contextmanager
 def bench_daemon():
-    """A lunclone daemon in a temporary directory: (daemon, workdir)."""
-    work = tempfile.mkdtemp(prefix="lcb", dir="/tmp")
+    """A lunclone daemon in a temporary directory (under $LUNCLONE_BENCH_DIR,
+    say a reflink filesystem's mount, else /tmp): (daemon, workdir)."""
+    work = tempfile.mkdtemp(prefix="lcb", dir=os.environ.get("LUNCLONE_BENCH_DIR", "/tmp"))
     d = Daemon(os.path.join(work, "state"), os.path.join(work, "run")).start()
     try:
         yield d, work
