@@ -463,22 +463,13 @@ def restore_alone(d: Daemon, flags: list[str], every_mb: list[int]) -> float:
 DURING_MB = 4096  # alone, its restore outlasts a few seconds of fio
 
 
-def timed_restore(d: Daemon, keep_undo: bool) -> float:
-    """Seconds from the ``restore`` call to its end (``--wait``'s span)."""
+def timed(d: Daemon, command: str, **args) -> float:
+    """Seconds from a restore's start (control ``command``: ``restore`` or
+    ``restore_undo``) to its end (``--wait``'s span)."""
     from lunclone.client import Client
     t0 = time.monotonic()
     with Client(d.run_dir) as c:
-        c.call("restore", source="v", clone_name="c", keep_undo=keep_undo, force=True)
-    wait_restore_done(d, "v")
-    return time.monotonic() - t0
-
-
-def timed_undo(d: Daemon) -> float:
-    """Seconds from the ``restore undo`` call to its end."""
-    from lunclone.client import Client
-    t0 = time.monotonic()
-    with Client(d.run_dir) as c:
-        c.call("restore_undo", source="v")
+        c.call(command, source="v", **args)
     wait_restore_done(d, "v")
     return time.monotonic() - t0
 
@@ -517,10 +508,11 @@ def bench_undo(args) -> None:
                     d.cli("restore", "forget", "v", check=False)
                     damage_and_fracture(d, "v", "c", [i * extent for i in exts], n=4096)
                     pretouch(1 << 30)
-                    took[side].append(timed_restore(d, side == "undo"))
+                    took[side].append(timed(d, "restore", clone_name="c", keep_undo=side == "undo",
+                                            force=True))
                     if side == "undo":  # and back: the same extents, from the undo image
                         pretouch(1 << 30)
-                        took["back"].append(timed_undo(d))
+                        took["back"].append(timed(d, "restore_undo"))
             rounds = ", ".join("/".join(f"{t:.2f}" for t in ts) for ts in zip(*took.values()))
             ratio = m(p / u for u, p in zip(took["undo"], took["plain"]))
             raw = m(w / u for u, w in zip(took["undo"], took["raw"]))

@@ -883,8 +883,7 @@ class Family:
 
     def _copy_old_data(self, source: Store, image: Store, exts: list[int]) -> None:
         for first, n in _runs_of(exts):
-            offset = first << self.shift
-            copy_range(source, image, offset, min(n << self.shift, self.source.size - offset))
+            self._copy_run(source, image, first, n)
 
     def _capture_along(self, source: Store, image: Store, exts: list[int]) -> bool:
         """Copy neighbours' old data too; on failure (a full disk) they are
@@ -932,14 +931,18 @@ class Family:
 
     def copy_extents(self, src: Store, dst: Store, first: int, count: int) -> int:
         """Copy ``count`` extents from ``first``; no lock held (they are in flight)."""
-        offset = first << self.shift
         self.committer.check_writable(dst.fd)
         if is_local(src):  # its data may be lost: nothing is vouched for by it
             self.committer.check_writable(src.fd)
-        n = copy_range(src, dst, offset, min(count << self.shift, self.source.size - offset))
+        n = self._copy_run(src, dst, first, count)
         if faults.armed is not None:
             faults.hit("copy.data_written")
         return n
+
+    def _copy_run(self, src: Store, dst: Store, first: int, count: int) -> int:
+        """``count`` extents from ``first`` (the last one ends at the volume's end)."""
+        offset = first << self.shift
+        return copy_range(src, dst, offset, min(count << self.shift, self.source.size - offset))
 
     def _release(self, exts) -> None:
         with self.maps_lock:
