@@ -495,7 +495,7 @@ def bench_undo(args) -> None:
         m = statistics.median
         print(f"-- restore until done of {size_mb >> 10} GiB, with --undo / without / raw "
               f"copy_file_range of the same extents, {args.rounds} alternated rounds (seconds):")
-        for pct in (10, 100):
+        for pct in ((10, 100) if args.part in ("all", "restore") else ()):
             exts = sorted(random.Random(pct).sample(range(nexts), nexts * pct // 100))
             took: dict[str, list[float]] = {"undo": [], "plain": [], "raw": [], "back": []}
             for r in range(args.rounds):
@@ -524,7 +524,7 @@ def bench_undo(args) -> None:
         case = dict(rw="randrw", bs="4k", iodepth=16)
         iops_: dict[str, list[float]] = {"undo": [], "plain": []}
         every_mb = [mb << 20 for mb in range(size_mb)]
-        for r in range(args.rounds):
+        for r in range(args.rounds if args.part in ("all", "iops") else 0):
             for side in (iops_ if r % 2 == 0 else list(iops_)[::-1]):
                 d.cli("restore", "forget", "v", check=False)
                 damage_and_fracture(d, "v", "c", every_mb, n=1 << 20)
@@ -534,6 +534,8 @@ def bench_undo(args) -> None:
                       *(["--undo"] if side == "undo" else []))
                 iops_[side].append(measure(d.uri("v"), case, f"{size_mb}M", args.runtime))
                 end_restore(d, "v")
+        if not iops_["undo"]:
+            return
         rounds = ", ".join(f"{u:.0f}/{p:.0f}" for u, p in zip(iops_["undo"], iops_["plain"]))
         print(f"-- fio 4k randrw qd16 for {args.runtime:.0f}s during a restore of every extent "
               "at 128 MiB/s (pending extents under the I/O), "
@@ -641,6 +643,8 @@ def main() -> None:
     p.add_argument("--size", default="1G")
     p.add_argument("--size-mb", type=int, default=512, help="remote: the volume's size")
     p.add_argument("--connections", type=int, default=2, help="attach: N of the N-connection paths")
+    p.add_argument("--part", choices=["all", "restore", "iops"], default="all",
+                   help="undo: only the restore times, or only the host IOPS")
     args = p.parse_args()
     from bench_attach import bench_attach
     from bench_remote import bench_remote

@@ -121,15 +121,17 @@ class LiveEngine:
     def wait_clone(self, name: str, state: str, timeout: float = 30.0) -> None:
         self.wait(lambda: self.clone(name).state == state, timeout, f"{name} {state}")
 
-    def pending_restore(self, paused: bool = False) -> bytes:
+    def pending_restore(self, paused: bool = False, keep_undo: bool = False) -> bytes:
         """A protected restore of src from its fractured clone c1, extents
         0..PENDING-1 differing, throttled (64K/s) so that they stay pending
         for a while, or ``paused`` at once (only host requests and commits
-        touch the maps then); returns the clone's data."""
+        touch the maps then), keeping an undo image if ``keep_undo``;
+        returns the clone's data."""
         clone_data = pattern(b"clone-")
         self.fractured_clone(data=clone_data)
         self.write("src", pattern(b"old-", PENDING * EXT), 0)
-        self.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+        self.cmd("restore", source="src", clone_name="c1", rate_limit="64K",
+                 keep_undo=keep_undo)
         if paused:
             self.cmd("restore_pause", source="src")
         return clone_data

@@ -533,3 +533,39 @@ def test_first_clone_create_does_not_block_the_loop_behind_a_plain_write(live, m
     create.result()
     live.wait_clone("c1", "synchronized")
     assert live.file("c1") == live.file("src")
+
+
+def test_a_read_does_not_wait_for_a_neighbours_capture(live, monkeypatch):
+    """A host write's capture takes the pending extents of its block along
+    (``Family.capture``); held at the undo image's fdatasync, those
+    neighbours are in flight for the capture only: nothing is copied into
+    the source there, so a read of one takes the clone's data at once
+    (without the lock, then across two extents under it) instead of
+    waiting for someone else's fdatasync."""
+    clone_data = live.pending_restore(keep_undo=True)
+    fam = live.family("src")
+    image_fd = fam.restore.undo_store.fd
+    written = policy.CAPTURE_BLOCK * 2 - 1  # the job (64K/s) starts at 0
+    neighbour = written - 5
+    hold = Hold(monkeypatch, os, "fdatasync",  # the writer's capture, not the job's
+                lambda fd: fd == image_fd and neighbour in fam.guard.inflight)
+    locked_reads = []
+    real_prepare = policy.Family._prepare_read
+
+    def prepare_read(self, offset, length):
+        locked_reads.append(offset)
+        return real_prepare(self, offset, length)
+    monkeypatch.setattr(policy.Family, "_prepare_read", prepare_read)
+    writer = Async(lambda: live.write("src", b"w" * 4096, written * EXT + 512))
+    hold.wait_arrived()
+    try:
+        for offset, length, locked in ((neighbour * EXT, 4096, []),
+                                       ((neighbour - 1) * EXT, 2 * EXT, [(neighbour - 1) * EXT])):
+            reader = Async(lambda o=offset, n=length: live.read("src", o, n))
+            assert reader.result(2) == clone_data[offset:offset + length]
+            assert locked_reads == locked
+            locked_reads.clear()
+    finally:
+        hold.release()
+    writer.result(10)
+    assert live.read("src", written * EXT, EXT)[512:4608] == b"w" * 4096

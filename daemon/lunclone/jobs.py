@@ -5,7 +5,8 @@ extents, up to ``RUN_EXTENTS`` extents in all (``Family.take_runs`` decides
 which: scattered extents go together), has a worker thread copy them in one
 call (copy_file_range releases the GIL, so host requests go on meanwhile),
 then clears the bits (``Family.finish_runs``).  Extents it
-had to skip (a host write in progress, a copy on demand in flight) are
+had to skip (a host write in progress, a copy on demand or a capture in
+flight) are
 picked up on the next pass.  A job ends through its ``finish`` hook (the
 clone or restore admin) in one metadata transaction.  ``JobRunner`` keeps
 the running jobs by ``JobKey``.

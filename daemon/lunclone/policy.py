@@ -43,8 +43,10 @@ Host write / trim / zero on the source, per extent touched:
 A one-extent write whose bits are all committed takes the fast path
 (``refresh_fast``): no lock, no map change.
 Host read on the source: wait for in-flight copies (and whole-extent writes
-into pending extents); read pending extents from the clone, the rest from
-the source.  A read copies nothing: the job copies those extents later.
+into pending extents), not for captures (nothing is copied into the source
+there: ``ExtentGuard.capturing``); read pending extents from the clone,
+the rest from the source.  A read copies nothing: the job copies those
+extents later.
 Host write on a clone: allowed only while fractured; sets its delta bit.
 
 Background copies (jobs.py drives them, these methods decide):
@@ -62,9 +64,9 @@ copied into the undo image and fdatasynced, the captured bits committed,
 and only then the source written.  The extents are in flight or being
 written meanwhile, so nothing else changes them.  A host request's capture
 takes the idle extents of its ``CAPTURE_BLOCK`` along (in flight until
-their bits are committed), and concurrent captures share one fdatasync
-(``Committer.sync_shared``) and one commit: the cost is per capture, not
-per byte.
+their bits are committed; reads of them go on), and concurrent captures
+share one fdatasync (``Committer.sync_shared``) and one commit: the cost
+is per capture, not per byte.
 """
 from __future__ import annotations
 
@@ -208,6 +210,13 @@ class ExtentGuard:
 
     def __init__(self) -> None:
         self.inflight: dict[int, threading.Event] = {}  # set when the copy ends
+        # Of those, extents in flight for a capture only (taken along by a
+        # host request's capture, ``Family.capture``): nothing is copied
+        # into the source there, so reads need not wait.  A reader that
+        # looks without the lock never takes a copy for a capture: no copy
+        # starts on an extent in flight, and ``end_copies`` drops both
+        # marks under the lock.
+        self.capturing: set[int] = set()
         self.writers: dict[int, int] = {}
         # Reads taking data from a restore's clone: the restore does not
         # finish (and its clone cannot change) under them.
@@ -237,23 +246,39 @@ class ExtentGuard:
     def busy(self, i: int) -> bool:
         return i in self.inflight or bool(self.writers.get(i))
 
+    def copy_blocking(self, i: int, reading: bool) -> threading.Event | None:
+        """The copy in flight on extent ``i`` a request must wait for, if
+        any (a read does not wait for a capture)."""
+        ev = self.inflight.get(i)
+        return None if ev is None or (reading and i in self.capturing) else ev
+
+    def blocks_reads(self, i: int) -> bool:
+        """Must a read of extent ``i`` wait (``Family._read_one_extent``)?"""
+        return self.copy_blocking(i, True) is not None or bool(self.writers.get(i))
+
     def writes_end(self, i: int) -> threading.Event:
         """An event set once the writes now on extent ``i`` have ended."""
         return self.writer_done.setdefault(i, threading.Event())
 
-    def start_copies(self, exts) -> None:
+    def start_copies(self, exts, capture_only: bool = False) -> None:
         """One event for extents whose copy starts together (a job's runs,
-        an on-demand copy): they must end together, in one ``end_copies``
-        of the same extents, so a waiter woken by the event never finds
-        one of them still in flight on it."""
+        an on-demand copy, a capture's neighbours: ``capture_only``): they
+        must end together, in one ``end_copies`` of the same extents, so a
+        waiter woken by the event never finds one of them still in flight
+        on it."""
         ev = threading.Event()
         for i in exts:
             self.inflight[i] = ev
+        if capture_only:
+            self.capturing.update(exts)
+        else:
+            self.capturing.difference_update(exts)
 
     def end_copies(self, exts) -> None:
         last = None
         for i in exts:
             ev = self.inflight.pop(i, None)
+            self.capturing.discard(i)
             if ev is not None and ev is not last:
                 ev.set()
                 last = ev
@@ -410,8 +435,8 @@ class Family:
 
     def _read_one_extent(self, r: Restore, vol: Volume, buf, offset: int) -> bool:
         """A read within one extent, without the lock: from the source if the
-        extent is copied or protected, from the clone if it is pending and
-        nothing is in flight or being written there; False (not read) if it
+        extent is copied or protected, from the clone if it is pending and no
+        copy (a capture is none) is in flight nor a write there; False (not read) if it
         must wait or spans extents.  Counted in ``lock_free_clone_reads``
         before it looks, so a restore that finishes meanwhile (its clone may
         change afterwards) either waits for it or was seen finished: then
@@ -427,7 +452,7 @@ class Family:
             if not r.pending.bits[byte] >> bit & 1 or r.protected.bits[byte] >> bit & 1:
                 vf.read_into(vol.fd, buf, offset)
                 return True
-            if i in guard.inflight or guard.writers.get(i):
+            if guard.blocks_reads(i):
                 return False
             r.data_source.pread(buf, offset)
             return True
@@ -686,7 +711,7 @@ class Family:
         exts = extent_range(offset, length, self.shift)
         while True:
             with self.maps_lock:
-                wait_for = self._blocker(exts)
+                wait_for = self._blocker(exts, reading=True)
                 if wait_for is None:
                     r = self._restore
                     if r is None:
@@ -747,23 +772,25 @@ class Family:
         self.guard.start_copies(todo)
         return functools.partial(self.copy_on_demand, todo, self.restore)
 
-    def _blocker(self, exts: range) -> threading.Event | None:
+    def _blocker(self, exts: range, reading: bool = False) -> threading.Event | None:
         """What this request must wait for first, if anything.
 
-        Besides copies in flight, a request waits for a whole-extent write
-        into a pending extent: that write copies nothing, so the source holds
+        Besides copies in flight (for a read, not captures: the source is
+        not written there), a request waits for a whole-extent write into a
+        pending extent: that write copies nothing, so the source holds
         neither the clone's data nor the new data until it has landed and
         its protected bit is committed."""
         r = self.restore
         if r is not None and not r.ready.is_set():
             return r.ready
+        guard = self.guard
         for i in exts:
-            ev = self.guard.copy_of(i)
+            ev = guard.copy_blocking(i, reading)
             if ev is not None:
                 return ev
-            if (r is not None and self.guard.writing(i)
+            if (r is not None and guard.writing(i)
                     and r.pending.test(i) and not r.protected.test(i)):
-                return self.guard.writes_end(i)
+                return guard.writes_end(i)
         return None
 
     def _copies_needed(self, exts: range, offset: int, length: int) -> list[int]:
@@ -878,7 +905,7 @@ class Family:
                         and not r.protected.test(i) and not self.guard.busy(i)):
                     found.append(i)
         if found:
-            self.guard.start_copies(found)
+            self.guard.start_copies(found, capture_only=True)
         return found
 
     def _copy_old_data(self, source: Store, image: Store, exts: list[int]) -> None:
