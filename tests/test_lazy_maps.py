@@ -18,7 +18,7 @@ import pytest
 from lunclone import faults, metadata
 from lunclone.bitmap import Bitmap
 from lunclone.errors import MetadataError
-from lunclone.metadata import DB_NAME, Metadata
+from lunclone.metadata import DB_NAME, SCHEMA_VERSION, JobRecord, Metadata
 
 from helpers import EXT, SIZE, fractured_then_damaged, read_bitmap, whole
 from live import Async, Hold, pattern
@@ -40,6 +40,7 @@ INSERT INTO meta VALUES ('schema_version', '1');
 INSERT INTO meta VALUES ('created', '0');
 INSERT INTO volumes VALUES ('src', 1073741824, 65536, NULL, NULL, NULL, 0);
 INSERT INTO volumes VALUES ('c1', 1073741824, 65536, 'src', 'fractured', NULL, 0);
+INSERT INTO jobs VALUES ('src', 'restore', 'c1', 'done', 1, 10, 655360, 2, 0, NULL, 0);
 """
 
 
@@ -61,11 +62,17 @@ def test_a_schema_1_database_is_brought_forward_with_its_counts(tmp_path):
     assert md.map_counts() == {("c1", "delta"): 5}
     assert list(md.load_bitmap("c1", "delta", 1 << 16).iter_set()) == bits
     assert [v.name for v in md.volumes()] == ["c1", "src"]
+    # its finished restore: no undo image, and how many extents the host
+    # wrote during it is not known (status falls back to the delta map)
+    assert md.jobs() == [JobRecord("src", "restore", "c1", "done", True, 10, 655360, 2, 0,
+                                   None, 0.0, False, None)]
     md.close()
     db = sqlite3.connect(os.path.join(tmp_path, DB_NAME))
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+    assert version == str(SCHEMA_VERSION)
     assert db.execute("SELECT page, nset FROM bitmaps").fetchall() == [(0, 3), (1, 2)]
-    assert "undo" in [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+    columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+    assert columns[-2:] == ["undo", "protected_extents"]
     db.close()
     Metadata(str(tmp_path)).close()  # opens again, nothing left to bring forward
 

@@ -168,3 +168,28 @@ def test_backup_with_nbdcopy_during_a_restore_gets_the_clones_data(daemon, workd
     daemon.cli("restore", "resume", "src")
     daemon.cli("restore", "rate", "src", "0")
     wait_restore_done(daemon, "src")
+
+
+@pytest.mark.parametrize("undo", [False, True], ids=["restore", "undo"])
+def test_a_finished_restore_says_the_same_after_a_restart(daemon, undo):
+    """``status`` of a finished restore (or undo) is the same after a
+    daemon restart: ``protected_extents`` counts what the host wrote
+    during it, not the clone's delta map as it is now (writes made since
+    the restore ended; for an undo, also the extents it brought back)."""
+    _, src = fractured_then_damaged(daemon, random.Random(31))
+    daemon.cli("restore", "src", "--from", "c1", "--rate", "64K",
+               *(["--undo"] if undo else []))
+    if undo:
+        daemon.cli("restore", "undo", "src", "--rate", "64K")
+    src.pwrite(b"p" * 4096, 2 * EXT)  # during it: protected
+    daemon.cli("restore", "rate", "src", "0")
+    wait_restore_done(daemon, "src")
+    src.pwrite(b"a" * 4096, 9 * EXT)  # after it: the clone's delta map only
+    before = daemon.json("status", "src")["restore"]
+    assert before["protected_extents"] == 1
+    del src
+    daemon.stop()
+    daemon.start()
+    after = daemon.json("status", "src")["restore"]
+    assert {k: after[k] for k in ("kind", "state", "protected_extents", "total_extents")} == \
+        {k: before[k] for k in ("kind", "state", "protected_extents", "total_extents")}

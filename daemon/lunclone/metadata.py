@@ -5,8 +5,10 @@ Tables (schema version ``SCHEMA_VERSION``):
     meta     (key, value)                     schema version, creation time
     volumes  (name, size, extent_size, source, clone_state, remote)
              a row with ``source`` set is a clone of that volume
-    jobs     (source, kind, clone, state, protected, ..., undo)   one job per
-             source; ``undo``: the restore keeps an undo image (undo.py)
+    jobs     (source, kind, clone, state, protected, ..., undo, protected_extents)
+             one job per source; ``undo``: the restore keeps an undo image
+             (undo.py); ``protected_extents``: what the host wrote during a
+             finished restore (NULL: it finished before version 4)
     bitmaps  (owner, kind, page, nset, bits)  pages of a Bitmap; no row = zeroes
              kind is one of DELTA (owner: a clone), PENDING, PROTECTED and
              CAPTURED (owner: a source being restored, or restored); ``nset`` is the page's
@@ -43,7 +45,7 @@ from .errors import MetadataError
 
 log = logging.getLogger("lunclone.metadata")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DB_NAME = "lunclone.db"
 
 # The kinds of map (``bitmaps.kind``)
@@ -75,7 +77,8 @@ CREATE TABLE jobs (
     rate_limit INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     started REAL NOT NULL,
-    undo INTEGER NOT NULL DEFAULT 0
+    undo INTEGER NOT NULL DEFAULT 0,
+    protected_extents INTEGER
 );
 CREATE TABLE bitmaps (
     owner TEXT NOT NULL,
@@ -110,6 +113,12 @@ UPDATE meta SET value = '2' WHERE key = 'schema_version';
 ALTER TABLE jobs ADD COLUMN undo INTEGER NOT NULL DEFAULT 0;
 UPDATE meta SET value = '3' WHERE key = 'schema_version';
 """,
+    # Version 4: a finished restore's count of extents the host wrote during
+    # it (the clone's delta map grows afterwards; status must not change).
+    3: """
+ALTER TABLE jobs ADD COLUMN protected_extents INTEGER;
+UPDATE meta SET value = '4' WHERE key = 'schema_version';
+""",
 }
 
 
@@ -142,6 +151,7 @@ class JobRecord:
     error: str | None = None
     started: float = 0.0
     undo: bool = False
+    protected_extents: int | None = None  # a finished restore's (None: unknown)
 
 
 class Transaction:
@@ -174,7 +184,7 @@ class Transaction:
         self._db.execute(
             "INSERT OR REPLACE INTO jobs VALUES (:source, :kind, :clone, :state,"
             " :protected, :total_extents, :copied_bytes, :on_demand, :rate_limit,"
-            " :error, :started, :undo)", d)
+            " :error, :started, :undo, :protected_extents)", d)
 
     def delete_job(self, source: str) -> None:
         self._db.execute("DELETE FROM jobs WHERE source = ?", (source,))
@@ -307,8 +317,9 @@ class Metadata:
         with self.lock:
             rows = self._db.execute(
                 "SELECT source, kind, clone, state, protected, total_extents,"
-                " copied_bytes, on_demand, rate_limit, error, started, undo FROM jobs").fetchall()
-        return [JobRecord(*r[:4], bool(r[4]), *r[5:11], bool(r[11])) for r in rows]
+                " copied_bytes, on_demand, rate_limit, error, started, undo,"
+                " protected_extents FROM jobs").fetchall()
+        return [JobRecord(*r[:4], bool(r[4]), *r[5:11], bool(r[11]), r[12]) for r in rows]
 
     def map_counts(self) -> dict[tuple[str, str], int]:
         """Every stored map's count of set bits, by (owner, kind), read

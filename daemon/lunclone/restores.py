@@ -131,9 +131,12 @@ class Restores:
     @staticmethod
     def _done(clone: Clone, job: JobRecord, nextents: int,
               captured: Bitmap | None = None, store=None) -> Restore:
-        """A finished restore, for status: its protected map was the clone's
-        delta map at completion."""
-        r = Restore(clone, job.protected, Bitmap(nextents), clone.delta.copy(), job.total_extents,
+        """A finished restore, for status: of its protected map, the count
+        (the clone's delta map, for one finished before schema version 4:
+        it has grown since)."""
+        protected = (clone.delta.copy() if job.protected_extents is None
+                     else Bitmap.unloaded(nextents, None, job.protected_extents))
+        r = Restore(clone, job.protected, Bitmap(nextents), protected, job.total_extents,
                     captured, store)
         r.state, r.on_demand, r.kind = DONE, job.on_demand, job.kind
         r.progress.copied_bytes = job.copied_bytes
@@ -406,7 +409,8 @@ class Restores:
             tx.delete_bitmap(fam.source.name, PENDING)
             tx.delete_bitmap(fam.source.name, PROTECTED)
             tx.put_job(dataclasses.replace(self._record(fam, r), state=DONE,
-                                        undo=r.captured is not None))
+                                           undo=r.captured is not None,
+                                           protected_extents=r.protected.count()))
             image = r.undo_from.image if r.undo_from is not None else None
 
             def done() -> None:
