@@ -296,6 +296,35 @@ def test_a_missing_image_drops_the_point_for_good(daemon):
     daemon.cli("clone", "delete", "c1")
 
 
+@pytest.mark.parametrize("how", ["forget", "force"])
+def test_a_point_whose_clone_is_missing_can_still_be_dropped(daemon, how):
+    """The clone's file is gone at start-up: the point stays in the
+    metadata (the file may come back), so deleting the clone's record
+    refuses with the usual line; 'restore forget' drops the point (its
+    captured map and its image), or 'delete --force' drops it with the
+    clone.  Neither leaves an image no command can reach."""
+    kept_point(daemon, 15)
+    daemon.stop()
+    os.unlink(daemon.volume_path("c1"))
+    daemon.start()
+    r = daemon.cli("delete", "c1", check=False)
+    assert r.returncode != 0 and "lunclone restore forget src" in r.stderr
+    assert "\n" not in r.stderr.strip()
+    assert os.path.exists(undo_path(daemon))
+    if how == "forget":
+        daemon.cli("restore", "forget", "src")
+        daemon.cli("delete", "c1")
+    else:
+        r = daemon.cli("delete", "c1", "--force")
+    assert read_bitmap(daemon.state_dir, "src", "captured") == set()
+    assert not os.path.exists(undo_path(daemon))
+    assert "c1" not in daemon.cli("list").stdout
+    daemon.stop()
+    daemon.start()
+    r = daemon.cli("restore", "forget", "src", check=False)
+    assert r.returncode != 0 and "has no undo point" in r.stderr
+
+
 def test_a_full_disk_while_capturing_pauses_and_overwrites_nothing_uncaptured(daemon):
     """The undo directory on a tmpfs with room for a few extents: the
     restore pauses with the error in status; every extent not captured

@@ -44,6 +44,25 @@ def test_clone_of_a_source_missing_at_start_up_is_not_served(daemon):
     assert "ERROR: its source 'src' is not served" in daemon.cli("status", "c1").stdout
 
 
+@pytest.mark.parametrize("command", [["clone", "delete", "c1"], ["delete", "c1"]],
+                         ids=["clone-delete", "delete"])
+def test_a_clone_missing_at_start_up_can_be_deleted_beside_a_served_one(daemon, command):
+    """c1's file is gone, c2 is served: the family of src holds c2 only,
+    and deleting c1 (its record: nothing else of it is loaded) works
+    instead of saying c1 is not a clone."""
+    daemon.cli("create", "src", "--size", str(SIZE))
+    for clone in ("c1", "c2"):
+        daemon.cli("clone", "create", "src", clone)
+    assert daemon.stop() == 0
+    os.unlink(daemon.volume_path("c1"))
+    daemon.start()
+    daemon.cli(*command)
+    assert [c["name"] for c in daemon.json("status", "src")["clones"]] == ["c2"]
+    assert "c1" not in daemon.cli("list").stdout
+    r = daemon.cli("clone", "delete", "src", check=False)
+    assert r.returncode != 0 and "'src' is not a clone" in r.stderr
+
+
 def _back(live, name: str) -> None:
     path = live.engine.volumes.path(name)
     os.rename(path + ".away", path)

@@ -362,10 +362,6 @@ class Clones:
         loop.call_soon_threadsafe(resync)
 
     # -- delete --------------------------------------------------------------------
-    async def delete(self, name: str, force: bool = False) -> None:
-        async with self.admin:
-            await self.delete_locked(name, force)
-
     def _undo_point_on(self, fam: Family, clone: Clone, force: bool) -> Restore | None:
         """The undo point a change to ``clone`` would make wrong (a finished
         restore from it), or None.  Refused without ``force``; with it, the

@@ -43,7 +43,7 @@ class ControlServer:
             "clone_create": _then_status(engine.clones.create, "name", st),
             "clone_fracture": _then_status(engine.clones.fracture, "name", st),
             "clone_sync": _then_status(engine.clones.sync, "name", st),
-            "clone_delete": _then_deleted(engine.clones.delete),
+            "clone_delete": _then_deleted(engine.delete_clone),
             "clone_diff": st.clone_diff,
             "map": st.extent_map,
             "restore": _then_status(engine.restores.begin, "source", st),

@@ -20,11 +20,12 @@ from . import remote, undo, units
 from . import volume as vf
 from .clones import Clones
 from .commit import Committer
-from .errors import Busy, WrongState
+from .errors import Busy, NotFound, WrongState
 from .families import Families
 from .iopath import Volume
 from .jobs import JobRunner
 from .metadata import Metadata
+from .policy import undo_refusal
 from .restores import Restores
 from .status import Status
 from .volumes import VOLUME_DIR, RemoteOptions, VolumeTable
@@ -121,8 +122,8 @@ class Engine:
         async with self.admin:
             units.check_name(name)
             rec = self.volumes.record(name)
-            if rec.source is not None and self.families.get(rec.source) is not None:
-                await self.clones.delete_locked(name, force)
+            if rec.source is not None:
+                await self._delete_clone(name, rec.source, force)
                 return
             fam = self.families.get(name)
             if fam is not None and fam.restore is not None:
@@ -138,6 +139,35 @@ class Engine:
                     await self.clones.delete_locked(clone, force=True)
             self.volumes.delete(name)
             undo.remove(self.state_dir, name)
+
+    async def delete_clone(self, name: str, force: bool = False) -> None:
+        """``clone delete``: ``delete`` of a clone, by that name."""
+        async with self.admin:
+            units.check_name(name)
+            rec = self.volumes.records.get(name)
+            if rec is None:
+                raise NotFound(f"no clone named {name!r}; see 'lunclone list'")
+            if rec.source is None:
+                raise NotFound(f"{name!r} is not a clone; see 'lunclone status {name}'")
+            await self._delete_clone(name, rec.source, force)
+
+    async def _delete_clone(self, name: str, source: str, force: bool) -> None:
+        """A clone of its source's family, or, if the family did not load it
+        (its file, or its source's, was missing at start-up), its record
+        and an undo point that needs it (refused without ``force``, as
+        ``Clones.delete_locked`` refuses one in memory)."""
+        fam = self.families.get(source)
+        if fam is not None and name in fam.clones:
+            await self.clones.delete_locked(name, force)
+            return
+        self.volumes.check_unused(name, self.volumes.served.get(name))
+        point = undo.stored_point(self.committer, clone=name)
+        if point is not None and not force:
+            raise WrongState(undo_refusal(point.source, name) + ", or use --force")
+        self.volumes.delete(name, point)
+        if point is not None:
+            undo.remove(self.state_dir, point.source)
+            log.warning("undo point of %s dropped (--force on clone %s)", point.source, name)
 
     def export_uri(self, name: str) -> str:
         if self.tcp:

@@ -445,13 +445,25 @@ class Restores:
             fam = self.families.get(source)
             point = fam.undo_point() if fam is not None else None
             if point is None:
-                raise NotFound(f"{source} has no undo point")
+                self._forget_stored(source)
+                return
             if point is fam.restore:
                 raise WrongState(f"the restore of {source} is {point.state}; its undo point "
                                  "can be dropped once it is done")
             undo.forget(self.committer, self.state_dir, source, point)
             log.info("undo point of %s dropped", source)
 
+
+    def _forget_stored(self, source: str) -> None:
+        """``forget`` of a point kept in the metadata only (its clone's file
+        was missing at start-up), else NotFound."""
+        job = undo.stored_point(self.committer, source=source)
+        if job is None:
+            raise NotFound(f"{source} has no undo point")
+        with self.committer.transaction() as tx:
+            undo.forget_stored_point(job, tx)
+        undo.remove(self.state_dir, source)
+        log.info("undo point of %s dropped (its clone %s was not loaded)", source, job.clone)
 
     async def undo_begin(self, source: str, rate_limit=0) -> None:
         """``restore undo``: an instant protected restore of the source back

@@ -97,6 +97,23 @@ def forget_point(committer, r, job: JobRecord | None, tx) -> bool:
     return True
 
 
+def stored_point(committer, source: str | None = None,
+                 clone: str | None = None) -> JobRecord | None:
+    """The job row of a finished restore that keeps its undo point, of
+    ``source`` or from ``clone``: how a point is found that is not in
+    memory (its clone's file was missing at start-up).  Read outside any
+    transaction."""
+    return next((j for j in committer.md.jobs() if j.undo and j.state == "done"
+                 and source in (None, j.source) and clone in (None, j.clone)), None)
+
+
+def forget_stored_point(job: JobRecord, tx) -> None:
+    """In ``tx``: ``stored_point``'s point goes (nothing of it is in
+    memory); the caller removes the image after the transaction."""
+    tx.delete_bitmap(job.source, CAPTURED)
+    tx.put_job(dataclasses.replace(job, undo=False))
+
+
 def job_of(committer, source: str) -> JobRecord | None:
     """The source's job row (read outside any transaction)."""
     return next((j for j in committer.md.jobs() if j.source == source), None)

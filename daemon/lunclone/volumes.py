@@ -16,12 +16,12 @@ import os
 import threading
 import time
 
-from . import remote, units
+from . import remote, undo, units
 from . import volume as vf
 from .commit import Committer
 from .errors import AlreadyExists, Busy, InvalidArgument, LuncloneError, NotFound
 from .iopath import Volume
-from .metadata import CAPTURED, Metadata, VolumeRecord
+from .metadata import CAPTURED, JobRecord, Metadata, VolumeRecord
 from .store import FileStore, Store
 
 log = logging.getLogger("lunclone.volumes")
@@ -180,13 +180,16 @@ class VolumeTable:
         self.load(rec)
         log.info("created volume %s (%d bytes, extent %d)", name, size, extent)
 
-    def delete(self, name: str) -> None:
-        """Delete a volume with no clones and no restore (the caller checks)."""
+    def delete(self, name: str, point: JobRecord | None = None) -> None:
+        """Delete a volume with no clones and no restore (the caller checks),
+        and with it the undo ``point`` (a stored one) that needs it."""
         vol = self.served.get(name)
         self.check_unused(name, vol)
         with self.committer.transaction() as tx:
             self.check_unused(name, vol)  # under the lock: none can slip in
             tx.delete_volume(name)
+            if point is not None:
+                undo.forget_stored_point(point, tx)
             tx.delete_bitmap(name, CAPTURED)  # its undo image's map, if any
             tx.delete_job(name)  # and its last restore's row
             tx.then(lambda: self.served.pop(name, None))
