@@ -15,7 +15,7 @@ import time
 import pytest
 
 from helpers import (EXT, SIZE, fractured_then_damaged, read_bitmap, restore_status,
-                     wait_restore_done, whole)
+                     synchronize_and_fracture, wait_restore_done, whole)
 from workloads import host_io, host_io_during_restore
 
 
@@ -323,6 +323,24 @@ def test_a_point_whose_clone_is_missing_can_still_be_dropped(daemon, how):
     daemon.start()
     r = daemon.cli("restore", "forget", "src", check=False)
     assert r.returncode != 0 and "has no undo point" in r.stderr
+
+
+def test_a_point_whose_clone_is_missing_refuses_a_new_restore(daemon):
+    """The point in the metadata only (its clone's file missing at
+    start-up) still counts: a restore from another clone refuses to drop
+    it, with the usual line; with --force it goes, image and all."""
+    kept_point(daemon, 16)
+    synchronize_and_fracture(daemon, "src", "c2")
+    daemon.stop()
+    os.unlink(daemon.volume_path("c1"))
+    daemon.start()
+    r = daemon.cli("restore", "src", "--from", "c2", check=False)
+    assert r.returncode != 0 and "has an undo point (its restore from c1)" in r.stderr
+    assert "\n" not in r.stderr.strip()
+    assert read_bitmap(daemon.state_dir, "src", "captured")
+    daemon.cli("restore", "src", "--from", "c2", "--force", "--wait")
+    assert read_bitmap(daemon.state_dir, "src", "captured") == set()
+    assert not os.path.exists(undo_path(daemon))
 
 
 def test_a_full_disk_while_capturing_pauses_and_overwrites_nothing_uncaptured(daemon):

@@ -63,6 +63,45 @@ def test_a_clone_missing_at_start_up_can_be_deleted_beside_a_served_one(daemon, 
     assert r.returncode != 0 and "'src' is not a clone" in r.stderr
 
 
+def test_the_clone_of_an_unfinished_restore_is_never_deleted_unloaded(daemon):
+    """A restore from c1 is running when c1's file goes missing: src is
+    kept unserved and c1 is not loaded.  Deleting c1's record would leave
+    the restore nothing to finish from (its data is only there): refused,
+    by either command, saying how to go on."""
+    fractured_clone(daemon, SIZE, SIZE)
+    h = daemon.connect("src")
+    h.pwrite(b"x" * SIZE, 0)
+    del h
+    daemon.cli("restore", "src", "--from", "c1", "--rate", "64K")
+    assert daemon.stop() == 0
+    os.rename(daemon.volume_path("c1"), daemon.volume_path("c1") + ".away")
+    daemon.start()
+    for command in (["clone", "delete", "c1"], ["delete", "c1"], ["delete", "c1", "--force"]):
+        r = daemon.cli(*command, check=False)
+        assert r.returncode != 0, command
+        assert "unfinished restore of src" in r.stderr and "restore resume src" in r.stderr
+    assert "c1" in daemon.cli("list").stdout
+
+
+def test_a_source_is_deleted_with_every_clone_record(daemon):
+    """src's only clone was not loaded (its file missing): 'delete src'
+    still counts it (refused without --force), and with --force deletes
+    its record too, so a new src does not inherit it."""
+    daemon.cli("create", "src", "--size", str(SIZE))
+    daemon.cli("clone", "create", "src", "c1")
+    assert daemon.stop() == 0
+    os.unlink(daemon.volume_path("c1"))
+    daemon.start()
+    r = daemon.cli("delete", "src", check=False)
+    assert r.returncode != 0 and "has clones (c1)" in r.stderr
+    daemon.cli("delete", "src", "--force")
+    daemon.cli("create", "src", "--size", str(SIZE))
+    daemon.stop()
+    daemon.start()
+    assert daemon.json("status", "src")["clones"] == []
+    assert "c1" not in daemon.cli("list").stdout
+
+
 def _back(live, name: str) -> None:
     path = live.engine.volumes.path(name)
     os.rename(path + ".away", path)

@@ -130,13 +130,14 @@ class Engine:
                 raise WrongState(f"volume {name!r} is being restored; wait for the restore "
                                  "to finish")
             self.volumes.check_unused(name, self.volumes.served.get(name))
-            if fam is not None:
-                if not force:
-                    raise WrongState(f"volume {name!r} has clones "
-                                     f"({', '.join(sorted(fam.clones))}); delete them first "
-                                     "or use --force")
-                for clone in list(fam.clones):
-                    await self.clones.delete_locked(clone, force=True)
+            # Every clone's record, loaded or not: one left behind would be
+            # taken as a clone of a new volume of the same name.
+            clones = sorted(r.name for r in self.volumes.records.values() if r.source == name)
+            if clones and not force:
+                raise WrongState(f"volume {name!r} has clones ({', '.join(clones)}); "
+                                 "delete them first or use --force")
+            for clone in clones:
+                await self._delete_clone(clone, name, force=True, with_source=True)
             self.volumes.delete(name)
             undo.remove(self.state_dir, name)
 
@@ -151,17 +152,26 @@ class Engine:
                 raise NotFound(f"{name!r} is not a clone; see 'lunclone status {name}'")
             await self._delete_clone(name, rec.source, force)
 
-    async def _delete_clone(self, name: str, source: str, force: bool) -> None:
+    async def _delete_clone(self, name: str, source: str, force: bool,
+                            with_source: bool = False) -> None:
         """A clone of its source's family, or, if the family did not load it
         (its file, or its source's, was missing at start-up), its record
         and an undo point that needs it (refused without ``force``, as
-        ``Clones.delete_locked`` refuses one in memory)."""
-        fam = self.families.get(source)
+        ``Clones.delete_locked`` refuses one in memory).  Never the clone
+        of an unfinished restore, unless the source goes too
+        (``with_source``): its pending extents' data is only there."""
+        fam = self.families.peek(source)
         if fam is not None and name in fam.clones:
             await self.clones.delete_locked(name, force)
             return
         self.volumes.check_unused(name, self.volumes.served.get(name))
-        point = undo.stored_point(self.committer, clone=name)
+        job = undo.job_of(self.committer, source)
+        if (not with_source and job is not None and job.clone == name
+                and job.kind in ("restore", "undo") and job.state != "done"):
+            raise WrongState(f"clone {name} is the source of the unfinished restore of "
+                             f"{source}: its data is only there; bring its file back, then "
+                             f"run 'lunclone restore resume {source}'")
+        point = undo.stored_point(self.committer, source=source, clone=name)
         if point is not None and not force:
             raise WrongState(undo_refusal(point.source, name) + ", or use --force")
         self.volumes.delete(name, point)

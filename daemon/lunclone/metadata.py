@@ -24,7 +24,7 @@ Invariants:
 - Opening never writes to a database it did not create: a file that is
   not a lunclone database, or one of a newer schema version, is refused
   after a read-only look.  A database of an older version of ours is
-  brought forward in one transaction (``_MIGRATIONS``) and logged.
+  brought forward one transaction per version (``_MIGRATIONS``) and logged.
 - One ``threading.Lock`` serialises the connection; callers from nbdkit's
   threads, the committer thread and the asyncio thread share it.
 """

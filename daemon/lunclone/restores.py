@@ -167,7 +167,7 @@ class Restores:
             point = self._check_undo(fam, source, protected, keep_undo, force)
             if point is not None:
                 log.warning("restore of %s: dropping the undo point of its restore from %s "
-                            "(--force)", source, point.clone.name)
+                            "(--force)", source, point)
             old_state = clone.state
             r = Restore(clone, protected, Bitmap(fam.nextents, key=(source, PENDING)),
                         Bitmap(fam.nextents, key=(source, PROTECTED)), 0)
@@ -259,20 +259,22 @@ class Restores:
                     "undo_bytes": copied if keep_undo else 0,
                     "free_bytes": shutil.disk_usage(self.state_dir).free}
 
-    @staticmethod
-    def _check_undo(fam: Family, source: str, protected: bool, keep_undo: bool,
-                    force: bool) -> Restore | None:
-        """The undo point a new restore would drop (refused without
-        ``force``), and ``--undo`` only with a protected restore."""
+    def _check_undo(self, fam: Family, source: str, protected: bool, keep_undo: bool,
+                    force: bool) -> str | None:
+        """The clone of the undo point a new restore would drop (refused
+        without ``force``; one in the metadata only counts too: its clone's
+        file may come back), and ``--undo`` only with a protected restore."""
         point = fam.undo_point()
-        if point is not None and not force:
+        stored = undo.stored_point(self.committer, source=source) if point is None else None
+        clone = point.clone.name if point is not None else stored.clone if stored else None
+        if clone is not None and not force:
             raise WrongState(f"{source} has an undo point (its restore from "
-                             f"{point.clone.name}); a new restore would drop it: "
+                             f"{clone}); a new restore would drop it: "
                              f"'lunclone restore forget {source}' first, or --force")
         if keep_undo and not protected:
             raise InvalidArgument("--undo needs a protected restore: an unprotected one "
                                   "writes the clone, which the undo image relies on")
-        return point
+        return clone
 
     @staticmethod
     def _check_can_start(fam: Family, clone: Clone, source: str) -> None:
@@ -452,7 +454,6 @@ class Restores:
                                  "can be dropped once it is done")
             undo.forget(self.committer, self.state_dir, source, point)
             log.info("undo point of %s dropped", source)
-
 
     def _forget_stored(self, source: str) -> None:
         """``forget`` of a point kept in the metadata only (its clone's file

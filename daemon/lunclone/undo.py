@@ -100,9 +100,9 @@ def forget_point(committer, r, job: JobRecord | None, tx) -> bool:
 def stored_point(committer, source: str | None = None,
                  clone: str | None = None) -> JobRecord | None:
     """The job row of a finished restore that keeps its undo point, of
-    ``source`` or from ``clone``: how a point is found that is not in
-    memory (its clone's file was missing at start-up).  Read outside any
-    transaction."""
+    ``source`` and/or from ``clone``: how a point is found that is not in
+    memory (its clone was not loaded: its file, or its source's, was
+    missing at start-up).  Read outside any transaction."""
     return next((j for j in committer.md.jobs() if j.undo and j.state == "done"
                  and source in (None, j.source) and clone in (None, j.clone)), None)
 
