@@ -9,7 +9,7 @@ import os
 import nbd
 import pytest
 
-from helpers import SMALL, fractured_clone
+from helpers import SMALL, fractured_clone, wait_clone_state, wait_restore_done
 from live import EXT
 from lunclone.errors import LuncloneError, NotFound
 
@@ -95,11 +95,83 @@ def test_a_source_is_deleted_with_every_clone_record(daemon):
     r = daemon.cli("delete", "src", check=False)
     assert r.returncode != 0 and "has clones (c1)" in r.stderr
     daemon.cli("delete", "src", "--force")
-    daemon.cli("create", "src", "--size", str(SIZE))
-    daemon.stop()
-    daemon.start()
-    assert daemon.json("status", "src")["clones"] == []
     assert "c1" not in daemon.cli("list").stdout
+    daemon.cli("create", "src", "--size", str(SIZE))
+    daemon.cli("clone", "create", "src", "c1")  # the name is free: no record left
+
+
+@pytest.mark.parametrize("state", ["fractured", "synchronized"])
+def test_a_clone_away_while_its_source_is_written_is_never_trusted_again(daemon, state):
+    """c1's file is away for one run of the daemon while src is served and
+    written: nothing tracks those writes for c1.  When the file comes back,
+    c1 may differ from src anywhere: a restore from a fractured c1 brings
+    back all of c1's data (not only the extents its old delta map named),
+    and a synchronized c1 resynchronizes before it is a mirror again."""
+    h = fractured_clone(daemon, SIZE, SIZE)
+    if state == "synchronized":
+        daemon.cli("clone", "sync", "c1", "--wait")  # no write after: no intent bit
+    else:
+        h.pwrite(b"d" * EXT, 0)  # a difference c1's delta map knows of
+        h.flush()
+    clone_data = whole_of(daemon, "c1")
+    del h
+    assert daemon.stop() == 0
+    c1 = daemon.volume_path("c1")
+    os.rename(c1, c1 + ".away")
+    daemon.start()
+    h = daemon.connect("src")
+    h.pwrite(b"w" * EXT, SIZE - EXT)  # written while c1 is away (another intent chunk)
+    h.flush()
+    del h
+    assert daemon.stop() == 0
+    os.rename(c1 + ".away", c1)
+    daemon.start()
+    if state == "fractured":
+        daemon.cli("restore", "src", "--from", "c1", "--wait")
+        assert whole_of(daemon, "src") == clone_data
+    else:
+        wait_clone_state(daemon, "src", "c1", "synchronized")
+        assert whole_of(daemon, "c1") == whole_of(daemon, "src")
+
+
+def test_a_clone_still_away_when_its_source_is_served_again_is_never_trusted(daemon):
+    """src was kept unserved (its restore's clone c1 missing) and c2 was
+    away too; c1 comes back and 'restore resume' serves src again while
+    c2 is still away: c2 misses the writes from then on, so a restore
+    from it later brings back all of its data."""
+    h = fractured_clone(daemon, SIZE, SIZE)
+    daemon.cli("clone", "create", "src", "c2")
+    wait_clone_state(daemon, "src", "c2", "synchronized")
+    daemon.cli("clone", "fracture", "c2")
+    c2_data = whole_of(daemon, "c2")
+    h.pwrite(b"x" * (SIZE // 2), 0)  # what the restore from c1 brings back
+    del h
+    daemon.cli("restore", "src", "--from", "c1", "--rate", "64K")
+    assert daemon.stop() == 0
+    for name in ("c1", "c2"):
+        os.rename(daemon.volume_path(name), daemon.volume_path(name) + ".away")
+    daemon.start()
+    os.rename(daemon.volume_path("c1") + ".away", daemon.volume_path("c1"))
+    daemon.cli("restore", "resume", "src")
+    daemon.cli("restore", "rate", "src", "0")
+    h = daemon.connect("src")
+    h.pwrite(b"w" * EXT, SIZE - EXT)  # written while c2 is away
+    h.flush()
+    del h
+    wait_restore_done(daemon, "src")
+    assert daemon.stop() == 0
+    os.rename(daemon.volume_path("c2") + ".away", daemon.volume_path("c2"))
+    daemon.start()
+    daemon.cli("restore", "src", "--from", "c2", "--wait")
+    assert whole_of(daemon, "src") == c2_data
+
+
+def whole_of(daemon, name: str) -> bytes:
+    h = daemon.connect(name)
+    try:
+        return h.pread(SIZE, 0)
+    finally:
+        del h
 
 
 def _back(live, name: str) -> None:

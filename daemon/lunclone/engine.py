@@ -25,7 +25,7 @@ from .families import Families
 from .iopath import Volume
 from .jobs import JobRunner
 from .metadata import Metadata
-from .policy import undo_refusal
+from .policy import DONE, undo_refusal
 from .restores import Restores
 from .status import Status
 from .volumes import VOLUME_DIR, RemoteOptions, VolumeTable
@@ -109,6 +109,7 @@ class Engine:
         self.volumes.load_all()
         self.families.load_all()
         self.restores.load_all()
+        self.families.distrust_absent()  # before any client: see its docstring
         # Last: a refusal above stays one line, without this warning before it.
         self.io_flusher = set_io_flusher()
         sys.setswitchinterval(GIL_SWITCH_S)
@@ -136,6 +137,8 @@ class Engine:
             if clones and not force:
                 raise WrongState(f"volume {name!r} has clones ({', '.join(clones)}); "
                                  "delete them first or use --force")
+            for clone in clones:  # before any is deleted
+                self.volumes.check_unused(clone, self.volumes.served.get(clone))
             for clone in clones:
                 await self._delete_clone(clone, name, force=True, with_source=True)
             self.volumes.delete(name)
@@ -167,7 +170,7 @@ class Engine:
         self.volumes.check_unused(name, self.volumes.served.get(name))
         job = undo.job_of(self.committer, source)
         if (not with_source and job is not None and job.clone == name
-                and job.kind in ("restore", "undo") and job.state != "done"):
+                and job.kind in ("restore", "undo") and job.state != DONE):
             raise WrongState(f"clone {name} is the source of the unfinished restore of "
                              f"{source}: its data is only there; bring its file back, then "
                              f"run 'lunclone restore resume {source}'")

@@ -19,6 +19,7 @@ read counts only (``peek``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from typing import AsyncIterator, Callable, Sequence
@@ -29,7 +30,7 @@ from .commit import Committer
 from .errors import NotFound
 from .iopath import Volume, quiesce
 from .metadata import DELTA
-from .policy import FRACTURED, Clone, CloneExport, Family
+from .policy import FRACTURED, SYNCHRONIZED, SYNCHRONIZING, Clone, CloneExport, Family
 from .volumes import VolumeTable
 
 log = logging.getLogger("lunclone.families")
@@ -162,6 +163,36 @@ class Families:
             self.committer.register(delta)
             fam.add_clone(clone)
             clone.volume.set_policy(CloneExport(fam, clone))
+
+    def distrust_absent(self, names: list[str] | None = None) -> None:
+        """Clones that stay unserved while their source is served: nothing
+        tracks the source's writes for them (they have no place in its
+        family), so if their file comes back they may differ anywhere.
+        Before any client can write, in one transaction, each one's stored
+        delta map becomes full and a synchronized one resynchronizing: a
+        restore from it then copies every extent, a sync all of them.
+        ``names``: those clones (default, at start-up: every unserved clone
+        of a served source)."""
+        vols = self.volumes
+        if names is None:
+            names = [r.name for r in vols.records.values()
+                     if r.source in vols.served and r.name in vols.broken]
+        if not names:
+            return
+        recs = [vols.records[name] for name in names]
+        with self.committer.md.transaction() as tx:  # their maps are not in memory
+            for rec in recs:
+                full = Bitmap(-(-rec.size // rec.extent_size))
+                full.set_all()
+                tx.replace_bitmap(rec.name, DELTA, full)
+                if rec.clone_state == SYNCHRONIZED:
+                    tx.put_volume(dataclasses.replace(rec, clone_state=SYNCHRONIZING))
+        for rec in recs:
+            if rec.clone_state == SYNCHRONIZED:
+                rec.clone_state = SYNCHRONIZING
+        for name in names:
+            log.warning("clone %s is not served while its source is: it will be copied "
+                        "whole (restore) or resynchronized if it comes back", name)
 
     def unserve(self, fam: Family | None, source: str, why: str) -> None:
         """Stop serving a source and its clones (start-up, or a restore that

@@ -164,10 +164,10 @@ class Restores:
             src = self.volumes.get(source)
             fam, clone = self.families.find_clone(clone_name)
             self._check_can_start(fam, clone, source)
-            point = self._check_undo(fam, source, protected, keep_undo, force)
-            if point is not None:
+            dropping = self._check_undo(fam, source, protected, keep_undo, force)
+            if dropping is not None:
                 log.warning("restore of %s: dropping the undo point of its restore from %s "
-                            "(--force)", source, point)
+                            "(--force)", source, dropping)
             old_state = clone.state
             r = Restore(clone, protected, Bitmap(fam.nextents, key=(source, PENDING)),
                         Bitmap(fam.nextents, key=(source, PROTECTED)), 0)
@@ -641,6 +641,10 @@ class Restores:
             raise NotFound(f"volume {source!r} is not served: {vols.broken[source]}")
         clones = [n for n, rec in vols.records.items() if rec.source == source and n in vols.broken]
         job = next((j for j in self.md.jobs() if j.source == source), None)
+        restoring = job.clone if job is not None and job.kind in ("restore", "undo") else None
+        # Those that stay away miss the writes to come (``distrust_absent``).
+        self.families.distrust_absent([n for n in clones
+                                       if n != restoring and not vols.file_ok(n)])
         # Under the maps lock, which opening an export takes: no client can
         # open (and write to) a volume before its rules are in place.
         with self.maps_lock:
