@@ -120,7 +120,7 @@ def test_a_clone_away_while_its_source_is_written_is_never_trusted_again(daemon,
     os.rename(c1, c1 + ".away")
     daemon.start()
     h = daemon.connect("src")
-    h.pwrite(b"w" * EXT, SIZE - EXT)  # written while c1 is away (another intent chunk)
+    h.pwrite(b"w" * EXT, SIZE - EXT)  # written while c1 is away
     h.flush()
     del h
     assert daemon.stop() == 0
@@ -164,6 +164,57 @@ def test_a_clone_still_away_when_its_source_is_served_again_is_never_trusted(dae
     daemon.start()
     daemon.cli("restore", "src", "--from", "c2", "--wait")
     assert whole_of(daemon, "src") == c2_data
+
+
+def test_a_finished_restores_clone_away_when_its_source_comes_back_is_never_trusted(daemon):
+    """src and c1 (the clone of src's finished restore) were both away;
+    src comes back through 'restore resume' (src is served again even
+    though no restore is in progress) while c1 stays away and src is
+    written: c1, back later, is copied whole by a restore."""
+    h = fractured_clone(daemon, SIZE, SIZE)
+    h.pwrite(b"x" * EXT, 0)
+    del h
+    daemon.cli("restore", "src", "--from", "c1", "--wait")
+    clone_data = whole_of(daemon, "c1")
+    assert daemon.stop() == 0
+    for name in ("src", "c1"):
+        os.rename(daemon.volume_path(name), daemon.volume_path(name) + ".away")
+    daemon.start()
+    os.rename(daemon.volume_path("src") + ".away", daemon.volume_path("src"))
+    daemon.cli("restore", "resume", "src", check=False)  # serves src again
+    h = daemon.connect("src")
+    h.pwrite(b"w" * EXT, SIZE - EXT)  # written while c1 is away
+    h.flush()
+    del h
+    assert daemon.stop() == 0
+    os.rename(daemon.volume_path("c1") + ".away", daemon.volume_path("c1"))
+    daemon.start()
+    daemon.cli("restore", "src", "--from", "c1", "--wait")
+    assert whole_of(daemon, "src") == clone_data
+
+
+def test_a_synchronized_clone_away_when_a_restore_starts_comes_back_fractured(daemon):
+    """c2 (synchronized) is away when a restore of src from c1 starts: it
+    is fractured with the other clones, not brought back as a mirror
+    that a sync fills with the source's pre-restore data."""
+    h = fractured_clone(daemon, SIZE, SIZE)
+    daemon.cli("clone", "create", "src", "c2")
+    wait_clone_state(daemon, "src", "c2", "synchronized")
+    h.pwrite(b"x" * SIZE, 0)
+    del h
+    assert daemon.stop() == 0
+    os.rename(daemon.volume_path("c2"), daemon.volume_path("c2") + ".away")
+    daemon.start()
+    daemon.cli("restore", "src", "--from", "c1", "--rate", "64K")
+    assert daemon.stop() == 0
+    os.rename(daemon.volume_path("c2") + ".away", daemon.volume_path("c2"))
+    daemon.start()
+    daemon.cli("restore", "rate", "src", "0")
+    wait_restore_done(daemon, "src")
+    state = daemon.json("status", "src")["clones"]
+    assert {c["name"]: c["state"] for c in state}["c2"] == "fractured"
+    daemon.cli("clone", "sync", "c2", "--wait")
+    assert whole_of(daemon, "c2") == whole_of(daemon, "src")
 
 
 def whole_of(daemon, name: str) -> bytes:

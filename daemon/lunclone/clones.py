@@ -62,13 +62,19 @@ class Clones:
         bits set may differ where a mirrored write was cut short by a crash:
         it resynchronizes those extents."""
         for fam in self.families.by_source.values():
-            for clone in fam.clones.values():
-                if clone.state == SYNCHRONIZED and clone.delta.any():
-                    with self.committer.transaction() as tx:
-                        self.set_state(clone, SYNCHRONIZING, tx)
-                if clone.state == SYNCHRONIZING:
-                    self.start_sync(fam, clone)
+            self.resume_syncs(fam)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_intents())
+
+    def resume_syncs(self, fam: Family) -> None:
+        """A family just loaded (start-up, a source served again): its
+        synchronized clones with intent bits resynchronize (the sweeper
+        would clear those bits without a copy), and syncs go on."""
+        for clone in fam.clones.values():
+            if clone.state == SYNCHRONIZED and clone.delta.any():
+                with self.committer.transaction() as tx:
+                    self.set_state(clone, SYNCHRONIZING, tx)
+            if clone.state == SYNCHRONIZING:
+                self.start_sync(fam, clone)
 
     def stop(self) -> None:
         if self._sweeper is not None:

@@ -179,7 +179,12 @@ class Families:
                      if r.source in vols.served and r.name in vols.broken]
         if not names:
             return
-        recs = [vols.records[name] for name in names]
+        counts = self.committer.md.map_counts()
+        recs = [r for r in (vols.records[name] for name in names)  # not done already
+                if r.clone_state == SYNCHRONIZED
+                or counts.get((r.name, DELTA)) != -(-r.size // r.extent_size)]
+        if not recs:
+            return
         with self.committer.md.transaction() as tx:  # their maps are not in memory
             for rec in recs:
                 full = Bitmap(-(-rec.size // rec.extent_size))
@@ -190,9 +195,9 @@ class Families:
         for rec in recs:
             if rec.clone_state == SYNCHRONIZED:
                 rec.clone_state = SYNCHRONIZING
-        for name in names:
+        for rec in recs:
             log.warning("clone %s is not served while its source is: it will be copied "
-                        "whole (restore) or resynchronized if it comes back", name)
+                        "whole (restore) or resynchronized if it comes back", rec.name)
 
     def unserve(self, fam: Family | None, source: str, why: str) -> None:
         """Stop serving a source and its clones (start-up, or a restore that

@@ -342,6 +342,13 @@ class Restores:
             for p in sorted(grown.keys() | other.delta.dirty_pages):
                 tx.save_page(other.name, DELTA, p, grown.get(p) or other.delta.page(p))
             tx.then(functools.partial(_put_pages, other.delta, grown))
+        # A clone not loaded (away: ``Families.distrust_absent`` made its
+        # map full) must not come back as a mirror of pre-restore data.
+        for rec in self.volumes.records.values():
+            if (rec.source == fam.source.name and rec.name not in fam.clones
+                    and rec.clone_state in MIRRORED):
+                tx.put_volume(dataclasses.replace(rec, clone_state=FRACTURED))
+                tx.then(functools.partial(setattr, rec, "clone_state", FRACTURED))
 
     def _record_start(self, fam: Family, r: Restore, tx) -> None:
         """In the start's transaction: the new pending map, an empty
@@ -641,10 +648,6 @@ class Restores:
             raise NotFound(f"volume {source!r} is not served: {vols.broken[source]}")
         clones = [n for n, rec in vols.records.items() if rec.source == source and n in vols.broken]
         job = next((j for j in self.md.jobs() if j.source == source), None)
-        restoring = job.clone if job is not None and job.kind in ("restore", "undo") else None
-        # Those that stay away miss the writes to come (``distrust_absent``).
-        self.families.distrust_absent([n for n in clones
-                                       if n != restoring and not vols.file_ok(n)])
         # Under the maps lock, which opening an export takes: no client can
         # open (and write to) a volume before its rules are in place.
         with self.maps_lock:
@@ -656,13 +659,13 @@ class Restores:
             self.families.load(source)
             if job is not None and job.kind in ("restore", "undo"):
                 self.load(job)
+            if source in vols.served:  # those still away miss the writes to come
+                self.families.distrust_absent([n for n in clones if n in vols.broken])
         if source in vols.broken:
             raise NotFound(f"volume {source!r} is not served: {vols.broken[source]}")
         fam = self.families.get(source)
         if fam is not None:
-            for clone in fam.clones.values():
-                if clone.state == SYNCHRONIZING:
-                    self.clones.start_sync(fam, clone)
+            self.clones.resume_syncs(fam)
         log.info("volume %s is served again", source)
 
     async def set_rate(self, source: str, limit) -> None:

@@ -80,16 +80,6 @@ class VolumeTable:
             log.error("volume %s not served: %s", rec.name, msg)
             self.broken[rec.name] = msg
 
-    def file_ok(self, name: str) -> bool:
-        """Would ``load`` find this volume's file (there, of its size)?"""
-        rec = self.records[name]
-        if rec.remote:
-            return True
-        try:
-            return os.stat(self.path(name)).st_size == rec.size
-        except OSError:
-            return False
-
     def unserve(self, name: str, why: str) -> None:
         """Stop serving a volume no client has opened or written to (at
         start-up, or just opened again under the maps lock): ``why`` is shown
