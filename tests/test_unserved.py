@@ -5,12 +5,14 @@ writes to it would be tracked by no delta map."""
 from __future__ import annotations
 
 import os
+import sqlite3
 
 import nbd
 import pytest
 
-from helpers import SMALL, fractured_clone, wait_clone_state, wait_restore_done
+from helpers import SMALL, fractured_clone, read_bitmap, wait_clone_state, wait_restore_done
 from live import EXT
+from lunclone import faults
 from lunclone.errors import LuncloneError, NotFound
 
 SIZE = SMALL
@@ -255,6 +257,37 @@ def test_resume_with_the_source_still_missing_serves_none_of_its_clones(live):
     live.cmd("restore_rate", source="src", limit="0")
     live.wait(lambda: live.family("src").restore is None, what="restore done")
     assert live.whole("src") == pattern(b"a")
+
+
+def test_a_resume_whose_distrust_fails_serves_nothing(live):
+    """'restore resume' serves src again while c2 stays away; the commit
+    that distrusts c2 fails (a full disk): src goes back to unserved
+    (no client may write while nothing tracks its writes for c2), and
+    the next resume, with room again, distrusts c2 and serves src."""
+    live.fractured_clone(data=pattern(b"a"))
+    live.cmd("clone_create", source="src", name="c2")
+    live.wait_clone("c2", "synchronized")
+    live.cmd("clone_fracture", name="c2")  # its map: only what src changes
+    live.write("src", pattern(b"b", 8 * EXT), 0)
+    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    live.restart_without("c1", "c2")
+    _back(live, "c1")
+    vols = live.engine.volumes
+
+    def full():
+        raise sqlite3.OperationalError("database or disk is full")
+    faults.arm("metadata.commit", full)
+    try:
+        with pytest.raises(LuncloneError, match="disk is full"):
+            live.cmd("restore_resume", source="src")
+    finally:
+        faults.disarm()
+    assert "src" not in vols.served and "c1" not in vols.served
+    with pytest.raises(LuncloneError, match="not served"):
+        live.engine.open_export("src", False)
+    live.cmd("restore_resume", source="src")
+    assert "src" in vols.served
+    assert read_bitmap(live.state_dir, "c2", "delta") == set(range(SIZE // EXT))
 
 
 def test_resume_of_a_clone_whose_source_is_missing_serves_nothing(live):

@@ -654,19 +654,35 @@ class Restores:
             vols.serve_again(source)
             if source not in vols.served:
                 raise NotFound(f"volume {source!r} is not served: {vols.broken[source]}")
-            for name in clones:
-                vols.serve_again(name)
-            self.families.load(source)
-            if job is not None and job.kind in ("restore", "undo"):
-                self.load(job)
-            if source in vols.served:  # those still away miss the writes to come
-                self.families.distrust_absent([n for n in clones if n in vols.broken])
+            try:
+                for name in clones:
+                    vols.serve_again(name)
+                self.families.load(source)
+                if job is not None and job.kind in ("restore", "undo"):
+                    self.load(job)
+                if source in vols.served:  # those still away miss the writes to come
+                    self.families.distrust_absent([n for n in clones if n in vols.broken])
+            except BaseException as e:  # (a full disk): no client has opened it yet
+                self._unserve_again(source, f"serving it again failed: {e}")
+                raise
         if source in vols.broken:
             raise NotFound(f"volume {source!r} is not served: {vols.broken[source]}")
         fam = self.families.get(source)
         if fam is not None:
             self.clones.resume_syncs(fam)
         log.info("volume %s is served again", source)
+
+    def _unserve_again(self, source: str, why: str) -> None:
+        """Under the maps lock: ``_bring_back`` failed half-way; the source
+        and its clones go back to unserved, the maps it loaded unregistered."""
+        fam = self.families.peek(source)
+        r = fam.restore if fam is not None else None
+        if r is not None:
+            for bm in (r.pending, r.protected, r.captured):
+                if bm is not None:
+                    self.committer.unregister(bm)
+            fam.restore = None
+        self.families.unserve(fam, source, why)
 
     async def set_rate(self, source: str, limit) -> None:
         async with self.admin:
