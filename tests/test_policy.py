@@ -328,8 +328,8 @@ def test_take_runs_groups_scattered_extents_in_one_scan_and_ends_them_together(r
         runs = fam.take_runs(r.pending, 1, 5, r.protected, max_runs=3)
         assert runs == [(1, 1), (3, 1), (5, 3)], runs
         assert 2 not in set(r.pending.iter_set())
-        ev = fam.guard.copy_of(1)
-        assert all(fam.guard.copy_of(i) is ev for i in (3, 5, 6, 7))
+        ev = fam.guard.copy_blocking(1, False)
+        assert all(fam.guard.copy_blocking(i, False) is ev for i in (3, 5, 6, 7))
     read = Async(lambda: live.read("src", 6 * EXT, 4096))
     time.sleep(0.2)
     assert not read.done(), "a read passed an extent in flight"

@@ -31,8 +31,8 @@ def test_write_spanning_two_batches_in_flight_waits_for_both(live, monkeypatch):
     first.wait_arrived()
     second.wait_arrived()
     g = live.family("src").guard
-    assert g.copy_of(0) is g.copy_of(3) and g.copy_of(4) is g.copy_of(7)
-    assert g.copy_of(3) is not g.copy_of(4)
+    assert g.inflight.get(0) is g.inflight.get(3) and g.inflight.get(4) is g.inflight.get(7)
+    assert g.inflight.get(3) is not g.inflight.get(4)
     w = Async(lambda: live.write("src", b"W" * EXT, 3 * EXT + EXT // 2))
     r = Async(lambda: live.read("src", 5 * EXT, 4096))
     time.sleep(0.2)
@@ -119,7 +119,7 @@ def test_failed_run_in_a_batch_clears_nothing_and_releases_all(live, monkeypatch
     assert arrived.wait(10)
     fam = live.family("src")
     g, r = fam.guard, fam.restore
-    assert g.copy_of(0) is g.copy_of(6) is not None
+    assert g.inflight.get(0) is g.inflight.get(6) is not None
     rd = Async(lambda: live.read("src", 0, 4096))
     time.sleep(0.2)
     assert not rd.done()

@@ -27,8 +27,7 @@ def test_clone_of_a_source_missing_at_start_up_is_not_served(daemon):
     h = fractured_clone(daemon, SIZE, 256 * 1024)
     del h
     assert daemon.stop() == 0
-    src = daemon.volume_path("src")
-    os.rename(src, src + ".away")
+    away(daemon, "src")
     daemon.start()
     try:
         h = daemon.connect("c1")
@@ -76,7 +75,7 @@ def test_the_clone_of_an_unfinished_restore_is_never_deleted_unloaded(daemon):
     del h
     daemon.cli("restore", "src", "--from", "c1", "--rate", "64K")
     assert daemon.stop() == 0
-    os.rename(daemon.volume_path("c1"), daemon.volume_path("c1") + ".away")
+    away(daemon, "c1")
     daemon.start()
     for command in (["clone", "delete", "c1"], ["delete", "c1"], ["delete", "c1", "--force"]):
         r = daemon.cli(*command, check=False)
@@ -118,20 +117,18 @@ def test_a_clone_away_while_its_source_is_written_is_never_trusted_again(daemon,
     clone_data = whole_of(daemon, "c1")
     del h
     assert daemon.stop() == 0
-    c1 = daemon.volume_path("c1")
-    os.rename(c1, c1 + ".away")
+    away(daemon, "c1")
     daemon.start()
     h = daemon.connect("src")
     h.pwrite(b"w" * EXT, SIZE - EXT)  # written while c1 is away
     h.flush()
     del h
-    assert daemon.stop() == 0
-    os.rename(c1 + ".away", c1)
-    daemon.start()
     if state == "fractured":
-        daemon.cli("restore", "src", "--from", "c1", "--wait")
-        assert whole_of(daemon, "src") == clone_data
+        back_then_restored_whole(daemon, "c1", clone_data)
     else:
+        assert daemon.stop() == 0
+        back(daemon, "c1")
+        daemon.start()
         wait_clone_state(daemon, "src", "c1", "synchronized")
         assert whole_of(daemon, "c1") == whole_of(daemon, "src")
 
@@ -150,10 +147,9 @@ def test_a_clone_still_away_when_its_source_is_served_again_is_never_trusted(dae
     del h
     daemon.cli("restore", "src", "--from", "c1", "--rate", "64K")
     assert daemon.stop() == 0
-    for name in ("c1", "c2"):
-        os.rename(daemon.volume_path(name), daemon.volume_path(name) + ".away")
+    away(daemon, "c1", "c2")
     daemon.start()
-    os.rename(daemon.volume_path("c1") + ".away", daemon.volume_path("c1"))
+    back(daemon, "c1")
     daemon.cli("restore", "resume", "src")
     daemon.cli("restore", "rate", "src", "0")
     h = daemon.connect("src")
@@ -161,11 +157,7 @@ def test_a_clone_still_away_when_its_source_is_served_again_is_never_trusted(dae
     h.flush()
     del h
     wait_restore_done(daemon, "src")
-    assert daemon.stop() == 0
-    os.rename(daemon.volume_path("c2") + ".away", daemon.volume_path("c2"))
-    daemon.start()
-    daemon.cli("restore", "src", "--from", "c2", "--wait")
-    assert whole_of(daemon, "src") == c2_data
+    back_then_restored_whole(daemon, "c2", c2_data)
 
 
 def test_a_finished_restores_clone_away_when_its_source_comes_back_is_never_trusted(daemon):
@@ -179,20 +171,15 @@ def test_a_finished_restores_clone_away_when_its_source_comes_back_is_never_trus
     daemon.cli("restore", "src", "--from", "c1", "--wait")
     clone_data = whole_of(daemon, "c1")
     assert daemon.stop() == 0
-    for name in ("src", "c1"):
-        os.rename(daemon.volume_path(name), daemon.volume_path(name) + ".away")
+    away(daemon, "src", "c1")
     daemon.start()
-    os.rename(daemon.volume_path("src") + ".away", daemon.volume_path("src"))
+    back(daemon, "src")
     daemon.cli("restore", "resume", "src", check=False)  # serves src again
     h = daemon.connect("src")
     h.pwrite(b"w" * EXT, SIZE - EXT)  # written while c1 is away
     h.flush()
     del h
-    assert daemon.stop() == 0
-    os.rename(daemon.volume_path("c1") + ".away", daemon.volume_path("c1"))
-    daemon.start()
-    daemon.cli("restore", "src", "--from", "c1", "--wait")
-    assert whole_of(daemon, "src") == clone_data
+    back_then_restored_whole(daemon, "c1", clone_data)
 
 
 def test_a_synchronized_clone_away_when_a_restore_starts_comes_back_fractured(daemon):
@@ -205,11 +192,11 @@ def test_a_synchronized_clone_away_when_a_restore_starts_comes_back_fractured(da
     h.pwrite(b"x" * SIZE, 0)
     del h
     assert daemon.stop() == 0
-    os.rename(daemon.volume_path("c2"), daemon.volume_path("c2") + ".away")
+    away(daemon, "c2")
     daemon.start()
     daemon.cli("restore", "src", "--from", "c1", "--rate", "64K")
     assert daemon.stop() == 0
-    os.rename(daemon.volume_path("c2") + ".away", daemon.volume_path("c2"))
+    back(daemon, "c2")
     daemon.start()
     daemon.cli("restore", "rate", "src", "0")
     wait_restore_done(daemon, "src")
@@ -225,6 +212,27 @@ def whole_of(daemon, name: str) -> bytes:
         return h.pread(SIZE, 0)
     finally:
         del h
+
+
+def away(daemon, *names: str) -> None:
+    """Their files moved away (the daemon is stopped): not served at start."""
+    for name in names:
+        os.rename(daemon.volume_path(name), daemon.volume_path(name) + ".away")
+
+
+def back(daemon, *names: str) -> None:
+    for name in names:
+        os.rename(daemon.volume_path(name) + ".away", daemon.volume_path(name))
+
+
+def back_then_restored_whole(daemon, clone: str, clone_data: bytes) -> None:
+    """The clone's file back at the next start: a restore from it brings
+    back every byte of it, not only what its old delta map named."""
+    assert daemon.stop() == 0
+    back(daemon, clone)
+    daemon.start()
+    daemon.cli("restore", "src", "--from", clone, "--wait")
+    assert whole_of(daemon, "src") == clone_data
 
 
 def _back(live, name: str) -> None:

@@ -179,15 +179,15 @@ class Families:
                      if r.source in vols.served and r.name in vols.broken]
         if not names:
             return
-        counts = self.committer.md.map_counts()
+        md = self.committer.md
         recs = [r for r in (vols.records[name] for name in names)  # not done already
                 if r.clone_state == SYNCHRONIZED
-                or counts.get((r.name, DELTA)) != -(-r.size // r.extent_size)]
+                or md.map_count(r.name, DELTA) != r.nextents]
         if not recs:
             return
-        with self.committer.md.transaction() as tx:  # their maps are not in memory
+        with md.transaction() as tx:  # their maps are not in memory
             for rec in recs:
-                full = Bitmap(-(-rec.size // rec.extent_size))
+                full = Bitmap(rec.nextents)
                 full.set_all()
                 tx.replace_bitmap(rec.name, DELTA, full)
                 if rec.clone_state == SYNCHRONIZED:
@@ -195,7 +195,6 @@ class Families:
         for rec in recs:
             if rec.clone_state == SYNCHRONIZED:
                 rec.clone_state = SYNCHRONIZING
-        for rec in recs:
             log.warning("clone %s is not served while its source is: it will be copied "
                         "whole (restore) or resynchronized if it comes back", rec.name)
 

@@ -4,12 +4,11 @@ Each job walks its map in order from a cursor, takes runs of consecutive
 extents, up to ``RUN_EXTENTS`` extents in all (``Family.take_runs`` decides
 which: scattered extents go together), has a worker thread copy them in one
 call (copy_file_range releases the GIL, so host requests go on meanwhile),
-then clears the bits (``Family.finish_runs``).  Extents it
-had to skip (a host write in progress, a copy on demand or a capture in
-flight) are
-picked up on the next pass.  A job ends through its ``finish`` hook (the
-clone or restore admin) in one metadata transaction.  ``JobRunner`` keeps
-the running jobs by ``JobKey``.
+then clears the bits (``Family.finish_runs``).  Extents it had to skip (a
+host write in progress, a copy on demand or a capture in flight) are picked
+up on the next pass.  A job ends through its ``finish`` hook (the clone or
+restore admin) in one metadata transaction.  ``JobRunner`` keeps the running
+jobs by ``JobKey``.
 
 While the host is busy with the source (its request counters moved during
 a copy), a job takes at most ``HOST_SHARE`` of the time: after each copy it

@@ -136,6 +136,10 @@ class VolumeRecord:
     remote: str | None = None
     created: float = 0.0
 
+    @property
+    def nextents(self) -> int:
+        return -(-self.size // self.extent_size)
+
 
 @dataclass
 class JobRecord:
@@ -328,6 +332,14 @@ class Metadata:
             rows = self._db.execute(
                 "SELECT owner, kind, sum(nset) FROM bitmaps GROUP BY owner, kind").fetchall()
         return {(owner, kind): n for owner, kind, n in rows}
+
+    def map_count(self, owner: str, kind: str) -> int | None:
+        """One stored map's count of set bits (None: no page stored), read
+        through the primary key, without its pages."""
+        with self.lock:
+            (n,) = self._db.execute("SELECT sum(nset) FROM bitmaps WHERE owner=? AND kind=?",
+                                    (owner, kind)).fetchone()
+        return n
 
     def load_bitmap(self, owner: str, kind: str, nbits: int) -> Bitmap:
         bm = Bitmap(nbits, key=(owner, kind))

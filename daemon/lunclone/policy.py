@@ -228,9 +228,6 @@ class ExtentGuard:
         # Set when an extent's last writer ends (only if someone waits).
         self.writer_done: dict[int, threading.Event] = {}
 
-    def copy_of(self, i: int) -> threading.Event | None:
-        return self.inflight.get(i)
-
     def copying(self) -> bool:
         return bool(self.inflight)
 
@@ -525,7 +522,7 @@ class Family:
         r = self._restore
         with self.maps_lock:
             return bool(self._copies_needed(exts, offset, length)
-                        or any(self.guard.copy_of(i) for i in exts)
+                        or any(self.guard.copy_blocking(i, False) for i in exts)
                         or (r.captured is not None and any(  # a capture is a copy too
                             r.pending.test(i) and not r.protected.test(i)
                             and not r.captured.test(i) for i in exts)))
