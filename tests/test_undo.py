@@ -8,6 +8,7 @@ on several connections during the restore; after SIGKILLs at random points
 of the capture (the crash rule: an extent of the original pending set is
 captured with its old data in the undo image, or still holds its old data
 in the source)."""
+import json
 import os
 import random
 import time
@@ -16,6 +17,7 @@ import pytest
 
 from helpers import (EXT, SIZE, fractured_then_damaged, read_bitmap, restore_status,
                      synchronize_and_fracture, wait_restore_done, whole)
+from test_contract import SCHEMA_PATH, check
 from workloads import host_io, host_io_during_restore
 
 
@@ -341,6 +343,31 @@ def test_a_point_whose_clone_is_missing_refuses_a_new_restore(daemon):
     daemon.cli("restore", "src", "--from", "c2", "--force", "--wait")
     assert read_bitmap(daemon.state_dir, "src", "captured") == set()
     assert not os.path.exists(undo_path(daemon))
+
+
+def test_status_shows_a_clone_and_a_point_kept_in_the_metadata_only(daemon):
+    """c1's file is missing at start-up: commands refuse because of c1 and
+    of src's undo point, so status shows both (c1 among src's clones with
+    the error that keeps it unserved, the point as kept), in JSON and in
+    the human text."""
+    kept_point(daemon, 17)
+    captured = len(read_bitmap(daemon.state_dir, "src", "captured"))
+    before = daemon.json("status", "src")
+    daemon.stop()
+    os.unlink(daemon.volume_path("c1"))
+    daemon.start()
+    st = daemon.json("status", "src")
+    with open(SCHEMA_PATH) as f:
+        check(json.load(f), "status", st)  # the JSON contract holds
+    assert st["undo"] == {"from": "c1", "captured_extents": captured, "state": "kept",
+                          "bytes": before["undo"]["bytes"]}
+    (c1,) = st["clones"]
+    assert c1["name"] == "c1" and c1["state"] == before["clones"][0]["state"]
+    assert c1["delta_extents"] == SIZE // EXT  # away while src is served: distrusted
+    assert "missing" in c1["error"] or "no such file" in c1["error"].lower(), c1["error"]
+    text = daemon.cli("status", "src").stdout
+    assert "clone c1:" in text and "error:" in text and "undo" in text
+    assert 'lunclone_clone_error{source="src",clone="c1"} 1' in daemon.cli("metrics").stdout
 
 
 def test_a_full_disk_while_capturing_pauses_and_overwrites_nothing_uncaptured(daemon):

@@ -52,7 +52,8 @@ def render(engine: "Engine") -> str:
                  "1 once an fdatasync of the volume failed (data may be lost; restart "
                  "the daemon).", int(vol.fd >= 0 and vol.fd in engine.committer.failed_fds),
                  volume=name)
-    for src in sorted(engine.families.by_source):
+    sources = {rec.source for rec in engine.volumes.records.values() if rec.source}
+    for src in sorted(sources | set(engine.families.by_source)):  # a clone not loaded too
         for c in engine.status.clones(src):
             for st in CLONE_STATES:
                 w.metric("lunclone_clone_state", "gauge", "1 for the clone's current state.",

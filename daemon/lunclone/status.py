@@ -6,9 +6,11 @@ the keys are the JSON contract of ``lunclone status --json`` (README).
 from __future__ import annotations
 
 import os
+from . import undo as undo_image
 from .bitmap import byte_ranges
 from .errors import InvalidArgument
 from .families import Families
+from .metadata import CAPTURED, DELTA
 from .policy import CLONE_STATES, DONE, RESTORE_STATES, SYNCHRONIZING, Family, Progress
 from .volumes import VolumeTable
 
@@ -50,17 +52,31 @@ class Status:
         return [self.volume(n) for n in sorted(self.volumes.records)]
 
     def clones(self, source: str) -> list[dict]:
+        """The source's clones: those its family holds, then any whose
+        record is all that is loaded (a file missing at start-up), with
+        the error that keeps them unserved and their stored delta map's
+        count: commands refuse because of them, so status shows them."""
         fam = self.families.peek(source)
-        if fam is None:
-            return []
         out = []
-        with self.maps_lock:
-            for c in fam.clones.values():
-                d = {"name": c.name, "state": c.state, "delta_extents": c.delta.count(),
-                     "error": c.error, "remote": c.volume.store.describe()}
-                if c.state == SYNCHRONIZING:
-                    d["sync"] = _progress(c.sync_progress, d["delta_extents"], fam.source.extent_size)
-                out.append(d)
+        if fam is not None:
+            with self.maps_lock:
+                for c in fam.clones.values():
+                    d = {"name": c.name, "state": c.state, "delta_extents": c.delta.count(),
+                         "error": c.error, "remote": c.volume.store.describe()}
+                    if c.state == SYNCHRONIZING:
+                        d["sync"] = _progress(c.sync_progress, d["delta_extents"],
+                                              fam.source.extent_size)
+                    out.append(d)
+        if self.volumes.record(source).source is not None:
+            return out  # a clone has none
+        loaded = {d["name"] for d in out}
+        md = self.families.committer.md
+        for rec in sorted(self.volumes.records.values(), key=lambda rec: rec.name):
+            if rec.source == source and rec.name not in loaded:
+                out.append({"name": rec.name, "state": rec.clone_state,
+                            "delta_extents": md.map_count(rec.name, DELTA) or 0,
+                            "error": self.volumes.error_of(rec.name) or "not served",
+                            "remote": None})
         return out
 
     def clone_diff(self, name: str) -> list[dict]:
@@ -154,7 +170,7 @@ class Status:
         fam: Family | None = self.families.peek(source)
         r = fam and (fam.restore or fam.last_restore)
         if r is None:
-            return None
+            return self._stored_undo(source)
         undoing = r.undo_from is not None
         captured = r.undo_from.captured if undoing else r.captured
         if captured is None:
@@ -165,6 +181,19 @@ class Status:
         state = "undoing" if undoing else "kept" if r.state == DONE else "capturing"
         return {"from": r.clone.name, "captured_extents": n,
                 "bytes": min(n * fam.source.extent_size, size), "state": state}
+
+
+    def _stored_undo(self, source: str) -> dict | None:
+        """A point kept in the metadata only (its clone, or the source,
+        was not loaded): ``kept``, as commands that would drop it say."""
+        rec = self.volumes.record(source)
+        job = rec.source is None and undo_image.stored_point(self.families.committer,
+                                                             source=source)
+        if not job:
+            return None
+        n = self.families.committer.md.map_count(source, CAPTURED) or 0
+        return {"from": job.clone, "captured_extents": n,
+                "bytes": min(n * rec.extent_size, rec.size), "state": "kept"}
 
 
 def _progress(p: Progress, remaining_extents: int, extent_size: int) -> dict:
