@@ -126,7 +126,9 @@ class Clones:
             fam = self.families.get(source)
             if fam is not None and fam.restore is not None:
                 raise WrongState(f"{source} is being restored; create the clone after the restore")
-            if fam is not None and len(fam.clones) >= MAX_CLONES:
+            # every clone record counts: one not loaded (its file missing at
+            # start-up) is back in the family at the next start
+            if sum(rec.source == source for rec in vols.records.values()) >= MAX_CLONES:
                 raise WrongState(f"{source} has {MAX_CLONES} clones already, the most a "
                                  "volume may have; delete one first")
             if remote:
