@@ -314,6 +314,40 @@ def test_a_resume_whose_distrust_fails_serves_nothing(live):
     assert read_bitmap(live.state_dir, "c2", "delta") == set(range(SIZE // EXT))
 
 
+def test_a_resume_that_fails_loading_a_clone_serves_none_of_them(live, monkeypatch):
+    """'restore resume' opens src's clones again, then loads the family;
+    reading c2's delta map fails (a disk I/O error): c2 goes back to
+    unserved with src, not left served with no family (a client's
+    writes to it would be in no delta map: a later restore from c2, or
+    its sync, would miss them)."""
+    live.fractured_clone(data=pattern(b"a"))
+    live.cmd("clone_create", source="src", name="c2")
+    live.wait_clone("c2", "synchronized")
+    live.cmd("clone_fracture", name="c2")
+    live.write("src", pattern(b"b", 8 * EXT), 0)
+    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    live.restart_without("c1")
+    _back(live, "c1")
+    vols, md = live.engine.volumes, live.engine.md
+    assert "c2" in vols.broken  # with its source
+    real = md.load_bitmap
+
+    def failing(owner, kind, nbits):
+        if (owner, kind) == ("c2", "delta"):
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(owner, kind, nbits)
+    monkeypatch.setattr(md, "load_bitmap", failing)
+    with pytest.raises((LuncloneError, sqlite3.Error), match="disk I/O error"):
+        live.cmd("restore_resume", source="src")
+    monkeypatch.setattr(md, "load_bitmap", real)
+    for name in ("src", "c1", "c2"):
+        assert name not in vols.served and name in vols.broken, name
+        with pytest.raises(LuncloneError, match="not served"):
+            live.engine.open_export(name, False)
+    live.cmd("restore_resume", source="src")
+    assert {"src", "c1", "c2"} <= set(vols.served)
+
+
 def test_resume_of_a_clone_whose_source_is_missing_serves_nothing(live):
     """'restore resume' names the clone, not its source: refused, the clone
     stays unserved."""

@@ -674,7 +674,10 @@ class Restores:
 
     def _unserve_again(self, source: str, why: str) -> None:
         """Under the maps lock: ``_bring_back`` failed half-way; the source
-        and its clones go back to unserved, the maps it loaded unregistered."""
+        and every clone of it go back to unserved (those opened again
+        before the family failed to load too: served with no family, a
+        client's writes to one would be in no delta map), the maps it
+        loaded unregistered."""
         fam = self.families.peek(source)
         r = fam.restore if fam is not None else None
         if r is not None:
@@ -683,6 +686,9 @@ class Restores:
                     self.committer.unregister(bm)
             fam.restore = None
         self.families.unserve(fam, source, why)
+        for name, rec in self.volumes.records.items():  # those opened before the family
+            if rec.source == source and name in self.volumes.served:  # held them
+                self.volumes.unserve(name, f"its source {source!r} is not served")
 
     async def set_rate(self, source: str, limit) -> None:
         async with self.admin:
