@@ -349,7 +349,7 @@ def test_status_shows_a_clone_and_a_point_kept_in_the_metadata_only(daemon):
     """c1's file is missing at start-up: commands refuse because of c1 and
     of src's undo point, so status shows both (c1 among src's clones with
     the error that keeps it unserved, the point as kept), in JSON and in
-    the human text."""
+    the human text, and the finished restore from c1 as before."""
     kept_point(daemon, 17)
     captured = len(read_bitmap(daemon.state_dir, "src", "captured"))
     before = daemon.json("status", "src")
@@ -361,6 +361,9 @@ def test_status_shows_a_clone_and_a_point_kept_in_the_metadata_only(daemon):
         check(json.load(f), "status", st)  # the JSON contract holds
     assert st["undo"] == {"from": "c1", "captured_extents": captured, "state": "kept",
                           "bytes": before["undo"]["bytes"]}
+    progress = ("copied_bytes", "rate_bytes_per_s", "eta_s")
+    assert {k: v for k, v in st["restore"].items() if k not in progress} == {
+        k: v for k, v in before["restore"].items() if k not in progress}  # done, from c1
     (c1,) = st["clones"]
     assert c1["name"] == "c1" and c1["state"] == before["clones"][0]["state"]
     assert c1["delta_extents"] == SIZE // EXT  # away while src is served: distrusted

@@ -77,6 +77,9 @@ def test_the_clone_of_an_unfinished_restore_is_never_deleted_unloaded(daemon):
     assert daemon.stop() == 0
     away(daemon, "c1")
     daemon.start()
+    r = daemon.json("status", "src")["restore"]  # from its row and stored maps
+    assert (r["from"], r["state"]) == ("c1", "running") and r["pending_extents"] > 0
+    assert "restore resume src" in r["error"]  # not running: why, and what to do
     for command in (["clone", "delete", "c1"], ["delete", "c1"], ["delete", "c1", "--force"]):
         r = daemon.cli(*command, check=False)
         assert r.returncode != 0, command

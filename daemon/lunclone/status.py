@@ -10,7 +10,7 @@ from . import undo as undo_image
 from .bitmap import byte_ranges
 from .errors import InvalidArgument
 from .families import Families
-from .metadata import CAPTURED, DELTA
+from .metadata import CAPTURED, DELTA, PENDING, PROTECTED
 from .policy import CLONE_STATES, DONE, RESTORE_STATES, SYNCHRONIZING, Family, Progress
 from .volumes import VolumeTable
 
@@ -147,11 +147,9 @@ class Status:
 
     def restore(self, source: str) -> dict | None:
         fam: Family | None = self.families.peek(source)
-        if fam is None:
-            return None
-        r = fam.restore or fam.last_restore
+        r = fam and (fam.restore or fam.last_restore)
         if r is None:
-            return None
+            return self._stored_restore(source)
         with self.maps_lock:
             pending = r.pending.count() if r.state != DONE else 0
             d = {"from": r.clone.name, "kind": r.kind, "state": r.state,
@@ -182,6 +180,27 @@ class Status:
         return {"from": r.clone.name, "captured_extents": n,
                 "bytes": min(n * fam.source.extent_size, size), "state": state}
 
+
+    def _stored_restore(self, source: str) -> dict | None:
+        """The source's restore as its job row and stored maps say, when it
+        is not loaded (the source kept unserved because its clone is
+        missing, or a finished one whose clone was not loaded): not
+        running, whatever its row says, so ``error`` says why."""
+        rec = self.volumes.record(source)
+        job = rec.source is None and undo_image.job_of(self.families.committer, source)
+        if not job or job.kind not in ("restore", "undo"):
+            return None
+        md = self.families.committer.md
+        done = job.state == DONE
+        protected = job.protected_extents if done else None
+        return {"from": job.clone, "kind": job.kind, "state": job.state,
+                "protected": job.protected, "total_extents": job.total_extents,
+                "pending_extents": 0 if done else md.map_count(source, PENDING) or 0,
+                "protected_extents": protected if protected is not None
+                else md.map_count(source, PROTECTED) or 0,
+                "on_demand_extents": job.on_demand, "rate_limit_bytes_per_s": job.rate_limit,
+                "error": job.error or (None if done else self.volumes.error_of(source)),
+                "copied_bytes": job.copied_bytes, "rate_bytes_per_s": 0, "eta_s": None}
 
     def _stored_undo(self, source: str) -> dict | None:
         """A point kept in the metadata only (its clone, or the source,
