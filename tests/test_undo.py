@@ -371,6 +371,12 @@ def test_status_shows_a_clone_and_a_point_kept_in_the_metadata_only(daemon):
     text = daemon.cli("status", "src").stdout
     assert "clone c1:" in text and "error:" in text and "undo" in text
     assert 'lunclone_clone_error{source="src",clone="c1"} 1' in daemon.cli("metrics").stdout
+    # and the commands that need c1 say why they cannot, in one line
+    for command in (["restore", "undo", "src"], ["restore", "src", "--from", "c1", "--force"],
+                    ["clone", "fracture", "c1"], ["clone", "diff", "c1"]):
+        r = daemon.cli(*command, check=False)
+        assert r.returncode != 0 and "not served" in r.stderr, (command, r.stderr)
+        assert "\n" not in r.stderr.strip() and "not a clone" not in r.stderr
 
 
 def test_a_full_disk_while_capturing_pauses_and_overwrites_nothing_uncaptured(daemon):

@@ -120,6 +120,8 @@ class Families:
         if rec is None:
             raise NotFound(f"no clone named {name!r}; see 'lunclone list'")
         fam = self.by_source.get(rec.source or "")
+        if rec.source is not None and name in self.volumes.broken:  # not loaded
+            raise NotFound(f"clone {name!r} is not served: {self.volumes.broken[name]}")
         if fam is None or name not in fam.clones:
             raise NotFound(f"{name!r} is not a clone; see 'lunclone status {name}'")
         self.load_maps(fam)

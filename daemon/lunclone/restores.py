@@ -500,6 +500,12 @@ class Restores:
                 raise WrongState(f"the undo of {source} is {fam.restore.state} already; see "
                                  f"'lunclone status {source}'")
             if point is None:
+                stored = undo.stored_point(self.committer, source=source)
+                if stored is not None:  # its clone was not loaded
+                    raise WrongState(
+                        f"the undo point of {source} needs clone {stored.clone}, which is not "
+                        f"served ({self.volumes.error_of(stored.clone)}); bring it back and "
+                        "restart the daemon")
                 raise NotFound(f"{source} has no undo point: only a restore started with "
                                "--undo keeps one")
             clone = point.clone
