@@ -327,6 +327,23 @@ def test_a_point_whose_clone_is_missing_can_still_be_dropped(daemon, how):
     assert r.returncode != 0 and "has no undo point" in r.stderr
 
 
+def test_a_point_whose_clone_and_image_are_missing_is_dropped(daemon):
+    """The image and the clone's file both gone at start-up: the point
+    cannot be used (its data was in the image), so it is dropped as when
+    the clone is there; status does not show it, and nothing refuses
+    because of it."""
+    kept_point(daemon, 18)
+    synchronize_and_fracture(daemon, "src", "c2")
+    daemon.stop()
+    os.unlink(undo_path(daemon))
+    os.unlink(daemon.volume_path("c1"))
+    daemon.start()
+    assert daemon.json("status", "src")["undo"] is None
+    assert read_bitmap(daemon.state_dir, "src", "captured") == set()
+    daemon.cli("restore", "src", "--from", "c2", "--wait")  # no --force needed
+    daemon.cli("delete", "c1")
+
+
 def test_a_point_whose_clone_is_missing_refuses_a_new_restore(daemon):
     """The point in the metadata only (its clone's file missing at
     start-up) still counts: a restore from another clone refuses to drop

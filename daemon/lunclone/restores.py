@@ -72,6 +72,8 @@ class Restores:
             if clone is not None:
                 captured, store = self._load_undo(job, fam.nextents)
                 fam.last_restore = self._done(clone, job, fam.nextents, captured, store)
+            elif job.undo and not os.path.exists(undo.path(self.state_dir, job.source)):
+                self._drop_missing_point(job)  # kept in the metadata only: as above
             return
         if clone is None:
             why = self.volumes.broken.get(job.clone, "is missing")
@@ -116,17 +118,21 @@ class Restores:
             return None, None
         store = undo.open_existing(self.state_dir, job.source)
         if store is None:
-            # Dropped for good, so that no later image is paired with this
-            # map.  (The metadata alone: no map in memory holds it yet, and
-            # a caller may hold maps_lock, which comes after commit_lock.)
-            log.error("restore of %s: its undo image %s is missing: its undo point is "
-                      "dropped%s", job.source, undo.path(self.state_dir, job.source),
-                      "" if job.state == DONE else "; the restore goes on without one")
-            with self.md.transaction() as tx:
-                tx.delete_bitmap(job.source, CAPTURED)
-                tx.put_job(dataclasses.replace(job, undo=False))
+            self._drop_missing_point(job)
             return None, None
         return self.md.load_bitmap(job.source, CAPTURED, nextents), store
+
+    def _drop_missing_point(self, job: JobRecord) -> None:
+        """The undo image of ``job`` is missing: its point is dropped for
+        good, so that no later image is paired with its captured map.  (The
+        metadata alone: no map in memory holds it yet, and a caller may
+        hold maps_lock, which comes after commit_lock.)"""
+        log.error("restore of %s: its undo image %s is missing: its undo point is "
+                  "dropped%s", job.source, undo.path(self.state_dir, job.source),
+                  "" if job.state == DONE else "; the restore goes on without one")
+        with self.md.transaction() as tx:
+            tx.delete_bitmap(job.source, CAPTURED)
+            tx.put_job(dataclasses.replace(job, undo=False))
 
     @staticmethod
     def _done(clone: Clone, job: JobRecord, nextents: int,
