@@ -188,8 +188,8 @@ class Status:
         running, whatever its row says, so ``error`` says why."""
         rec = self.volumes.record(source)
         job = rec.source is None and undo_image.job_of(self.families.committer, source)
-        if not job or job.kind not in ("restore", "undo"):
-            return None
+        if not job or job.kind not in ("restore", "undo") or job.clone not in self.volumes.records:
+            return None  # (a finished restore's row outlives its clone's delete)
         md = self.families.committer.md
         done = job.state == DONE
         protected = job.protected_extents if done else None
