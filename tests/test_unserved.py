@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
 
 import nbd
 import pytest
 
-from helpers import SMALL, fractured_clone, read_bitmap, wait_clone_state, wait_restore_done
+from helpers import (LUNCLONE, SMALL, fractured_clone, read_bitmap, wait_clone_state,
+                     wait_restore_done)
 from live import EXT
 from lunclone import faults
 from lunclone.errors import LuncloneError, NotFound
@@ -78,8 +80,11 @@ def test_the_clone_of_an_unfinished_restore_is_never_deleted_unloaded(daemon):
     away(daemon, "c1")
     daemon.start()
     r = daemon.json("status", "src")["restore"]  # from its row and stored maps
-    assert (r["from"], r["state"]) == ("c1", "running") and r["pending_extents"] > 0
-    assert "restore resume src" in r["error"]  # not running: why, and what to do
+    assert (r["from"], r["state"]) == ("c1", "paused") and r["pending_extents"] > 0
+    assert "restore resume src" in r["error"]  # cannot go on: why, and what to do
+    watch = subprocess.run([LUNCLONE, "status", "src", "--watch", "--until-done", "--run-dir",
+                            daemon.run_dir], capture_output=True, text=True, timeout=20)
+    assert watch.returncode == 0 and "paused" in watch.stderr  # it ends: nothing will move
     for command in (["clone", "delete", "c1"], ["delete", "c1"], ["delete", "c1", "--force"]):
         r = daemon.cli(*command, check=False)
         assert r.returncode != 0, command

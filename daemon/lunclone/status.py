@@ -10,8 +10,8 @@ from . import undo as undo_image
 from .bitmap import byte_ranges
 from .errors import InvalidArgument
 from .families import Families
-from .metadata import CAPTURED, DELTA, PENDING, PROTECTED
-from .policy import CLONE_STATES, DONE, RESTORE_STATES, SYNCHRONIZING, Family, Progress
+from .metadata import CAPTURED, DELTA, PENDING, PROTECTED, JobRecord
+from .policy import CLONE_STATES, DONE, PAUSED, RESTORE_STATES, SYNCHRONIZING, Family, Progress
 from .volumes import VolumeTable
 
 __all__ = ["Status", "CLONE_STATES", "RESTORE_STATES", "SCHEMA_VERSION"]
@@ -181,35 +181,60 @@ class Status:
                 "bytes": min(n * fam.source.extent_size, size), "state": state}
 
 
+    def _not_loaded(self, source: str) -> bool:
+        """Is the source, or a clone of it, kept unserved?  Only then can
+        its restore or undo point be in the metadata alone (read there,
+        not for every source at every status or scrape)."""
+        broken = self.volumes.broken
+        return source in broken or any(
+            rec.source == source and name in broken for name, rec in self.volumes.records.items())
+
+    def _stored_job(self, source: str) -> JobRecord | None:
+        """The source's restore or undo row, if its clone is still the one
+        it names (a row outlives its clone's delete, and the name may be
+        reused since)."""
+        if self.volumes.record(source).source is not None or not self._not_loaded(source):
+            return None
+        job = undo_image.job_of(self.families.committer, source)
+        clone = self.volumes.records.get(job.clone) if job else None
+        if clone is None or job.kind not in ("restore", "undo") or clone.source != source \
+                or clone.created > job.started:
+            return None
+        return job
+
     def _stored_restore(self, source: str) -> dict | None:
         """The source's restore as its job row and stored maps say, when it
         is not loaded (the source kept unserved because its clone is
-        missing, or a finished one whose clone was not loaded): not
-        running, whatever its row says, so ``error`` says why."""
-        rec = self.volumes.record(source)
-        job = rec.source is None and undo_image.job_of(self.families.committer, source)
-        if not job or job.kind not in ("restore", "undo") or job.clone not in self.volumes.records:
-            return None  # (a finished restore's row outlives its clone's delete)
+        missing, or a finished one whose clone was not loaded).  An
+        unfinished one cannot go on: ``paused`` with the error that says
+        why, as a restore paused on an error in memory."""
+        job = self._stored_job(source)
+        if job is None:
+            return None
         md = self.families.committer.md
         done = job.state == DONE
-        protected = job.protected_extents if done else None
-        return {"from": job.clone, "kind": job.kind, "state": job.state,
+        if not done:
+            protected = md.map_count(source, PROTECTED) or 0
+        elif job.protected_extents is None:  # finished before schema version 4
+            protected = md.map_count(job.clone, DELTA) or 0
+        else:
+            protected = job.protected_extents
+        return {"from": job.clone, "kind": job.kind, "state": DONE if done else PAUSED,
                 "protected": job.protected, "total_extents": job.total_extents,
                 "pending_extents": 0 if done else md.map_count(source, PENDING) or 0,
-                "protected_extents": protected if protected is not None
-                else md.map_count(source, PROTECTED) or 0,
+                "protected_extents": protected,
                 "on_demand_extents": job.on_demand, "rate_limit_bytes_per_s": job.rate_limit,
-                "error": job.error or (None if done else self.volumes.error_of(source)),
+                "error": None if done else job.error or self.volumes.error_of(source)
+                or "not loaded",
                 "copied_bytes": job.copied_bytes, "rate_bytes_per_s": 0, "eta_s": None}
 
     def _stored_undo(self, source: str) -> dict | None:
         """A point kept in the metadata only (its clone, or the source,
         was not loaded): ``kept``, as commands that would drop it say."""
-        rec = self.volumes.record(source)
-        job = rec.source is None and undo_image.stored_point(self.families.committer,
-                                                             source=source)
-        if not job:
+        job = self._stored_job(source)
+        if job is None or not job.undo or job.state != DONE:  # (undo.stored_point's)
             return None
+        rec = self.volumes.record(source)
         n = self.families.committer.md.map_count(source, CAPTURED) or 0
         return {"from": job.clone, "captured_extents": n,
                 "bytes": min(n * rec.extent_size, rec.size), "state": "kept"}

@@ -14,7 +14,8 @@
   suite needs no kernel of its own, and under TCG it would run ten times
   slower.  Ceph's tests are left out (the one-node cluster is Debian 12's
   Ceph, and a second one would add minutes for nothing about Python), as
-  are the VM tests themselves and the crash and power-cut loops (LEFT_OUT).
+  are the VM tests themselves and the SIGKILL, power-cut and link-cut loops
+  and the long random model (LEFT_OUT).
 """
 import os
 import shutil
