@@ -198,7 +198,7 @@ def test_a_finished_restores_clone_away_when_its_source_comes_back_is_never_trus
     away(daemon, "src", "c1")
     daemon.start()
     back(daemon, "src")
-    daemon.cli("restore", "resume", "src", check=False)  # serves src again
+    daemon.cli("restore", "resume", "src")  # serves src again (no restore to go on with)
     h = daemon.connect("src")
     h.pwrite(b"w" * EXT, SIZE - EXT)  # written while c1 is away
     h.flush()

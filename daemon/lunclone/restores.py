@@ -644,6 +644,9 @@ class Restores:
             units.check_name(source)
             if source in self.volumes.broken and source in self.volumes.records:
                 self._bring_back(source)
+                fam = self.families.peek(source)
+                if fam is None or fam.restore is None:
+                    return  # served again, with no restore to go on with: done
             fam, r = self._restore_of(source)
             self._persist(fam, r, state=RUNNING, error=None)
             if not self.jobs.running(JobKey("restore", source)):
