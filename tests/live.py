@@ -145,6 +145,17 @@ class LiveEngine:
         self.wait_clone(clone, "synchronized")
         self.cmd("clone_fracture", name=clone)
 
+    def restoring_beside_c2(self) -> None:
+        """src with fractured clones c1 and c2 (both its data of "a"), 8
+        extents of src changed since, and a restore from c1 running at
+        64 KiB/s: c2's map holds only what src changed."""
+        self.fractured_clone(data=pattern(b"a"))
+        self.cmd("clone_create", source="src", name="c2")
+        self.wait_clone("c2", "synchronized")
+        self.cmd("clone_fracture", name="c2")
+        self.write("src", pattern(b"b", 8 * EXT), 0)
+        self.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+
     def job_copy(self, i: int, write_back: bool) -> None:
         """The restore job's steps on pending extent ``i`` of src: take,
         copy (``write_back``: written back in the copy's thread), finish."""

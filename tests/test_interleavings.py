@@ -96,12 +96,7 @@ def test_new_clone_bit_set_before_its_map_is_registered_is_saved(live, monkeypat
 
 
 def test_clone_sync_of_another_clone_refused_during_restore(live):
-    live.fractured_clone(data=pattern(b"a"))
-    live.cmd("clone_create", source="src", name="c2")
-    live.wait_clone("c2", "synchronized")
-    live.cmd("clone_fracture", name="c2")
-    live.write("src", pattern(b"b", 8 * EXT), 0)
-    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    live.restoring_beside_c2()
     with pytest.raises(LuncloneError, match="restore"):
         live.cmd("clone_sync", name="c2")
     assert live.clone("c2").state == "fractured"

@@ -296,12 +296,7 @@ def test_a_resume_whose_distrust_fails_serves_nothing(live):
     that distrusts c2 fails (a full disk): src goes back to unserved
     (no client may write while nothing tracks its writes for c2), and
     the next resume, with room again, distrusts c2 and serves src."""
-    live.fractured_clone(data=pattern(b"a"))
-    live.cmd("clone_create", source="src", name="c2")
-    live.wait_clone("c2", "synchronized")
-    live.cmd("clone_fracture", name="c2")  # its map: only what src changes
-    live.write("src", pattern(b"b", 8 * EXT), 0)
-    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    live.restoring_beside_c2()
     live.restart_without("c1", "c2")
     _back(live, "c1")
     vols = live.engine.volumes
@@ -328,12 +323,7 @@ def test_a_resume_that_fails_loading_a_clone_serves_none_of_them(live, monkeypat
     unserved with src, not left served with no family (a client's
     writes to it would be in no delta map: a later restore from c2, or
     its sync, would miss them)."""
-    live.fractured_clone(data=pattern(b"a"))
-    live.cmd("clone_create", source="src", name="c2")
-    live.wait_clone("c2", "synchronized")
-    live.cmd("clone_fracture", name="c2")
-    live.write("src", pattern(b"b", 8 * EXT), 0)
-    live.cmd("restore", source="src", clone_name="c1", rate_limit="64K")
+    live.restoring_beside_c2()
     live.restart_without("c1")
     _back(live, "c1")
     vols, md = live.engine.volumes, live.engine.md

@@ -126,9 +126,7 @@ class Clones:
             fam = self.families.get(source)
             if fam is not None and fam.restore is not None:
                 raise WrongState(f"{source} is being restored; create the clone after the restore")
-            # every clone record counts: one not loaded (its file missing at
-            # start-up) is back in the family at the next start
-            if sum(rec.source == source for rec in vols.records.values()) >= MAX_CLONES:
+            if len(vols.clones_of(source)) >= MAX_CLONES:  # one not loaded counts
                 raise WrongState(f"{source} has {MAX_CLONES} clones already, the most a "
                                  "volume may have; delete one first")
             if remote:

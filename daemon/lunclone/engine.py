@@ -133,7 +133,7 @@ class Engine:
             self.volumes.check_unused(name, self.volumes.served.get(name))
             # Every clone's record, loaded or not: one left behind would be
             # taken as a clone of a new volume of the same name.
-            clones = sorted(r.name for r in self.volumes.records.values() if r.source == name)
+            clones = sorted(r.name for r in self.volumes.clones_of(name))
             if clones and not force:
                 raise WrongState(f"volume {name!r} has clones ({', '.join(clones)}); "
                                  "delete them first or use --force")

@@ -147,8 +147,7 @@ class Families:
         family whose clones are all fractured are left unloaded (a sync
         job, started next, would read them)."""
         vols = self.volumes
-        clones = [r for r in vols.records.values()
-                  if r.source == source and r.name in vols.served]
+        clones = [r for r in vols.clones_of(source) if r.name in vols.served]
         if not clones:
             return
         lazy = counts is not None and all(r.clone_state == FRACTURED for r in clones)

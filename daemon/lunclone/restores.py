@@ -661,7 +661,7 @@ class Restores:
         vols = self.volumes
         if vols.records[source].source is not None:
             raise NotFound(f"volume {source!r} is not served: {vols.broken[source]}")
-        clones = [n for n, rec in vols.records.items() if rec.source == source and n in vols.broken]
+        clones = [rec.name for rec in vols.clones_of(source) if rec.name in vols.broken]
         job = next((j for j in self.md.jobs() if j.source == source), None)
         # Under the maps lock, which opening an export takes: no client can
         # open (and write to) a volume before its rules are in place.
@@ -701,9 +701,9 @@ class Restores:
                     self.committer.unregister(bm)
             fam.restore = None
         self.families.unserve(fam, source, why)
-        for name, rec in self.volumes.records.items():  # those opened before the family
-            if rec.source == source and name in self.volumes.served:  # held them
-                self.volumes.unserve(name, f"its source {source!r} is not served")
+        for rec in self.volumes.clones_of(source):  # those opened before the family held them
+            if rec.name in self.volumes.served:
+                self.volumes.unserve(rec.name, f"its source {source!r} is not served")
 
     async def set_rate(self, source: str, limit) -> None:
         async with self.admin:

@@ -71,8 +71,8 @@ class Status:
             return out  # a clone has none
         loaded = {d["name"] for d in out}
         md = self.families.committer.md
-        for rec in sorted(self.volumes.records.values(), key=lambda rec: rec.name):
-            if rec.source == source and rec.name not in loaded:
+        for rec in sorted(self.volumes.clones_of(source), key=lambda rec: rec.name):
+            if rec.name not in loaded:
                 out.append({"name": rec.name, "state": rec.clone_state,
                             "delta_extents": md.map_count(rec.name, DELTA) or 0,
                             "error": self.volumes.error_of(rec.name) or "not served",
@@ -180,14 +180,12 @@ class Status:
         return {"from": r.clone.name, "captured_extents": n,
                 "bytes": min(n * fam.source.extent_size, size), "state": state}
 
-
     def _not_loaded(self, source: str) -> bool:
         """Is the source, or a clone of it, kept unserved?  Only then can
         its restore or undo point be in the metadata alone (read there,
         not for every source at every status or scrape)."""
         broken = self.volumes.broken
-        return source in broken or any(
-            rec.source == source and name in broken for name, rec in self.volumes.records.items())
+        return source in broken or any(rec.name in broken for rec in self.volumes.clones_of(source))
 
     def _stored_job(self, source: str) -> JobRecord | None:
         """The source's restore or undo row, if its clone is still the one

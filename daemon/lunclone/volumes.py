@@ -149,6 +149,11 @@ class VolumeTable:
             raise NotFound(f"no volume named {name!r}; see 'lunclone list'")
         return rec
 
+    def clones_of(self, source: str) -> list[VolumeRecord]:
+        """Every clone record of ``source``, loaded or not (a clone whose
+        file was missing at start-up is back at the next one)."""
+        return [rec for rec in self.records.values() if rec.source == source]
+
     def check_new_name(self, name: str) -> None:
         units.check_name(name)
         if name in self.records:
